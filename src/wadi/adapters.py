@@ -1,0 +1,260 @@
+"""One interface for the paper's five adapters: attach, trainable parameters, merge, save, load.
+
+- lorad: our LoRaDLinear on the target layers.
+- lora, dora: peft's layers on the same target layers.
+- dora-frozen: DoRA whose magnitude vectors stay at the base weight norms (peft has no
+  switch for it; we freeze them and leave them out of the trainable set).
+- full: full fine-tuning of every parameter of the model (the paper's 860M baseline).
+
+Adapter files are safetensors holding only the adapter's tensors, with the kind, rank,
+target rule and a fingerprint of the base model in their metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .lorad import LoRaDLinear
+from .targets import TargetRule, resolve_rule, select_linears
+
+KINDS = ("lorad", "lora", "dora", "dora-frozen", "full")
+FORMAT = "wadi-adapter/1"
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "lorad"
+    rank: int = 256
+    targets: str | dict = "unet-student"
+    alpha: float | None = None  # LoRA/DoRA scale numerator; None means alpha = rank
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.kind != "full" and (not isinstance(self.rank, int) or self.rank <= 0):
+            raise ValueError(f"adapter rank must be a positive integer, got {self.rank!r}")
+
+    @property
+    def rule(self) -> TargetRule:
+        return resolve_rule(self.targets)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = self.targets if isinstance(self.targets, str) else self.rule.to_dict()
+        return d
+
+
+def fingerprint(model: nn.Module, names: list[str]) -> str:
+    """A short hash of the model class and the names and shapes of the adapted layers."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name in names:
+        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+            h.update(f"{name}.{pname}:{tuple(p.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Adapter:
+    """An adapter attached to `model`. Create with `attach`."""
+
+    model: nn.Module
+    config: AdapterConfig
+    target_names: list[str]
+    base_fingerprint: str
+    merged: bool = False
+
+    # --- what subclasses define -------------------------------------------------
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        # attach() froze everything the adapter does not train.
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's own tensors, keyed by stable names."""
+        raise NotImplementedError
+
+    def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # --- shared -----------------------------------------------------------------
+    def layers(self) -> dict[str, nn.Module]:
+        """The adapter layers by target name (LoRaDLinear or peft layers; none for full)."""
+        return {n: self.model.get_submodule(n) for n in self.target_names} if self.config.kind != "full" else {}
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters().values())
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weights; the adapter stays attached (see unmerge)."""
+        for layer in self.layers().values():
+            if not layer.merged:
+                layer.merge()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        for layer in self.layers().values():
+            layer.unmerge()
+        self.merged = False
+
+    def merged_model(self) -> nn.Module:
+        """Merge and put the plain base layers back: a model of the base architecture.
+
+        The adapter is spent afterwards; save it first if it is still needed.
+        """
+        self.merge()
+        for n, layer in self.layers().items():
+            self.model.set_submodule(n, layer.get_base_layer())
+        return self.model
+
+    def metadata(self, extra: dict | None = None) -> dict[str, str]:
+        meta = {
+            "format": FORMAT,
+            "config": json.dumps(self.config.to_dict()),
+            "base_class": type(self.model).__name__,
+            "base_fingerprint": self.base_fingerprint,
+            "base_model": str(getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""),
+            "num_layers": str(len(self.target_names)),
+        }
+        meta.update({k: str(v) for k, v in (extra or {}).items()})
+        return meta
+
+    def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
+        """Write the adapter tensors as safetensors (atomically: temp file, then rename)."""
+        if self.merged and self.config.kind != "full":
+            raise RuntimeError("adapter is merged; unmerge before saving so the saved tensors are the adapter's")
+        path = Path(path)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=self.metadata(extra_metadata))
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Load an adapter file saved for this base model, kind and rank; checks all before writing."""
+        if self.merged and self.config.kind != "full":
+            raise RuntimeError("adapter is merged; unmerge before loading another state")
+        meta, tensors = read_adapter_file(path)
+        _check_compatible(path, meta, self.config, self.model, self.base_fingerprint)
+        current = self.state_dict()
+        missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+        if missing or extra:
+            raise ValueError(f"{path}: tensor names differ (missing {missing[:3]}, unexpected {extra[:3]})")
+        for k, v in tensors.items():
+            if v.shape != current[k].shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model expects {tuple(current[k].shape)}")
+        self._assign(tensors)
+
+
+class LoRaDAdapter(Adapter):
+    def state_dict(self):
+        return dict(self.trainable_parameters())
+
+    @torch.no_grad()
+    def _assign(self, tensors):
+        for k, p in self.trainable_parameters().items():
+            p.copy_(tensors[k])
+
+
+class PeftAdapter(Adapter):
+    """LoRA, DoRA and DoRA with frozen magnitude, through peft."""
+
+    def state_dict(self):
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def _assign(self, tensors):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, tensors)
+
+
+class FullAdapter(Adapter):
+    """Full fine-tuning: every parameter of the model trains; the 'adapter' is the model."""
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def _assign(self, tensors):
+        self.model.load_state_dict(tensors, strict=True)
+
+
+def attach(model: nn.Module, config: AdapterConfig) -> Adapter:
+    """Freeze `model` and attach the adapter that `config` names to its target layers."""
+    model.requires_grad_(False)
+    if config.kind == "full":
+        names = [n for n, _ in model.named_modules() if n]
+        model.requires_grad_(True)
+        return FullAdapter(model, config, names, fingerprint(model, names))
+    names = select_linears(model, config.rule)
+    fp = fingerprint(model, names)
+    if config.kind == "lorad":
+        for n in names:
+            model.set_submodule(n, LoRaDLinear(model.get_submodule(n), config.rank, name=n))
+        return LoRaDAdapter(model, config, names, fp)
+    from peft import LoraConfig, inject_adapter_in_model
+
+    peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha or config.rank,
+                             target_modules=names, use_dora=config.kind != "lora",
+                             init_lora_weights=True)
+    inject_adapter_in_model(peft_config, model)
+    adapter = PeftAdapter(model, config, names, fp)
+    if config.kind == "dora-frozen":
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.requires_grad_(False)
+    return adapter
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """Metadata and tensors of a wadi adapter file; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a wadi adapter file (metadata format {meta.get('format')!r})")
+    return meta, tensors
+
+
+def _check_compatible(path, meta: dict, config: AdapterConfig, model: nn.Module, fp: str | None) -> None:
+    """Raise if the file's adapter does not fit `model`; the fingerprint is checked when given."""
+    saved = AdapterConfig(**json.loads(meta["config"]))
+    checks = [("base model class", type(model).__name__, meta.get("base_class")),
+              ("kind", config.kind, saved.kind), ("rank", config.rank, saved.rank)]
+    if fp is not None:
+        checks.append(("base model layers (fingerprint)", fp, meta.get("base_fingerprint")))
+    for key, ours, theirs in checks:
+        if ours != theirs:
+            raise ValueError(f"{path}: adapter {key} is {theirs!r} but this model's is {ours!r}; "
+                             "load it into the model and adapter it was trained with")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> Adapter:
+    """Attach the adapter described by a saved file to `model` and load its tensors.
+
+    The file is checked against the model before anything is attached, so a mismatch
+    leaves the model as it was.
+    """
+    meta, _ = read_adapter_file(path)
+    config = AdapterConfig(**json.loads(meta["config"]))
+    _check_compatible(path, meta, config, model, fp=None)
+    names = ([n for n, _ in model.named_modules() if n] if config.kind == "full"
+             else select_linears(model, config.rule))
+    _check_compatible(path, meta, config, model, fingerprint(model, names))
+    adapter = attach(model, config)
+    adapter.load(path)
+    return adapter

@@ -1,0 +1,173 @@
+"""LoRaD: low-rank rotation of weight directions (SPEC section 2).
+
+A frozen nn.Linear with weight W (out x in) gets trainable theta_a (out x r, zeros) and
+theta_b (r x in/2, Xavier). Theta = wrap(theta_a @ theta_b) rotates each pair of input
+columns (2j, 2j+1) of every row by the angle Theta[:, j]:
+
+    W'[:, 2j]   = W[:, 2j] cos - W[:, 2j+1] sin
+    W'[:, 2j+1] = W[:, 2j] sin + W[:, 2j+1] cos
+
+Rotations keep every 2-vector's length, so every row norm of W is kept exactly.
+
+The forward runs one matmul with W' and saves only the input x for backward. The
+backward rebuilds W' from the frozen W and the angles (elementwise, cheap) and uses the
+closed form  dL/dTheta = G_odd * W'_even - G_even * W'_odd  with G = dL/dW' = dy^T x.
+That is three matmuls per step and the memory of full fine-tuning, where autograd
+through the formula would keep W', cos, sin and both halves of W alive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _atleast_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors in float32; float32/float64 as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
+    """Map angles to [-pi, pi): ((theta + pi) mod 2pi) - pi."""
+    return torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
+
+
+def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Rotate the column pairs (2j, 2j+1) of `weight` by `theta[:, j]`, in at least float32."""
+    w = _atleast_fp32(weight)
+    even, odd = w[:, 0::2], w[:, 1::2]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    out = torch.empty_like(w)
+    out[:, 0::2] = even * cos - odd * sin
+    out[:, 1::2] = even * sin + odd * cos
+    return out
+
+
+class _LoRaDMatmul(torch.autograd.Function):
+    """y = x W'^T + b with W' = rotate_pairs(W, wrap(theta_a @ theta_b))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, theta_a, theta_b):
+        theta = wrap_angle(_atleast_fp32(theta_a) @ _atleast_fp32(theta_b))
+        w_rot = rotate_pairs(weight, theta).to(x.dtype)
+        ctx.save_for_backward(x, weight, theta_a, theta_b)
+        ctx.has_bias = bias is not None
+        return F.linear(x, w_rot, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, theta_a, theta_b = ctx.saved_tensors
+        theta = wrap_angle(_atleast_fp32(theta_a) @ _atleast_fp32(theta_b))
+        w_rot = rotate_pairs(weight, theta)
+        grad_x = grad_out @ w_rot.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        # G = dL/dW' summed over every token of the batch.
+        g = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]))
+        g = _atleast_fp32(g)
+        grad_theta = g[:, 1::2] * w_rot[:, 0::2] - g[:, 0::2] * w_rot[:, 1::2]
+        # The wrap is a shift by multiples of 2pi: its derivative is 1.
+        grad_a = grad_theta @ _atleast_fp32(theta_b).t() if ctx.needs_input_grad[3] else None
+        grad_b = _atleast_fp32(theta_a).t() @ grad_theta if ctx.needs_input_grad[4] else None
+        grad_bias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b
+
+
+class LoRaDLinear(nn.Module):
+    """A frozen nn.Linear whose weight directions are rotated by a low-rank angle map."""
+
+    def __init__(self, base: nn.Linear, rank: int, name: str = "<linear>"):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRaD target {name!r} is a {type(base).__name__}, not nn.Linear; "
+                            "remove it from the target patterns")
+        if base.in_features % 2:
+            raise ValueError(f"LoRaD target {name!r} has odd in_features={base.in_features}; "
+                             "rotation pairs need an even input width: exclude this layer")
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"LoRaD rank for {name!r} must be a positive integer, got {rank!r}")
+        self.base = base
+        self.rank = rank
+        self.base.requires_grad_(False)
+        factory = dict(device=base.weight.device, dtype=torch.float32)
+        # Adapter parameters stay fp32 under mixed precision.
+        self.theta_a = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
+        self.theta_b = nn.Parameter(torch.empty(rank, base.in_features // 2, **factory))
+        nn.init.xavier_uniform_(self.theta_b)
+        self.merged = False
+        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def get_base_layer(self) -> nn.Linear:
+        """The wrapped frozen layer (the same accessor peft's layers have)."""
+        return self.base
+
+    def angles(self) -> torch.Tensor:
+        """Theta (out x in/2), wrapped to [-pi, pi)."""
+        return wrap_angle(_atleast_fp32(self.theta_a) @ _atleast_fp32(self.theta_b))
+
+    def rotated_weight(self) -> torch.Tensor:
+        """W' in float32."""
+        return rotate_pairs(self.base.weight, self.angles())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if self.training or (torch.is_grad_enabled() and self.theta_a.requires_grad):
+            device = x.device.type
+            if torch.is_autocast_enabled(device):
+                # Run the Function in the autocast dtype itself so forward and backward agree.
+                x = x.to(torch.get_autocast_dtype(device))
+            with torch.autocast(device, enabled=False):
+                return _LoRaDMatmul.apply(x, self.base.weight, self.base.bias, self.theta_a, self.theta_b)
+        return F.linear(x, self._cached_weight(), self.base.bias)
+
+    def _cached_weight(self) -> torch.Tensor:
+        # Eval mode: rebuild W' only when the angles or the weight changed in place.
+        key = (self.theta_a._version, self.theta_b._version, self.base.weight._version,
+               self.theta_a.data_ptr(), self.theta_b.data_ptr(), self.base.weight.data_ptr())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, self.rotated_weight().to(self.base.weight.dtype))
+        return self._cache[1]
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write W' into the frozen layer; forward becomes the plain layer."""
+        if self.merged:
+            return
+        self.base.weight.copy_(self.rotated_weight().to(self.base.weight.dtype))
+        self.merged = True
+        self._cache = None
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Rotate back by -Theta: the inverse of a rotation is its transpose, no inverse needed."""
+        if not self.merged:
+            return
+        restored = rotate_pairs(self.base.weight, -self.angles())
+        self.base.weight.copy_(restored.to(self.base.weight.dtype))
+        self.merged = False
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, merged={self.merged}"
+
+
+def lorad_param_count(out_features: int, in_features: int, rank: int) -> int:
+    """Trainable parameters of one LoRaD layer: r * (out + in/2)."""
+    return rank * (out_features + in_features // 2)

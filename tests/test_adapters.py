@@ -1,0 +1,172 @@
+"""The one adapter interface: attach, trainable parameters, merge, save, load, for all kinds."""
+
+import json
+
+import pytest
+import torch
+from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+
+from conftest import pixart_inputs, tiny_pixart, tiny_unet, unet_inputs
+from wadi import KINDS, AdapterConfig, attach, load_adapter
+from wadi.lorad import LoRaDLinear
+from wadi.targets import PRESETS, select_linears
+
+
+def run_unet(model):
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        return model(x, t, encoder_hidden_states=c).sample
+
+
+def perturb(adapter, seed=3):
+    """Move every trainable tensor off its initial value so outputs differ from the base."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.trainable_parameters().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attach_starts_at_base_and_trains_only_adapter(kind):
+    base_out = run_unet(tiny_unet())
+    adapter = attach(tiny_unet(), AdapterConfig(kind=kind, rank=4, targets="unet-student"))
+    torch.testing.assert_close(run_unet(adapter.model), base_out, rtol=1e-5, atol=1e-5)
+    trainable = adapter.trainable_parameters()
+    all_grad = {n for n, p in adapter.model.named_parameters() if p.requires_grad}
+    assert set(trainable) == all_grad and adapter.num_trainable() > 0
+    if kind == "full":
+        assert adapter.num_trainable() == sum(p.numel() for p in tiny_unet().parameters())
+    if kind == "dora-frozen":
+        assert not any("magnitude" in n for n in trainable)
+    if kind == "dora":
+        assert any("magnitude" in n for n in trainable)
+
+
+def test_lorad_count_and_targets_follow_the_rule():
+    model = tiny_unet()
+    names = select_linears(model, PRESETS["unet-fake"])
+    assert names and all(("proj_in" not in n and "time_emb_proj" not in n) for n in names)
+    expected = sum(4 * (model.get_submodule(n).out_features + model.get_submodule(n).in_features // 2)
+                   for n in names)
+    adapter = attach(model, AdapterConfig(kind="lorad", rank=4, targets="unet-fake"))
+    assert adapter.num_trainable() == expected
+    assert all(isinstance(model.get_submodule(n), LoRaDLinear) for n in names)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_equals_unmerged_and_unmerge_restores(kind):
+    adapter = attach(tiny_unet(), AdapterConfig(kind=kind, rank=4))
+    perturb(adapter)
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    out = run_unet(adapter.model)
+    adapter.merge()
+    torch.testing.assert_close(run_unet(adapter.model), out, rtol=1e-5, atol=1e-5)
+    adapter.unmerge()
+    for k, v in adapter.model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_load_into_fresh_model_same_output(kind, tmp_path):
+    adapter = attach(tiny_unet(), AdapterConfig(kind=kind, rank=4))
+    perturb(adapter)
+    out = run_unet(adapter.model)
+    path = adapter.save(tmp_path / "adapter.safetensors", extra_metadata={"preset": "test"})
+    loaded = load_adapter(tiny_unet(), path)
+    assert loaded.config.kind == kind and loaded.config.rank == 4
+    torch.testing.assert_close(run_unet(loaded.model), out, rtol=1e-6, atol=1e-6)
+    if kind != "full":  # only the adapter's tensors are in the file
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        stored = sum(t.numel() for t in load_file(str(path)).values())
+        assert stored < sum(p.numel() for p in tiny_unet().parameters()) / 2
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        assert json.loads(meta["config"])["kind"] == kind and meta["preset"] == "test"
+
+
+def test_load_wrong_rank_or_architecture_fails_and_writes_nothing(tmp_path):
+    adapter = attach(tiny_unet(), AdapterConfig(kind="lorad", rank=4))
+    perturb(adapter)
+    path = adapter.save(tmp_path / "a.safetensors")
+
+    other_rank = attach(tiny_unet(), AdapterConfig(kind="lorad", rank=8))
+    snapshot = {k: v.clone() for k, v in other_rank.state_dict().items()}
+    with pytest.raises(ValueError, match="rank is 4 but this model's is 8"):
+        other_rank.load(path)
+    for k, v in other_rank.state_dict().items():
+        assert torch.equal(v, snapshot[k])
+
+    wider = tiny_unet(cross_attention_dim=48)
+    wider_state = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_adapter(wider, path)
+    assert not any(isinstance(m, LoRaDLinear) for m in wider.modules())  # model left as it was
+    assert all(torch.equal(v, wider_state[k]) for k, v in wider.state_dict().items())
+
+    with pytest.raises(ValueError, match="base model class"):
+        load_adapter(tiny_pixart(), path)
+
+
+def test_load_rejects_non_adapter_files(tmp_path):
+    from safetensors.torch import save_file
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="not a wadi adapter file"):
+        load_adapter(tiny_unet(), plain)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_adapter(tiny_unet(), junk)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_adapter(tiny_unet(), tmp_path / "missing.safetensors")
+
+
+def test_dora_frozen_magnitude_stays_frozen_through_training():
+    adapter = attach(tiny_unet(), AdapterConfig(kind="dora-frozen", rank=4))
+    mags = {n: p.clone() for n, p in adapter.model.named_parameters() if "magnitude" in n}
+    assert mags
+    opt = torch.optim.AdamW(adapter.trainable_parameters().values(), lr=1e-2)
+    x, t, c = unet_inputs()
+    for _ in range(3):
+        opt.zero_grad()
+        adapter.model(x, t, encoder_hidden_states=c).sample.pow(2).mean().backward()
+        opt.step()
+    for n, p in adapter.model.named_parameters():
+        if "magnitude" in n:
+            assert torch.equal(p, mags[n])
+
+
+@pytest.mark.parametrize("kind", ["lorad", "lora", "dora"])
+def test_merged_unet_saves_as_stock_diffusers_model(kind, tmp_path):
+    adapter = attach(tiny_unet(), AdapterConfig(kind=kind, rank=4))
+    perturb(adapter)
+    out = run_unet(adapter.model)
+    plain = adapter.merged_model()
+    plain.save_pretrained(tmp_path / "unet")
+    stock = UNet2DConditionModel.from_pretrained(tmp_path / "unet")  # strict load by default
+    assert set(stock.state_dict()) == set(tiny_unet().state_dict())
+    torch.testing.assert_close(run_unet(stock), out, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_pixart_saves_as_stock_diffusers_model(tmp_path):
+    adapter = attach(tiny_pixart(), AdapterConfig(kind="lorad", rank=4, targets="dit-student"))
+    assert not any("adaln_single" in n for n in adapter.target_names)
+    perturb(adapter)
+    with torch.no_grad():
+        out = adapter.model(**pixart_inputs()).sample
+    adapter.merged_model().save_pretrained(tmp_path / "transformer")
+    stock = PixArtTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**pixart_inputs()).sample, out, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_config_and_targets():
+    with pytest.raises(ValueError, match="unknown adapter kind 'lokr'"):
+        AdapterConfig(kind="lokr")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        AdapterConfig(kind="lora", rank=0)
+    with pytest.raises(ValueError, match="unknown target preset 'unet-teacher'"):
+        attach(tiny_unet(), AdapterConfig(targets="unet-teacher"))
+    with pytest.raises(ValueError, match="selects no nn.Linear layer"):
+        attach(tiny_unet(), AdapterConfig(targets={"include": ["no_such_block"]}))
