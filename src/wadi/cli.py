@@ -11,7 +11,7 @@ import sys
 from . import __version__
 
 # One line per tool, in the order `wadi --help` lists them.
-COMMANDS = ["params"]
+COMMANDS = ["params", "distill", "analyze"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,25 @@
+"""`wadi distill`: train a one-step student with WaDi (or an ablation adapter)."""
+
+from __future__ import annotations
+
+from ..config import PRESETS
+
+
+def register(sub) -> None:
+    p = sub.add_parser("distill", help="distill a one-step student (single process, or under accelerate launch)",
+                       description="Presets: " + ", ".join(PRESETS))
+    p.add_argument("--config", help="preset name or YAML file (optional with --resume RUN_DIR)")
+    p.add_argument("--resume", metavar="RUN_DIR|latest", help="continue a run from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.path=/data/sd15 train.steps=100")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..distill import distill
+
+    if not args.config and not args.resume:
+        raise ValueError("give --config PRESET_OR_YAML (or --resume RUN_DIR|latest)")
+    run_dir = distill(args.config, args.overrides, resume=args.resume, progress=not args.no_progress)
+    print(f"run folder: {run_dir}")
+    return 0

@@ -1,0 +1,87 @@
+"""Prompt files: plain text, JSON lines (JourneyDB annotations included), COCO captions.
+
+WaDi trains on text alone. Every reader returns a list of non-empty prompts, and every
+problem with the file is a one-line error raised before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FORMATS = ("auto", "txt", "jsonl", "coco")
+_JSONL_KEYS = ("prompt", "caption", "text")
+
+
+def _jsonl_prompt(obj: dict, where: str) -> str | None:
+    task2 = obj.get("Task2")
+    if isinstance(task2, dict):  # JourneyDB: {"Task2": {"Caption": "..."}}
+        for key in ("Caption", "Caption:", "caption"):
+            if key in task2:
+                return task2[key]
+    for key in _JSONL_KEYS:
+        if key in obj:
+            return obj[key]
+    raise ValueError(f"{where}: no prompt field; expected one of {', '.join(_JSONL_KEYS)} or JourneyDB's Task2.Caption")
+
+
+def _read_jsonl(text: str, path: Path) -> list[str]:
+    prompts = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i} is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{i} is not a JSON object")
+        prompts.append(_jsonl_prompt(obj, f"{path}:{i}"))
+    return prompts
+
+
+def _read_coco(text: str, path: Path) -> list[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{path} is not a COCO caption file (no 'annotations' list)")
+    return [a.get("caption") for a in data["annotations"] if isinstance(a, dict)]
+
+
+def _detect(path: Path, text: str) -> str:
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    if path.suffix == ".json":
+        return "coco"
+    if path.suffix == ".txt":
+        return "txt"
+    first = text.lstrip()[:1]
+    return "coco" if first == "{" and '"annotations"' in text[:10000] else ("jsonl" if first == "{" else "txt")
+
+
+def read_prompts(path: str | Path, fmt: str = "auto", dedupe: bool = False) -> list[str]:
+    """Prompts of a file, in file order (sorted unique when `dedupe`, as the authors do)."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"prompt file {path} is unreadable ({e.__class__.__name__}: {e})") from None
+    fmt = _detect(path, text) if fmt == "auto" else fmt
+    if fmt == "txt":
+        prompts = text.splitlines()
+    elif fmt == "jsonl":
+        prompts = _read_jsonl(text, path)
+    else:
+        prompts = _read_coco(text, path)
+    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    if dedupe:
+        prompts = sorted(set(prompts))
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts

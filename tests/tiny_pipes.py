@@ -1,0 +1,79 @@
+"""Tiny SD-, PixArt- and pixel-shaped pipelines saved to disk the way users' folders are,
+so tests load them back by path through the real loaders. Tokenizers are built from
+hand-written vocabularies: nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from transformers import (BertConfig, BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
+                          T5Config, T5EncoderModel)
+
+from conftest import TINY_PIXART, TINY_UNET
+
+WORDS = ["a", "photo", "of", "cat", "dog", "red", "car", "the", "digit", "seven", "on", "table"]
+
+
+def _scheduler(prediction_type="epsilon") -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                         beta_schedule="scaled_linear", prediction_type=prediction_type)
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=16)
+
+
+def _clip_tokenizer(folder: Path) -> CLIPTokenizer:
+    # BPE with no merges over a-z: every word becomes its letters (others map to unk).
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def _bert_tokenizer(folder: Path, max_length: int) -> BertTokenizer:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    return BertTokenizer(str(folder / "vocab.txt"), model_max_length=max_length)
+
+
+def save_tiny_sd(folder: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    torch.manual_seed(seed)
+    tok = _clip_tokenizer(folder / "tokenizer")
+    tok.save_pretrained(folder / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                 num_hidden_layers=2, max_position_embeddings=16)).save_pretrained(folder / "text_encoder")
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
+    _vae().save_pretrained(folder / "vae")
+    _scheduler(prediction_type).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def save_tiny_pixart(folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tok = _bert_tokenizer(folder / "tokenizer", max_length=12)
+    tok.save_pretrained(folder / "tokenizer")
+    T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)) \
+        .save_pretrained(folder / "text_encoder")
+    PixArtTransformer2DModel(**TINY_PIXART).save_pretrained(folder / "transformer")
+    _vae().save_pretrained(folder / "vae")
+    _scheduler().save_pretrained(folder / "scheduler")
+    return folder
+
+
+def save_tiny_pixel(folder: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    tok = _bert_tokenizer(folder / "tokenizer", max_length=8)
+    tok.save_pretrained(folder / "tokenizer")
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=16)).save_pretrained(folder / "text_encoder")
+    UNet2DConditionModel(**{**TINY_UNET, "in_channels": 1, "out_channels": 1}).save_pretrained(folder / "unet")
+    _scheduler().save_pretrained(folder / "scheduler")
+    return folder
