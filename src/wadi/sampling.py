@@ -1,8 +1,19 @@
-"""Sampling: the one-step student (one network evaluation at t = T-1) and image grids."""
+"""Sampling: the one-step student (one network evaluation at t = T-1), the multi-step
+teacher, PNG files that carry their prompt and seed, and image grids.
+
+Noise and pixels follow the stock diffusers pipelines, so that an exported student run by
+`StableDiffusionPipeline` / `PixArtAlphaPipeline` with one step, no guidance and
+`generator=[torch.Generator().manual_seed(s) for s in seeds]` gives the same images: each
+image's latent is `torch.randn` of one seeded CPU generator, and pixels are quantised the
+way `VaeImageProcessor` does.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +84,55 @@ def multi_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], see
     return torch.cat(images)
 
 
+@dataclass
+class Sampling:
+    """How images are made: the one-step student, or the teacher with its scheduler."""
+
+    one_step: bool = True
+    steps: int = 25  # teacher only
+    guidance: float = 3.0  # teacher only; the student samples without guidance
+    scheduler: str = "ddim"  # teacher only: ddim | dpm | euler
+
+    def __call__(self, backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds: list[int],
+                 batch_size: int = 16) -> torch.Tensor:
+        if self.one_step:
+            return one_step(backbone, net, prompts, seeds, batch_size)
+        return multi_step(backbone, net, prompts, seeds, self.steps, self.guidance, self.scheduler, batch_size)
+
+    def to_dict(self) -> dict:
+        if self.one_step:
+            return {"one_step": True, "steps": 1, "guidance": None}
+        return asdict(self)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] to (B, H, W, C) uint8."""
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """(B, C, H, W) in [-1, 1] to (B, H, W, C) uint8, rounded as diffusers' VaeImageProcessor does."""
+    x = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(image: np.ndarray, path: str | Path, text: dict) -> Path:
+    """One HxWxC uint8 image as a PNG whose text chunks hold `text` (prompt, seed, ...).
+
+    Written to a temporary name and renamed, so a file that exists is complete (resumed
+    evaluations skip the images already on disk).
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    info = PngInfo()
+    for k, v in text.items():  # iTXt: UTF-8, prompts are not Latin-1
+        info.add_itxt(k, v if isinstance(v, str) else json.dumps(v))
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return path
+
+
+def png_text(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG written by save_png."""
+    with Image.open(path) as im:
+        return dict(im.text)
 
 
 def grid(images: torch.Tensor, nrow: int | None = None, scale: int = 1) -> Image.Image:
@@ -98,3 +154,28 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, s
     path.parent.mkdir(parents=True, exist_ok=True)
     grid(images, nrow, scale).save(path)
     return path
+
+
+def sample_to_folder(backbone: Backbone, net: torch.nn.Module, sampling: Sampling, prompts: list[str],
+                     seeds: list[int], out: str | Path, batch_size: int = 8, text: dict | None = None,
+                     with_grid: bool = True, progress: bool = True) -> list[Path]:
+    """Every prompt with every seed as PNGs `NNNNN-seedS.png` (prompt, seed and `text` in
+    their metadata), and `grid.png` with a row per prompt and a column per seed."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(k, p, s) for k, p in enumerate(prompts) for s in seeds]
+    paths, images = [], []
+    for i in tqdm(range(0, len(jobs), batch_size), desc="sampling", unit="batch", disable=not progress):
+        chunk = jobs[i:i + batch_size]
+        batch = sampling(backbone, net, [p for _, p, _ in chunk], [s for _, _, s in chunk], batch_size)
+        for (k, p, s), img in zip(chunk, to_uint8(batch)):
+            meta = {"prompt": p, "seed": s, **(text or {}), "sampling": sampling.to_dict()}
+            paths.append(save_png(img, out / f"{k:05d}-seed{s}.png", meta))
+        if with_grid:
+            images.append(batch)
+    if with_grid:
+        scale = max(1, 128 // images[0].shape[-1])  # tiny worlds get blown up to be seen
+        paths.append(save_grid(torch.cat(images), out / "grid.png", nrow=len(seeds), scale=scale))
+    return paths

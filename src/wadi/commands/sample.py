@@ -1,0 +1,55 @@
+"""`wadi sample`: images from a one-step student (run folder, export, adapter or released
+file) or, with --teacher, from the multi-step teacher, so both are compared by one tool."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..models import load_student, load_teacher
+from ..prompts import FORMATS, read_prompts
+from ..sampling import Sampling, sample_to_folder
+from .model_args import DTYPES, add_base_args, add_device_args, base_options, parse_seeds
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample PNGs and a grid from a one-step student or the multi-step teacher")
+    p.add_argument("model", help="run folder, exported folder, adapter or released .safetensors file; "
+                                 "with --teacher the base model (or a run folder / export naming it)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeat for more)")
+    prompts.add_argument("--prompts", type=Path, help="prompt file: .txt, .jsonl or COCO captions .json")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="prompt file format")
+    p.add_argument("--seeds", default="0", help="seeds for every prompt, e.g. 0-3,7 (default 0)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", type=Path, required=True, help="output folder of PNGs")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
+    p.add_argument("--no-grid", action="store_true", help="no grid.png")
+    t = p.add_argument_group("teacher")
+    t.add_argument("--teacher", action="store_true", help="sample the multi-step teacher instead of the student")
+    t.add_argument("--steps", type=int, default=25, help="teacher steps (default 25)")
+    t.add_argument("--guidance", type=float, default=3.0, help="teacher guidance scale (default 3.0)")
+    t.add_argument("--scheduler", choices=["ddim", "dpm", "euler"], default="ddim", help="teacher scheduler")
+    add_base_args(p)
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    seeds = parse_seeds(args.seeds)
+    prompts = args.prompt if args.prompt else read_prompts(args.prompts, args.format)
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        raise FileExistsError(f"--out {args.out} exists and is not empty; pass --force to write into it")
+    dtype = DTYPES[args.dtype]
+    load = load_teacher if args.teacher else load_student
+    model = load(args.model, base_options(args), dtype).to(args.device, dtype)
+    sampling = Sampling(not args.teacher, args.steps, args.guidance, args.scheduler)
+    text = {"model": model.source, "role": "teacher" if args.teacher else "student"}
+    paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, args.out, args.batch_size,
+                             text, with_grid=not args.no_grid)
+    (args.out / "samples.json").write_text(json.dumps(
+        {**text, "sampling": sampling.to_dict(), "prompts": prompts, "seeds": seeds}, indent=1) + "\n")
+    print(f"wrote {len(paths)} files to {args.out}")
+    return 0

@@ -1,0 +1,170 @@
+"""`wadi sample` and `wadi export` on tiny runs: the stock diffusers pipelines reproduce the
+one-step sampler bit for bit, and every kind of student source loads."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import tiny_pipes
+from test_distill import make_cfg
+from wadi.cli import main
+from wadi.distill import distill
+from wadi.export import export_pipeline
+from wadi.models import BaseOptions, load_student, load_teacher
+from wadi.sampling import multi_step, one_step, png_text
+
+PROMPTS = ["a cat", "a red car"]
+SEEDS = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One finished one-step run per backbone kind (a training step moves the student off the teacher)."""
+    root = tmp_path_factory.mktemp("runs")
+    (root / "prompts.txt").write_text("a cat\na red car\n")
+    pipes = {"sd": tiny_pipes.save_tiny_sd(root / "sd"), "pixart": tiny_pipes.save_tiny_pixart(root / "pixart"),
+             "pixel": tiny_pipes.save_tiny_pixel(root / "pixel"), "prompts": root / "prompts.txt"}
+    out = {}
+    for kind in ("sd", "pixart", "pixel"):
+        cfg = make_cfg(pipes, root / f"{kind}-runs", kind=kind, steps=1)
+        cfg.run.checkpoint_every = 0
+        out[kind] = distill(cfg, progress=False)
+    return pipes, out
+
+
+def read_png(path):
+    return np.asarray(Image.open(path))
+
+
+def cli_sample(source, out, *extra):
+    args = ["sample", str(source), "--out", str(out), "--seeds", "0-1"]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    assert main(args + list(extra)) == 0
+    return {(k, s): read_png(out / f"{k:05d}-seed{s}.png") for k in range(len(PROMPTS)) for s in SEEDS}
+
+
+def stock_images(folder, kind, output_type="np", **kwargs):
+    """The stock pipeline in one step without guidance, for every prompt x seed."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if kind == "pixart":
+        kwargs.update(use_resolution_binning=False, clean_caption=False)
+    prompts = [p for p in PROMPTS for _ in SEEDS]
+    generators = [torch.Generator().manual_seed(s) for _ in PROMPTS for s in SEEDS]
+    return pipe(prompts, num_inference_steps=1, guidance_scale=0, generator=generators,
+                output_type=output_type, **kwargs).images
+
+
+@pytest.mark.parametrize("kind", ["sd", "pixart"])
+def test_stock_pipeline_reproduces_wadi_sample(runs, tmp_path, kind):
+    pipes, run = runs[0], runs[1][kind]
+    ours = cli_sample(run, tmp_path / "samples")
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    info = json.loads((tmp_path / "export" / "wadi.json").read_text())
+    assert info["kind"] == kind and info["base"] == str(pipes[kind])
+
+    # Pixels: the PNGs equal the stock pipeline's images exactly.
+    stock = stock_images(tmp_path / "export", kind, output_type="pil")
+    for i, key in enumerate(ours):
+        np.testing.assert_array_equal(ours[key], np.asarray(stock[i]))
+    # Floats: the library sampler against the pipeline's [0, 1] tensors.
+    student = load_student(run)
+    expected = one_step(student.backbone, student.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2)
+    got = stock_images(tmp_path / "export", kind, output_type="pt")
+    assert (got - (expected / 2 + 0.5)).abs().max().item() < 1e-6
+    assert not torch.equal(expected, one_step(student.backbone, student.backbone.net, PROMPTS * 2, SEEDS * 2)), \
+        "the trained student should differ from its teacher"
+
+
+def test_png_metadata_and_grid(runs, tmp_path):
+    run = runs[1]["sd"]
+    cli_sample(run, tmp_path)
+    text = png_text(tmp_path / "00001-seed0.png")
+    assert text["prompt"] == "a red car" and text["seed"] == "0" and text["role"] == "student"
+    assert json.loads(text["sampling"])["steps"] == 1
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == ((2 * 17 + 1) * 8,) * 2  # 2 x 2 images of 16 px with 1 px borders, blown up 8x
+    assert json.loads((tmp_path / "samples.json").read_text())["seeds"] == SEEDS
+
+
+def test_pixel_export_loads_back(runs, tmp_path):
+    run = runs[1]["pixel"]
+    ours = cli_sample(run, tmp_path / "a")
+    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert not (tmp_path / "export" / "model_index.json").exists()  # no stock pipeline for this kind
+    again = cli_sample(tmp_path / "export", tmp_path / "b")
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], again[key])
+
+
+def test_released_state_dict_and_adapter_only_files(runs, tmp_path):
+    pipes, run = runs
+    run = run["sd"]
+    base = str(pipes["sd"])
+    ours = cli_sample(run, tmp_path / "run")
+    # The authors' layout: every tensor of a stock UNet in one flat safetensors file.
+    student = load_student(run)
+    released = tmp_path / "rotated_unet-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in student.net.state_dict().items()}, str(released))
+    got = cli_sample(released, tmp_path / "released", "--base", base)
+    assert main(["export", str(run), "--adapter-only", "--fake", "--out", str(tmp_path / "adapter")]) == 0
+    from_adapter = cli_sample(tmp_path / "adapter" / "student.safetensors", tmp_path / "adapter-samples", "--base", base)
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], got[key])
+        np.testing.assert_array_equal(ours[key], from_adapter[key])
+    assert (tmp_path / "adapter" / "fake.safetensors").is_file()
+
+
+def test_released_file_with_wrong_keys_names_the_first(runs, tmp_path):
+    pipes, run = runs
+    state = load_student(run["sd"]).net.state_dict()
+    first = next(iter(state))
+    bad = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items() if k != first}, str(bad))
+    with pytest.raises(ValueError, match=f"1 missing, 0 unexpected keys; first missing '{first}'"):
+        load_student(bad, BaseOptions(base=str(pipes["sd"])))
+    with pytest.raises(ValueError, match="pass --base"):
+        load_student(bad)
+
+
+def test_teacher_sampling_matches_multi_step(runs, tmp_path):
+    run = runs[1]["sd"]
+    ours = cli_sample(run, tmp_path, "--teacher", "--steps", "2", "--guidance", "2.0")
+    teacher = load_teacher(run)
+    expected = multi_step(teacher.backbone, teacher.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2,
+                          steps=2, guidance=2.0)
+    from wadi.sampling import to_uint8
+
+    for i, key in enumerate(ours):
+        np.testing.assert_array_equal(ours[key], to_uint8(expected)[i])
+    assert png_text(tmp_path / "00000-seed0.png")["role"] == "teacher"
+
+
+def test_higher_resolution_matches_stock_pipeline(runs, tmp_path):
+    run = runs[1]["sd"]
+    ours = cli_sample(run, tmp_path / "s", "--resolution", "32")
+    assert ours[(0, 0)].shape == (32, 32, 3)
+    export_pipeline(load_student(run), tmp_path / "export")
+    stock = stock_images(tmp_path / "export", "sd", output_type="pil", height=32, width=32)
+    for i, key in enumerate(ours):
+        np.testing.assert_array_equal(ours[key], np.asarray(stock[i]))
+
+
+def test_refusals_are_one_line_errors(runs, tmp_path, capsys):
+    run = runs[1]["sd"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert main(["sample", str(run), "--prompt", "a", "--out", str(tmp_path / "full")]) == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "full")]) == 2
+    assert main(["sample", str(tmp_path / "nothing"), "--prompt", "a", "--out", str(tmp_path / "o")]) == 2
+    assert main(["sample", str(run), "--prompt", "a", "--seeds", "x", "--out", str(tmp_path / "o")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 4 and "--force" in errors[0] and "--force" in errors[1]
+    assert "does not exist" in errors[2] and "--seeds" in errors[3]
