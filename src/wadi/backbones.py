@@ -156,6 +156,8 @@ def check_model_path(path: str) -> None:
 def _load(cls, path: str, what: str, dtype: torch.dtype | None = None, **kwargs):
     if dtype is not None:  # diffusers and transformers name the argument differently
         kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = dtype
+    if kwargs.get("subfolder", "") is None:  # transformers 5 fails on subfolder=None
+        del kwargs["subfolder"]
     try:
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
