@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..config import PRESETS
 
 
@@ -21,5 +23,6 @@ def run(args) -> int:
     if not args.config and not args.resume:
         raise ValueError("give --config PRESET_OR_YAML (or --resume RUN_DIR|latest)")
     run_dir = distill(args.config, args.overrides, resume=args.resume, progress=not args.no_progress)
-    print(f"run folder: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process
+        print(f"run folder: {run_dir}")
     return 0

@@ -1,0 +1,198 @@
+"""The distillation engine on tiny SD-, PixArt- and pixel-shaped pipelines loaded from disk."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tiny_pipes
+from wadi.adapters import KINDS, AdapterConfig
+from wadi.cli import main
+from wadi.config import DataConfig, DistillConfig, ModelConfig, RunConfig, TrainConfig
+from wadi.distill import distill
+
+PROMPTS = "a photo of a cat\na red car\nthe digit seven\na dog on the table\n"
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    (root / "prompts.txt").write_text(PROMPTS)
+    return {"sd": tiny_pipes.save_tiny_sd(root / "sd"), "pixart": tiny_pipes.save_tiny_pixart(root / "pixart"),
+            "pixel": tiny_pipes.save_tiny_pixel(root / "pixel"), "prompts": root / "prompts.txt"}
+
+
+def make_cfg(pipes, tmp_path, kind="sd", student="lorad", steps=3, **train) -> DistillConfig:
+    family = "dit" if kind == "pixart" else "unet"
+    return DistillConfig(
+        model=ModelConfig(kind=kind, path=str(pipes[kind]), resolution=None if kind == "pixel" else 16),
+        student=AdapterConfig(student, 4, f"{family}-student"), fake=AdapterConfig("lorad", 2, f"{family}-fake"),
+        data=DataConfig(prompts=str(pipes["prompts"]), sample_prompts=["a cat"]),
+        train=TrainConfig(steps=steps, batch_size=2, **train),
+        run=RunConfig(root=str(tmp_path / "runs"), checkpoint_every=1, keep_checkpoints=10, sample_every=0,
+                      log_every=1, sample_seeds=[0]))
+
+
+def log_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def adapter_at(run_dir: Path, step: int, which: str = "student") -> dict:
+    return load_file(str(run_dir / "checkpoints" / f"step-{step:07d}" / f"{which}.safetensors"))
+
+
+def moved(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("student", KINDS)
+def test_every_adapter_trains_on_tiny_sd(pipes, tmp_path, student):
+    run = distill(make_cfg(pipes, tmp_path, student=student), progress=False)
+    log = log_of(run)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor([r["loss_student"], r["loss_fake"]])).all() for r in log)
+    assert log[0]["loss_student"] == 0.0  # the fake model starts equal to the teacher
+    assert log[-1]["loss_student"] > 0.0
+    assert moved(adapter_at(run, 1), adapter_at(run, 3))
+    assert moved(adapter_at(run, 1, "fake"), adapter_at(run, 3, "fake"))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["student"]["kind"] == student and saved["train"]["steps"] == 3
+
+    from diffusers import UNet2DConditionModel
+    UNet2DConditionModel.from_pretrained(run / "student")  # the export is a stock model
+
+
+@pytest.mark.parametrize("kind", ["pixart", "pixel"])
+def test_lorad_trains_on_pixart_and_pixel(pipes, tmp_path, kind):
+    run = distill(make_cfg(pipes, tmp_path, kind=kind), progress=False)
+    assert all(r["skipped"] == 0 for r in log_of(run))
+    assert moved(adapter_at(run, 1), adapter_at(run, 3))
+
+
+def test_run_folder_contents(pipes, tmp_path):
+    cfg = make_cfg(pipes, tmp_path, steps=2)
+    cfg.run.sample_every, cfg.run.keep_checkpoints = 1, 1
+    first = distill(cfg, progress=False)
+    second = distill(cfg, progress=False)
+    assert first.name == "00000-custom" and second.name == "00001-custom"
+    assert [p.name for p in (first / "checkpoints").iterdir()] == ["step-0000002"]  # pruned to 1
+    assert (first / "samples" / "step-0000002.png").is_file()
+    assert any((first / "tb").iterdir())
+    for name in ("student.safetensors", "fake.safetensors", "student/config.json", "config.yaml"):
+        assert (first / name).exists()
+
+
+def test_nonfinite_losses_skip_then_stop(pipes, tmp_path, monkeypatch):
+    import wadi.distill as engine
+
+    calls = {"n": 0}
+    real = engine.fake_loss
+
+    def poisoned(*args):
+        calls["n"] += 1
+        return real(*args) * (float("nan") if calls["n"] > 2 else 1.0)
+
+    monkeypatch.setattr(engine, "fake_loss", poisoned)
+    cfg = make_cfg(pipes, tmp_path, steps=6, max_nonfinite=2)
+    with pytest.raises(RuntimeError, match="2 non-finite losses in a row at step 4"):
+        distill(cfg, progress=False)
+    run = next((tmp_path / "runs").iterdir())
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-0000001", "step-0000002", "step-0000003"]
+    assert not (run / "student").exists()  # no export of a failed run
+    # the skipped step left the fake model as it was
+    assert not moved(adapter_at(run, 2, "fake"), adapter_at(run, 3, "fake"))
+
+
+def _write_cfg(cfg: DistillConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "wadi.cli", "distill", "--no-progress", *args]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(pipes, tmp_path):
+    steps = 5
+    straight = make_cfg(pipes, tmp_path / "a", steps=steps)
+    reference = distill(straight, progress=False)
+
+    killed_cfg = _write_cfg(make_cfg(pipes, tmp_path / "b", steps=steps), tmp_path / "b.yaml")
+    proc = subprocess.Popen(_cli("--config", str(killed_cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_root = tmp_path / "b" / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run_root.glob("*/checkpoints/step-0000002")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-way through step 3, whatever it was doing
+    proc.wait()
+    run = next(run_root.iterdir())
+    assert not (run / "student.safetensors").exists(), "the run finished before it was killed"
+
+    result = subprocess.run(_cli("--resume", str(run)), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for which in ("student", "fake"):
+        ours, ref = load_file(str(run / f"{which}.safetensors")), load_file(str(reference / f"{which}.safetensors"))
+        for k in ref:
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-6, atol=1e-7)
+    assert [r["step"] for r in log_of(run)] == list(range(1, steps + 1))
+
+
+def test_two_processes_hold_the_same_adapters(pipes, tmp_path):
+    cfg = _write_cfg(make_cfg(pipes, tmp_path, steps=2), tmp_path / "cfg.yaml")
+    # accelerate's --cpu launcher starts one process; --multi_gpu starts torchrun, and
+    # with no CUDA the engine joins the processes over gloo on the CPU.
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "wadi.cli", "distill", "--no-progress", "--config", str(cfg)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                            cwd=tmp_path, executable=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next((tmp_path / "runs").iterdir())
+    for ckpt in sorted((run / "checkpoints").iterdir()):
+        sums = json.loads((ckpt / "state.json").read_text())["adapter_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1]
+        assert (ckpt / "rng-0.safetensors").exists() and (ckpt / "rng-1.safetensors").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "prompt file .* does not exist"),
+    ("", "holds no prompts"),
+    ("\n  \n", "holds no prompts"),
+    (b"\xff\xfe\x00bad", "is unreadable"),
+])
+def test_bad_prompt_files_fail_fast_and_write_nothing(pipes, tmp_path, capsys, content, message):
+    prompts = tmp_path / "prompts.txt"
+    if isinstance(content, bytes):
+        prompts.write_bytes(content)
+    elif content is not None:
+        prompts.write_text(content)
+    cfg = make_cfg(pipes, tmp_path)
+    cfg.data.prompts = str(prompts)
+    assert main(["distill", "--config", str(_write_cfg(cfg, tmp_path / "c.yaml")), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    import re
+    assert re.search(message, err), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_model_path_fails_fast(pipes, tmp_path, capsys):
+    cfg = make_cfg(pipes, tmp_path)
+    cfg.model.path = str(tmp_path / "no-such-model")
+    assert main(["distill", "--config", str(_write_cfg(cfg, tmp_path / "c.yaml"))]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    cfg.model.path = str(pipes["prompts"].parent)  # exists, but is no diffusers folder
+    assert main(["distill", "--config", str(_write_cfg(cfg, tmp_path / "c.yaml"))]) == 2
+    assert "could not load the scheduler" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
