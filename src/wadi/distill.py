@@ -26,7 +26,7 @@ import yaml
 
 from . import checkpoint as ckpt
 from .adapters import Adapter, attach
-from .backbones import Backbone, check_model_path, load_backbone
+from .backbones import Backbone, Cond, check_model_path, load_backbone
 from .config import DistillConfig, resolve
 from .losses import add_noise, fake_loss, guide, one_step_x0, vsd_loss
 from .prompts import read_prompts
@@ -141,9 +141,7 @@ class Distiller:
                 cache[p] = (c.embeds[j], None if c.mask is None else c.mask[j])
         return cache
 
-    def _cond(self, prompts: list[str]):
-        from .backbones import Cond
-
+    def _cond(self, prompts: list[str]) -> Cond:
         if self.embed_cache is None:
             return self.bb.encode_prompts(prompts)
         rows = [self.embed_cache[p] for p in prompts]
