@@ -27,13 +27,15 @@ def pipes(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipes")
     (root / "prompts.txt").write_text(PROMPTS)
     return {"sd": tiny_pipes.save_tiny_sd(root / "sd"), "pixart": tiny_pipes.save_tiny_pixart(root / "pixart"),
+            "sd21": tiny_pipes.save_tiny_sd(root / "sd21", prediction_type="v_prediction", **tiny_pipes.SD21_UNET),
             "pixel": tiny_pipes.save_tiny_pixel(root / "pixel"), "prompts": root / "prompts.txt"}
 
 
 def make_cfg(pipes, tmp_path, kind="sd", student="lorad", steps=3, **train) -> DistillConfig:
     family = "dit" if kind == "pixart" else "unet"
     return DistillConfig(
-        model=ModelConfig(kind=kind, path=str(pipes[kind]), resolution=None if kind == "pixel" else 16),
+        model=ModelConfig(kind="sd" if kind == "sd21" else kind, path=str(pipes[kind]),
+                          resolution=None if kind == "pixel" else 16),
         student=AdapterConfig(student, 4, f"{family}-student"), fake=AdapterConfig("lorad", 2, f"{family}-fake"),
         data=DataConfig(prompts=str(pipes["prompts"]), sample_prompts=["a cat"]),
         train=TrainConfig(steps=steps, batch_size=2, **train),
@@ -70,11 +72,31 @@ def test_every_adapter_trains_on_tiny_sd(pipes, tmp_path, student):
     UNet2DConditionModel.from_pretrained(run / "student")  # the export is a stock model
 
 
-@pytest.mark.parametrize("kind", ["pixart", "pixel"])
-def test_lorad_trains_on_pixart_and_pixel(pipes, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["sd21", "pixart", "pixel"])
+def test_lorad_trains_on_sd21_pixart_and_pixel(pipes, tmp_path, kind):
     run = distill(make_cfg(pipes, tmp_path, kind=kind), progress=False)
     assert all(r["skipped"] == 0 for r in log_of(run))
     assert moved(adapter_at(run, 1), adapter_at(run, 3))
+
+
+def test_v_prediction_is_converted_to_eps(pipes):
+    from wadi.backbones import load_backbone
+
+    bb = load_backbone("sd", str(pipes["sd21"]), resolution=16)
+    assert bb.prediction_type == "v_prediction"
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 300])
+    alpha, sigma = bb.alpha_sigma(t)
+    x_t = alpha * x0 + sigma * eps
+    v = alpha * eps - sigma * x0
+
+    class Oracle(torch.nn.Module):  # a net that predicts the true v
+        def forward(self, x, t, encoder_hidden_states=None, encoder_attention_mask=None):
+            return type("Out", (), {"sample": v})()
+
+    cond = bb.encode_prompts(["a cat", "a dog"])
+    torch.testing.assert_close(bb.predict_eps(Oracle(), x_t, t, cond), eps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bb.predict_x0(Oracle(), x_t, t, cond), x0, rtol=1e-3, atol=1e-3)
 
 
 def test_run_folder_contents(pipes, tmp_path):

@@ -44,13 +44,18 @@ def _bert_tokenizer(folder: Path, max_length: int) -> BertTokenizer:
     return BertTokenizer(str(folder / "vocab.txt"), model_max_length=max_length)
 
 
-def save_tiny_sd(folder: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+# SD 2.1's differences from 1.5: Linear projections in the transformers, per-block head
+# sizes, and v-prediction (the 768 px model).
+SD21_UNET = dict(use_linear_projection=True, attention_head_dim=(4, 8))
+
+
+def save_tiny_sd(folder: Path, seed: int = 0, prediction_type: str = "epsilon", **unet) -> Path:
     torch.manual_seed(seed)
     tok = _clip_tokenizer(folder / "tokenizer")
     tok.save_pretrained(folder / "tokenizer")
     CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
                                  num_hidden_layers=2, max_position_embeddings=16)).save_pretrained(folder / "text_encoder")
-    UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
+    UNet2DConditionModel(**{**TINY_UNET, **unet}).save_pretrained(folder / "unet")
     _vae().save_pretrained(folder / "vae")
     _scheduler(prediction_type).save_pretrained(folder / "scheduler")
     return folder
