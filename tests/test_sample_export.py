@@ -9,11 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-import tiny_pipes
-from test_distill import make_cfg
+from tiny_runs import tiny_run
 from wadi.cli import main
-from wadi.distill import distill
-from wadi.export import export_pipeline
 from wadi.models import BaseOptions, load_student, load_teacher
 from wadi.sampling import multi_step, one_step, png_text
 
@@ -23,17 +20,8 @@ SEEDS = [0, 1]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One finished one-step run per backbone kind (a training step moves the student off the teacher)."""
-    root = tmp_path_factory.mktemp("runs")
-    (root / "prompts.txt").write_text("a cat\na red car\n")
-    pipes = {"sd": tiny_pipes.save_tiny_sd(root / "sd"), "pixart": tiny_pipes.save_tiny_pixart(root / "pixart"),
-             "pixel": tiny_pipes.save_tiny_pixel(root / "pixel"), "prompts": root / "prompts.txt"}
-    out = {}
-    for kind in ("sd", "pixart", "pixel"):
-        cfg = make_cfg(pipes, root / f"{kind}-runs", kind=kind, steps=1)
-        cfg.run.checkpoint_every = 0
-        out[kind] = distill(cfg, progress=False)
-    return pipes, out
+    """kind -> (base pipeline folder, finished run folder)."""
+    return lambda kind: tiny_run(tmp_path_factory, kind)
 
 
 def read_png(path):
@@ -64,11 +52,11 @@ def stock_images(folder, kind, output_type="np", **kwargs):
 
 @pytest.mark.parametrize("kind", ["sd", "pixart"])
 def test_stock_pipeline_reproduces_wadi_sample(runs, tmp_path, kind):
-    pipes, run = runs[0], runs[1][kind]
+    base, run = runs(kind)
     ours = cli_sample(run, tmp_path / "samples")
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     info = json.loads((tmp_path / "export" / "wadi.json").read_text())
-    assert info["kind"] == kind and info["base"] == str(pipes[kind])
+    assert info["kind"] == kind and info["base"] == str(base)
 
     # Pixels: the PNGs equal the stock pipeline's images exactly.
     stock = stock_images(tmp_path / "export", kind, output_type="pil")
@@ -84,7 +72,7 @@ def test_stock_pipeline_reproduces_wadi_sample(runs, tmp_path, kind):
 
 
 def test_png_metadata_and_grid(runs, tmp_path):
-    run = runs[1]["sd"]
+    _, run = runs("sd")
     cli_sample(run, tmp_path)
     text = png_text(tmp_path / "00001-seed0.png")
     assert text["prompt"] == "a red car" and text["seed"] == "0" and text["role"] == "student"
@@ -95,7 +83,7 @@ def test_png_metadata_and_grid(runs, tmp_path):
 
 
 def test_pixel_export_loads_back(runs, tmp_path):
-    run = runs[1]["pixel"]
+    _, run = runs("pixel")
     ours = cli_sample(run, tmp_path / "a")
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     assert not (tmp_path / "export" / "model_index.json").exists()  # no stock pipeline for this kind
@@ -105,9 +93,8 @@ def test_pixel_export_loads_back(runs, tmp_path):
 
 
 def test_released_state_dict_and_adapter_only_files(runs, tmp_path):
-    pipes, run = runs
-    run = run["sd"]
-    base = str(pipes["sd"])
+    base, run = runs("sd")
+    base = str(base)
     ours = cli_sample(run, tmp_path / "run")
     # The authors' layout: every tensor of a stock UNet in one flat safetensors file.
     student = load_student(run)
@@ -123,19 +110,19 @@ def test_released_state_dict_and_adapter_only_files(runs, tmp_path):
 
 
 def test_released_file_with_wrong_keys_names_the_first(runs, tmp_path):
-    pipes, run = runs
-    state = load_student(run["sd"]).net.state_dict()
+    base, run = runs("sd")
+    state = load_student(run).net.state_dict()
     first = next(iter(state))
     bad = tmp_path / "bad.safetensors"
     save_file({k: v.contiguous() for k, v in state.items() if k != first}, str(bad))
     with pytest.raises(ValueError, match=f"1 missing, 0 unexpected keys; first missing '{first}'"):
-        load_student(bad, BaseOptions(base=str(pipes["sd"])))
+        load_student(bad, BaseOptions(base=str(base)))
     with pytest.raises(ValueError, match="pass --base"):
         load_student(bad)
 
 
 def test_teacher_sampling_matches_multi_step(runs, tmp_path):
-    run = runs[1]["sd"]
+    _, run = runs("sd")
     ours = cli_sample(run, tmp_path, "--teacher", "--steps", "2", "--guidance", "2.0")
     teacher = load_teacher(run)
     expected = multi_step(teacher.backbone, teacher.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2,
@@ -147,18 +134,8 @@ def test_teacher_sampling_matches_multi_step(runs, tmp_path):
     assert png_text(tmp_path / "00000-seed0.png")["role"] == "teacher"
 
 
-def test_higher_resolution_matches_stock_pipeline(runs, tmp_path):
-    run = runs[1]["sd"]
-    ours = cli_sample(run, tmp_path / "s", "--resolution", "32")
-    assert ours[(0, 0)].shape == (32, 32, 3)
-    export_pipeline(load_student(run), tmp_path / "export")
-    stock = stock_images(tmp_path / "export", "sd", output_type="pil", height=32, width=32)
-    for i, key in enumerate(ours):
-        np.testing.assert_array_equal(ours[key], np.asarray(stock[i]))
-
-
 def test_refusals_are_one_line_errors(runs, tmp_path, capsys):
-    run = runs[1]["sd"]
+    _, run = runs("sd")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert main(["sample", str(run), "--prompt", "a", "--out", str(tmp_path / "full")]) == 2

@@ -1,0 +1,103 @@
+"""`wadi eval`: FID, CLIP score, precision/recall and a pluggable alignment metric for
+one-step students and their multi-step teacher, on the COCO protocols or any prompt file,
+into one results JSON. Run under `accelerate launch` to spread generation over processes;
+run again to resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..evaluate import (METRICS, PROTOCOLS, Entry, MetricSettings, Reference, coco_prompts, default_cache_dir,
+                        evaluate, file_prompts)
+from ..metrics import DEFAULT_CLIP
+from ..models import load_student, load_teacher, teacher_for
+from ..prompts import FORMATS
+from ..sampling import Sampling
+from .model_args import DTYPES, add_base_args, add_device_args, base_options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="FID, CLIP score, precision/recall (and alignment) of students and teacher")
+    p.add_argument("models", nargs="*", metavar="[NAME=]MODEL",
+                   help="students: run folder, exported folder, adapter or released .safetensors file")
+    p.add_argument("--teacher", action="store_true", help="also evaluate the multi-step teacher (the base model)")
+    src = p.add_argument_group("prompts (one of)")
+    src.add_argument("--coco", type=Path, help="COCO caption annotation file, e.g. captions_val2014.json")
+    src.add_argument("--protocol", choices=PROTOCOLS, help="with --coco: coco2014-30k or coco2017-5k")
+    src.add_argument("--prompts", type=Path, help="any prompt file (.txt, .jsonl, COCO .json), in file order")
+    src.add_argument("--format", choices=FORMATS, default="auto", help="format of --prompts")
+    src.add_argument("--num", type=int, help="number of prompts (default: the protocol's, or the whole file)")
+    src.add_argument("--seed", type=int, default=0, help="draws the COCO captions; image i uses seed + i")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--metrics", default="fid,clip,pr", help=f"comma-separated from {', '.join(METRICS)}")
+    m.add_argument("--ref", type=Path, help="reference image folder (or a stats .npz for FID alone)")
+    m.add_argument("--ref-cache", type=Path, default=None,
+                   help="folder for cached reference features (default ~/.cache/wadi/reference, or $WADI_CACHE)")
+    m.add_argument("--clip-model", default=DEFAULT_CLIP, help=f"CLIP hub id or folder (default {DEFAULT_CLIP})")
+    m.add_argument("--pr-k", type=int, default=3, help="k of the k-NN manifolds of precision/recall (default 3)")
+    m.add_argument("--alignment", metavar="MODULE:FUNCTION",
+                   help="alignment metric: a function (images N x H x W x C uint8, prompts) -> fraction")
+    m.add_argument("--metric-batch-size", type=int, default=50)
+    t = p.add_argument_group("teacher sampling")
+    t.add_argument("--teacher-steps", type=int, default=25)
+    t.add_argument("--teacher-guidance", type=float, default=3.0)
+    t.add_argument("--teacher-scheduler", choices=["ddim", "dpm", "euler"], default="ddim")
+    p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
+    p.add_argument("--out", type=Path, required=True, help="output folder (images, prompts.jsonl, results.json)")
+    p.add_argument("--force", action="store_true", help="start over where --out holds images of other settings")
+    p.add_argument("--no-progress", action="store_true")
+    add_base_args(p)
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def prompt_set(args):
+    if bool(args.coco) == bool(args.prompts):
+        raise ValueError("give the prompts: --coco ANNOTATIONS --protocol NAME, or --prompts FILE")
+    if args.coco:
+        if not args.protocol and not args.num:
+            raise ValueError(f"--coco needs --protocol ({', '.join(PROTOCOLS)}) or --num")
+        return coco_prompts(args.coco, args.num or PROTOCOLS[args.protocol], args.seed)
+    return file_prompts(args.prompts, args.format, args.num)
+
+
+def named_sources(models: list[str]) -> list[tuple[str, str]]:
+    """[NAME=]SOURCE pairs; unnamed ones are 'student' when alone, else the source's file name."""
+    pairs = []
+    for spec in models:
+        name, sep, source = spec.partition("=")
+        if not sep or "/" in name or not name:
+            name, source = ("student" if len(models) == 1 else Path(spec).stem), spec
+        pairs.append((name, source))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names) or "teacher" in names:
+        raise ValueError(f"model names must be distinct and not 'teacher' (got {', '.join(names)}); use NAME=MODEL")
+    return pairs
+
+
+def run(args) -> int:
+    metric_names = [x.strip() for x in args.metrics.split(",") if x.strip()]
+    reference = Reference(args.ref, args.ref_cache or default_cache_dir()) if args.ref else None
+    if reference and not args.ref.exists():
+        raise FileNotFoundError(f"--ref {args.ref} does not exist")
+    metrics = MetricSettings(metric_names, reference, args.clip_model, args.pr_k, args.alignment,
+                             args.metric_batch_size)
+    prompts = prompt_set(args)
+    sources = named_sources(args.models)
+    if not sources and not args.teacher:
+        raise ValueError("nothing to evaluate: name a student MODEL and/or pass --teacher")
+    dtype, options = DTYPES[args.dtype], base_options(args)
+    entries = [Entry(name, load_student(src, options, dtype), Sampling()) for name, src in sources]
+    if args.teacher:
+        teacher = teacher_for(entries[0].model, options, dtype) if entries else load_teacher(None, options, dtype)
+        entries.append(Entry("teacher", teacher, Sampling(False, args.teacher_steps, args.teacher_guidance,
+                                                          args.teacher_scheduler)))
+    results = evaluate(entries, prompts, args.seed, args.out, metrics, args.batch_size, args.force,
+                       not args.no_progress, args.device)
+    if results:
+        keys = ("fid", "clip_score", "precision", "recall", "alignment")
+        for name, r in results["models"].items():
+            print(json.dumps({"model": name, **{k: round(r[k], 4) for k in keys if k in r}}))
+        print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0

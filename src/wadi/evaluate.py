@@ -1,0 +1,363 @@
+"""`wadi eval` as the papers do it: seeded prompts, images on disk, FID / CLIP score /
+precision-recall / a pluggable alignment metric, one results JSON.
+
+Prompts: the zero-shot COCO protocols (2014: 30k, 2017: 5k), drawn reproducibly from the
+user's COCO caption annotation file (one caption per image, images and captions picked
+with a seeded generator), or any prompt file. Image i is made from prompt i with seed
+`seed + i`, so a set of images is a pure function of the settings.
+
+Generation is spread over the processes of `accelerate launch` (process r makes the
+missing images r, r + n, ...), resumes (an image on disk is never made again; files are
+written whole, see sampling.save_png), and refuses to mix images of other settings.
+FID and precision/recall use the TF-Inception features with clean-fid's resize; the
+reference folder's features are cached and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models import Loaded
+from .sampling import Sampling, save_png, to_uint8
+
+PROTOCOLS = {"coco2014-30k": 30000, "coco2017-5k": 5000}
+METRICS = ("fid", "clip", "pr", "alignment")
+Alignment = Callable[[np.ndarray, list[str]], float]  # (N, H, W, C) uint8 images, prompts -> fraction
+
+
+# --- prompts -----------------------------------------------------------------------
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    source: str
+    image_files: list[str] | None = None  # the COCO image each caption belongs to
+
+    def digest(self) -> str:
+        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
+
+
+def coco_prompts(path: str | Path, n: int, seed: int = 0) -> PromptSet:
+    """n captions of n distinct COCO images: images drawn without replacement and one of
+    each image's captions drawn, both with a generator seeded by `seed`."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the COCO caption file {path} ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{path} is not a COCO caption annotation file (no 'annotations' list)")
+    captions: dict[int, list[tuple[int, str]]] = {}
+    for a in data["annotations"]:
+        captions.setdefault(a["image_id"], []).append((a["id"], a["caption"].strip()))
+    if n > len(captions):
+        raise ValueError(f"{path} has captions for {len(captions)} images, fewer than the {n} asked for")
+    files = {im["id"]: im.get("file_name", str(im["id"])) for im in data.get("images", [])}
+    rng = np.random.default_rng(seed)
+    images = sorted(captions)
+    chosen = [images[i] for i in sorted(rng.choice(len(images), n, replace=False))]
+    prompts = []
+    for image_id in chosen:
+        caps = sorted(captions[image_id])  # by annotation id: independent of the file's order
+        prompts.append(caps[rng.integers(len(caps))][1])
+    return PromptSet(prompts, f"{path} ({n} images, seed {seed})", [files.get(i, str(i)) for i in chosen])
+
+
+def file_prompts(path: str | Path, fmt: str = "auto", n: int | None = None) -> PromptSet:
+    """A prompt file's prompts in file order, the first n of them when n is given."""
+    from .prompts import read_prompts
+
+    prompts = read_prompts(path, fmt)
+    if n is not None:
+        if n > len(prompts):
+            raise ValueError(f"{path} holds {len(prompts)} prompts, fewer than the {n} asked for")
+        prompts = prompts[:n]
+    return PromptSet(prompts, str(path))
+
+
+# --- images ------------------------------------------------------------------------
+
+def image_path(folder: Path, i: int) -> Path:
+    return folder / f"{i:06d}.png"
+
+
+def missing_indices(folder: Path, n: int) -> list[int]:
+    return [i for i in range(n) if not image_path(folder, i).exists()]
+
+
+def shard(indices: list[int], rank: int, world: int) -> list[int]:
+    """This process's share of the images still to make."""
+    return indices[rank::world]
+
+
+def generate(model: Loaded, sampling: Sampling, prompts: PromptSet, seed: int, folder: Path, batch_size: int,
+             state, progress: bool = True) -> int:
+    """Make the images of `folder` not yet on disk; every process its share. Returns how many this process made."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = missing_indices(folder, len(prompts.prompts))
+    state.wait_for_everyone()  # every process must see the same list before files appear
+    mine = shard(todo, state.process_index, state.num_processes)
+    bar = tqdm(total=len(mine), desc=folder.name, unit="img", disable=not (progress and state.is_main_process))
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        images = sampling(model.backbone, model.net, [prompts.prompts[i] for i in chunk],
+                          [seed + i for i in chunk], batch_size)
+        for i, img in zip(chunk, to_uint8(images)):
+            save_png(img, image_path(folder, i), {"prompt": prompts.prompts[i], "seed": seed + i,
+                                                 "model": model.source, "sampling": sampling.to_dict()})
+        bar.update(len(chunk))
+    bar.close()
+    state.wait_for_everyone()
+    return len(mine)
+
+
+def read_images(paths: list[Path]) -> np.ndarray:
+    """(N, H, W, C) uint8 as stored (C = 1 for grey PNGs)."""
+    arrays = [np.asarray(Image.open(p)) for p in paths]
+    return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
+
+
+# --- the reference set ---------------------------------------------------------------
+
+@dataclass
+class Reference:
+    """Reference images for FID and precision/recall: a folder (features cached in
+    `cache_dir`) or, for FID alone, a stats .npz file written by wadi.metrics.save_stats."""
+
+    path: Path
+    cache_dir: Path
+
+    def _cache(self, what: str) -> Path:
+        name = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        return self.cache_dir / f"{self.path.name}-{name}-{what}.npz"
+
+    def stats(self, device: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        from .metrics import load_stats, reference_stats
+
+        if self.path.is_file():
+            mu, sigma, _ = load_stats(self.path)
+            return mu, sigma
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return reference_stats(self.path, self._cache("stats"), device=device, progress=progress)
+
+    def features(self, device: str, progress: bool) -> np.ndarray:
+        """Inception features of every reference image, reused from the cache when the files are unchanged."""
+        from .metrics import extract_features, list_images, save_stats
+        from .metrics.frechet import gaussian_stats
+        from .metrics.inception import EXTRACTOR, _cache_key
+
+        if self.path.is_file():
+            raise ValueError(f"precision/recall needs a folder of reference images, not the stats file {self.path}")
+        files = list_images(self.path)
+        key = _cache_key(self.path, files)
+        cache = self._cache("features")
+        if cache.is_file():
+            with np.load(cache, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    return z["features"]
+        features = extract_features(files, device=device, progress=progress)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, features=features, key=np.asarray(key))
+        os.replace(tmp, cache)
+        # The stats cache in reference_stats' own format: FID need not extract them again.
+        save_stats(self._cache("stats"), *gaussian_stats(features), key=key, n=len(files), extractor=EXTRACTOR,
+                   folder=str(self.path.resolve()))
+        return features
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("WADI_CACHE", Path.home() / ".cache" / "wadi")) / "reference"
+
+
+# --- metrics -------------------------------------------------------------------------
+
+@dataclass
+class MetricSettings:
+    metrics: list[str]
+    reference: Reference | None = None
+    clip_model: str | None = None
+    pr_k: int = 3
+    alignment: str | None = None  # "module:function"
+    batch_size: int = 50
+
+    def __post_init__(self):
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+        if {"fid", "pr"} & set(self.metrics) and self.reference is None:
+            raise ValueError("FID and precision/recall need reference images: pass --ref FOLDER")
+        if "alignment" in self.metrics and not self.alignment:
+            raise ValueError("the alignment metric needs --alignment MODULE:FUNCTION")
+        if "alignment" in self.metrics:
+            load_alignment(self.alignment)  # fail before any image is generated
+        if "clip" in self.metrics and not self.clip_model:
+            raise ValueError("the CLIP score needs --clip-model")
+        if {"fid", "pr"} & set(self.metrics):
+            from .metrics import weights_path
+
+            try:  # before any image is generated
+                weights_path()
+            except ModuleNotFoundError as e:
+                raise RuntimeError(str(e)) from None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["reference"] = None if self.reference is None else str(self.reference.path)
+        return d
+
+
+def load_alignment(spec: str) -> Alignment:
+    """The function that `module:function` names."""
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"--alignment {spec!r} must look like package.module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--alignment {spec!r} cannot be loaded ({e})") from None
+
+
+@dataclass
+class Scorer:
+    """The metric models, each loaded once and used for every evaluated model."""
+
+    settings: MetricSettings
+    device: str
+    progress: bool = True
+    _cache: dict = field(default_factory=dict)
+
+    def _get(self, what: str, make):
+        if what not in self._cache:
+            self._cache[what] = make()
+        return self._cache[what]
+
+    def score(self, paths: list[Path], prompts: list[str]) -> dict:
+        s, out = self.settings, {}
+        if {"fid", "pr"} & set(s.metrics):
+            from .metrics import extract_features, frechet_distance, gaussian_stats, precision_recall
+
+            feats = extract_features(paths, s.batch_size, self.device, progress=self.progress)
+            if "pr" in s.metrics:  # first: extracting the reference features caches its stats too
+                real = self._get("features", lambda: s.reference.features(self.device, self.progress))
+                out.update(precision_recall(real, feats, k=s.pr_k, device=self.device)._asdict())
+            if "fid" in s.metrics:
+                ref_mu, ref_sigma = self._get("stats", lambda: s.reference.stats(self.device, self.progress))
+                out["fid"] = frechet_distance(*gaussian_stats(feats), ref_mu, ref_sigma)
+        if "clip" in s.metrics:
+            from .metrics import ClipScorer
+
+            scorer = self._get("clip", lambda: ClipScorer(s.clip_model, self.device))
+            out["clip_score"] = float(scorer.scores(paths, prompts, progress=self.progress).mean())
+        if "alignment" in s.metrics:
+            fn = self._get("alignment", lambda: load_alignment(s.alignment))
+            out["alignment"] = float(fn(read_images(paths), prompts))
+        return out
+
+
+# --- the whole evaluation ------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One model under evaluation: its name (its image folder under the output) and how it samples."""
+
+    name: str
+    model: Loaded
+    sampling: Sampling
+
+    def settings(self) -> dict:
+        bb = self.model.backbone
+        return {"source": self.model.source, "role": "student" if self.sampling.one_step else "teacher",
+                "sampling": self.sampling.to_dict(), "image_shape": list(bb.latent_shape),
+                "dtype": str(next(self.model.net.parameters()).dtype)}
+
+
+def generation_settings(entries: list[Entry], prompts: PromptSet, seed: int) -> dict:
+    """What the images on disk depend on: a resumed evaluation must have the same."""
+    return {"prompts": {"source": prompts.source, "n": len(prompts.prompts), "sha256_16": prompts.digest()},
+            "seed": seed, "models": {e.name: e.settings() for e in entries}}
+
+
+def check_resume(out: Path, settings: dict, force: bool) -> None:
+    """Refuse to add images to an output made with other settings (unless `force` clears it)."""
+    saved = out / "settings.json"
+    if not saved.is_file():
+        if out.is_dir() and any(out.iterdir()) and not force:
+            raise FileExistsError(f"--out {out} is not empty and holds no wadi evaluation; pass --force to use it")
+        return
+    old = json.loads(saved.read_text())
+    clash = [name for name, s in settings["models"].items() if old.get("models", {}).get(name, s) != s]
+    if old.get("prompts") != settings["prompts"] or old.get("seed") != settings["seed"]:
+        clash = list(old.get("models", {}))
+    if clash and not force:
+        raise FileExistsError(f"--out {out} holds images of other settings (model {clash[0]!r} or the prompts "
+                              "differ); use another --out, or --force to delete those images")
+    for name in clash:  # only our own numbered PNGs are removed
+        for png in (out / name).glob("[0-9]" * 6 + ".png"):
+            png.unlink()
+
+
+def evaluate(entries: list[Entry], prompts: PromptSet, seed: int, out: str | Path, metrics: MetricSettings,
+             batch_size: int = 16, force: bool = False, progress: bool = True, device: str | None = None) -> dict:
+    """Generate (resumably, across processes) and score every entry; the main process
+    writes and returns the results (other processes return {})."""
+    from accelerate import PartialState
+
+    from . import __version__
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = PartialState(cpu=multi_cpu)
+    device = str(state.device) if state.num_processes > 1 else (device or str(state.device))
+    out = Path(out)
+    settings = generation_settings(entries, prompts, seed)
+    if state.is_main_process:
+        check_resume(out, settings, force)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+        write_prompts(out / "prompts.jsonl", prompts, seed)
+    state.wait_for_everyone()
+    timings = {}
+    for e in entries:
+        e.model.to(device)
+        t0 = time.time()
+        made = generate(e.model, e.sampling, prompts, seed, out / e.name, batch_size, state, progress)
+        timings[e.name] = {"made": made, "seconds": round(time.time() - t0, 3)}
+        e.model.to("cpu")  # one model on the device at a time
+    if not state.is_main_process:
+        return {}
+    scorer = Scorer(metrics, device, progress)
+    n = len(prompts.prompts)
+    results = {"wadi_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "settings": {**settings, "metrics": metrics.to_dict(), "batch_size": batch_size,
+                            "processes": state.num_processes, "device": device},
+               "models": {}}
+    for e in entries:
+        scores = scorer.score([image_path(out / e.name, i) for i in range(n)], prompts.prompts)
+        results["models"][e.name] = {**settings["models"][e.name], "images": str(out / e.name),
+                                     "num_images": n, "generation": timings[e.name], **scores}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def write_prompts(path: Path, prompts: PromptSet, seed: int) -> None:
+    """One line per image: index, prompt, seed and, for COCO, the image the caption describes."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, p in enumerate(prompts.prompts):
+            row = {"index": i, "prompt": p, "seed": seed + i}
+            if prompts.image_files:
+                row["coco_image"] = prompts.image_files[i]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
