@@ -11,7 +11,7 @@ import sys
 from . import __version__
 
 # One line per tool, in the order `wadi --help` lists them.
-COMMANDS = ["params", "distill", "analyze", "sample", "export", "eval"]
+COMMANDS = ["params", "distill", "analyze", "sample", "export", "eval", "demo", "digits_teacher", "digits_classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .adapters import AdapterConfig
+from .digits import paths as _digits
 
 
 @dataclass
@@ -110,6 +111,18 @@ for _r in (64, 128, 512):
 for _kind in ("lorad", "lora", "dora", "dora-frozen", "full"):
     PRESETS[f"sd15-ablation-{_kind}"] = _deep_update(PRESETS["sd15-wadi"],
                                                      {"student": {"kind": _kind}, "train": {"steps": 10000}})
+# The embedded digits world (wadi.digits, `wadi demo`): the shipped teacher and prompt file,
+# the MiniLM text encoder from its PyPI package; sized to finish on two CPU cores in minutes.
+PRESETS["digits-wadi"] = {
+    "model": {"kind": "pixel", "path": str(_digits.TEACHER), "text_encoder": _digits.minilm_dir_or_hint(),
+              "max_length": _digits.MAX_LENGTH},
+    "student": {"rank": 16}, "fake": {"rank": 8},
+    "data": {"prompts": str(_digits.PROMPTS), "cache_embeddings": True,
+             "sample_prompts": [f"a handwritten {w}" for w in ("zero", "one", "two", "three", "four", "five",
+                                                                "six", "seven", "eight", "nine")]},
+    "train": {"steps": 300, "batch_size": 32, "lr_student": 1e-4, "lr_fake": 1e-2},
+    "run": {"log_every": 5, "checkpoint_every": 100, "sample_every": 100, "sample_seeds": [0, 1, 2, 3]},
+}
 
 
 def _set_dotted(d: dict, key: str, value) -> None:

@@ -1,0 +1,27 @@
+"""`wadi digits-teacher`: train the digits world's teacher (reproduces the shipped one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("digits-teacher", help="train the handwritten-digits teacher UNet (wadi demo's teacher)")
+    p.add_argument("--out", required=True, type=Path, help="diffusers folder to write (unet/, scheduler/)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..digits.teacher import train_teacher
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise FileExistsError(f"--out {args.out} exists and is not empty; give a new folder")
+    out = train_teacher(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        progress=not args.no_progress)
+    print(f"teacher: {out}")
+    return 0

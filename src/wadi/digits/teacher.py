@@ -1,0 +1,112 @@
+"""The digits teacher: a small pixel-space UNet2DConditionModel on MiniLM token states,
+trained with the usual noise-prediction loss and classifier-free-guidance dropout.
+
+Its noise schedule is Stable Diffusion's (1000 steps, scaled-linear betas 0.00085 to
+0.012, epsilon prediction), so the one-step generator at t = 999 meets the same
+abar_999 = 0.0047 as on SD. Saved as a diffusers folder (unet/, scheduler/) that
+`wadi.backbones.load_backbone("pixel", ...)` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import Backbone, Cond, load_backbone
+from ..losses import add_noise
+from . import paths, world
+
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+    # Text enters by cross-attention at 4x4 and in the middle block; attention at 8x8
+    # would cost a third more time for no gain in a world this small.
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=384, attention_head_dim=4, norm_num_groups=16,
+)
+# Stable Diffusion's scheduler settings.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                        beta_end=0.012, prediction_type="epsilon", clip_sample=False,
+                        steps_offset=1)
+
+
+def load_teacher(folder: str | Path = paths.TEACHER) -> Backbone:
+    """The (shipped) teacher as a pixel backbone with the MiniLM text encoder."""
+    return load_backbone("pixel", str(folder), text_encoder=str(paths.minilm_dir()), max_length=paths.MAX_LENGTH)
+
+
+def _fresh_backbone(seed: int) -> Backbone:
+    """An untrained teacher with the MiniLM text encoder, as `load_teacher` would return it."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(seed)
+    net = UNet2DConditionModel(**UNET_CONFIG)
+    folder = paths.minilm_dir()
+    encoder = AutoModel.from_pretrained(folder).requires_grad_(False).eval()
+    return Backbone("pixel", net, encoder, AutoTokenizer.from_pretrained(folder), DDPMScheduler(**SCHEDULER_CONFIG),
+                    max_length=paths.MAX_LENGTH)
+
+
+def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_teacher(out: str | Path, steps: int = 4000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                  uncond_prob: float = 0.1, ema_decay: float = 0.999, progress: bool = True) -> Path:
+    """Train the teacher on the train split and save its EMA weights to `out`."""
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps and batch size must be positive, got {steps} and {batch_size}")
+    out = Path(out)
+    bb = _fresh_backbone(seed)
+    net = bb.net.train()
+    images, labels = world.load("train")
+    prompts = world.all_prompts()
+    per_class = len(world.TEMPLATES)
+    table, empty = bb.encode_prompts(prompts), bb.empty_cond()  # MiniLM once, up front
+    params = list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_with_warmup(s, steps, warmup=steps // 20))
+    ema = EMAModel(params, decay=ema_decay)
+    g = torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.time()
+    for step in tqdm(range(steps), desc="digits teacher", disable=not progress, dynamic_ncols=True):
+        b = torch.randint(len(images), (batch_size,), generator=g)
+        # Each image gets a random phrasing of its class; uncond_prob of them the empty prompt.
+        which = labels[b] * per_class + torch.randint(per_class, (batch_size,), generator=g)
+        keep = torch.rand(batch_size, generator=g) >= uncond_prob
+        cond = Cond(table.embeds[which], table.mask[which]).where(keep, empty)
+        t = torch.randint(bb.num_train_timesteps, (batch_size,), generator=g)
+        eps = torch.randn(images[b].shape, generator=g)
+        x_t = add_noise(images[b], eps, *bb.alpha_sigma(t))
+        loss = F.mse_loss(bb.predict_eps(net, x_t, t, cond), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(params)
+        losses.append(loss.item())
+    ema.copy_to(params)
+    net.eval().save_pretrained(out / "unet")
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    window = max(1, steps // 20)
+    record = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "uncond_prob": uncond_prob,
+              "ema_decay": ema_decay, "wall_time_s": round(time.time() - t0, 1),
+              "final_loss": sum(losses[-window:]) / window,
+              "command": f"wadi digits-teacher --out {out} --steps {steps} --batch-size {batch_size} "
+                         f"--lr {lr} --seed {seed}"}
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    return out
