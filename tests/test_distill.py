@@ -139,7 +139,7 @@ def _write_cfg(cfg: DistillConfig, path: Path) -> Path:
     return path
 
 
-def _cli(*args, env=None):
+def _cli(*args):
     return [sys.executable, "-m", "wadi.cli", "distill", "--no-progress", *args]
 
 
@@ -172,12 +172,11 @@ def test_two_processes_hold_the_same_adapters(pipes, tmp_path):
     cfg = _write_cfg(make_cfg(pipes, tmp_path, steps=2), tmp_path / "cfg.yaml")
     # accelerate's --cpu launcher starts one process; --multi_gpu starts torchrun, and
     # with no CUDA the engine joins the processes over gloo on the CPU.
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
            "-m", "wadi.cli", "distill", "--no-progress", "--config", str(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                            cwd=tmp_path, executable=None)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     run = next((tmp_path / "runs").iterdir())
     for ckpt in sorted((run / "checkpoints").iterdir()):
