@@ -225,3 +225,24 @@ def test_digits_world_teacher_and_student_in_one_results_file(tmp_path):
         assert r["num_images"] == 10 and {"fid", "precision", "recall", "alignment"} <= set(r)
         assert 0 <= r["alignment"] <= 1 and r["fid"] >= 0
     assert len(list((tmp_path / "cache" / "digits-train").glob("*.png"))) == 1438
+
+
+def test_two_processes_share_the_images(run, tmp_path):
+    """Under accelerate's launcher (torchrun; gloo on a CPU) each process makes its share."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "p.txt").write_text("a cat\na red car\na dog\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29537",
+           "-m", "wadi.cli", "eval", str(run), "--prompts", str(tmp_path / "p.txt"), "--metrics", "alignment",
+           "--alignment", "test_eval:mean_brightness", "--out", str(tmp_path / "out"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["processes"] == 2
+    assert results["models"]["student"]["generation"]["made"] == 3
+    assert [png_text(image_path(tmp_path / "out" / "student", i))["seed"] for i in range(3)] == ["0", "1", "2"]

@@ -376,6 +376,10 @@ def evaluate(entries: list[Entry], prompts: PromptSet, seed: int, out: str | Pat
         e.model.to(device)
         t0 = time.time()
         made = generate(e.model, e.sampling, prompts, seed, out / e.name, batch_size, state, progress)
+        if state.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            made = sum(gather_object([made]))
         timings[e.name] = {"made": made, "seconds": round(time.time() - t0, 3)}
         e.model.to("cpu")  # one model on the device at a time
     if not state.is_main_process:
