@@ -9,7 +9,7 @@ measures, per method and rank:
 
 Methods: the frozen plain layer, full fine-tuning, LoRA and DoRA (peft, through
 wadi.adapters.attach), our LoRaD (wadi.lorad.LoRaDLinear, through attach) and the
-authors' hook scheme (HookLoRaD below, the baseline).
+authors' hook scheme (benchmarks/authors_scheme.HookLoRaD, the baseline).
 
     python benchmarks/bench_layer.py [--tokens 4096] [--dim 1280] [--ranks 64 256]
                                      [--rounds 15] [--device cpu] [--threads 2] [--json out.json]
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -28,39 +27,9 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from authors_scheme import HookLoRaD
 from wadi.adapters import AdapterConfig, attach
-
-
-class HookLoRaD(nn.Module):
-    """The authors' scheme, written as they do it: it is the baseline, not library code.
-
-    A forward hook on the frozen layer lets it compute its output, throws that away and
-    computes the output again with W' built by plain torch ops under autograd. Autograd
-    then keeps W' (for dx) and Theta (for the cos and sin backward) alive until
-    backward, beside views of the frozen W; cos and sin themselves are only saved where
-    W requires grad.
-    """
-
-    def __init__(self, base: nn.Linear, theta_a: torch.Tensor, theta_b: torch.Tensor):
-        super().__init__()
-        self.layer = base.requires_grad_(False)
-        self.theta_a = nn.Parameter(theta_a.clone())
-        self.theta_b = nn.Parameter(theta_b.clone())
-        self.layer.register_forward_hook(self._rotate)
-
-    def _rotate(self, module, inputs, _frozen_output):
-        theta = torch.remainder(self.theta_a @ self.theta_b + math.pi, 2 * math.pi) - math.pi
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        w_even, w_odd = module.weight[:, 0::2], module.weight[:, 1::2]
-        w_rot = torch.empty_like(module.weight)
-        w_rot[:, 0::2] = w_even * cos - w_odd * sin
-        w_rot[:, 1::2] = w_even * sin + w_odd * cos
-        return F.linear(inputs[0], w_rot, module.bias)
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def build(kind: str, rank: int | None, base: nn.Linear) -> nn.Module:
