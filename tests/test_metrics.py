@@ -63,6 +63,15 @@ def test_fewer_samples_than_dimensions_stay_finite():
     assert np.isfinite(frechet_distance_features(rng.normal(size=(5, 32)), rng.normal(size=(6, 32))))
 
 
+def test_singular_relu_like_covariances_match_sqrtm_and_identical_sets_give_zero():
+    r = np.random.default_rng(1)
+    relu = lambda n: np.maximum(r.normal(size=(n, 64)) @ r.normal(size=(64, 64)) * (np.arange(64) % 2), 0) * 30
+    a, b = relu(400), relu(300)
+    assert abs(frechet_distance_features(a, a)) < 1e-6
+    expected = fid_by_sqrtm(a.mean(0), np.cov(a.T), b.mean(0), np.cov(b.T))
+    assert frechet_distance_features(a, b) == pytest.approx(expected, rel=1e-8)
+
+
 def test_mismatched_stats_are_refused():
     with pytest.raises(ValueError, match="mismatched"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))

@@ -48,10 +48,17 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """Tr (S1 S2)^(1/2) for covariances S1, S2; negative round-off eigenvalues count as 0."""
+    """Tr (S1 S2)^(1/2) for covariances S1, S2.
+
+    Eigenvalues below the matrix's numerical resolution (d * eps * largest, as pinv's
+    cut-off) are zero: the square root would blow their round-off up, which for singular
+    covariances (ReLU features, fewer samples than dimensions) adds up to visible error.
+    """
     w, v = np.linalg.eigh(sigma1)
     root = (v * np.sqrt(w.clip(min=0))) @ v.T
-    return float(np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(min=0)).sum())
+    lam = np.linalg.eigvalsh(root @ sigma2 @ root)
+    lam = np.where(lam > len(lam) * np.finfo(lam.dtype).eps * lam.max(), lam, 0.0)
+    return float(np.sqrt(lam).sum())
 
 
 def frechet_distance_features(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
