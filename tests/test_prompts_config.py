@@ -70,11 +70,23 @@ def test_yaml_with_preset_and_overrides(tmp_path):
     assert cfg.train.mixed_precision == "fp16"  # the rest of the preset's section stays
 
 
+def test_exponent_numbers_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-3 (no dot) as a string, in files and in overrides alike.
+    f = tmp_path / "exp.yaml"
+    f.write_text("preset: sd15-wadi\ntrain:\n  lr_fake: 2e-2\n")
+    cfg = resolve(str(f), ["train.lr_student=1e-3", "train.max_grad_norm=2"])
+    assert (cfg.train.lr_student, cfg.train.lr_fake, cfg.train.max_grad_norm) == (1e-3, 2e-2, 2.0)
+    assert isinstance(cfg.train.max_grad_norm, float)
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["train.lr=1"], "unknown setting train.lr; valid keys here"),
     (["student.kind=lokr"], "unknown adapter kind 'lokr'"),
     (["steps"], "must look like section.key=value"),
     (["train=3"], "must be a section of keys"),
+    (["train.lr_student=fast"], "setting train.lr_student must be a number, got 'fast'"),
+    (["train.steps=1e3"], "setting train.steps must be an integer, got '1e3'"),
+    (["student.rank=sixty"], "setting student.rank must be an integer"),
 ])
 def test_bad_overrides(overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -132,9 +132,24 @@ def _set_dotted(d: dict, key: str, value) -> None:
     d[parts[-1]] = value
 
 
+def _number(value, annotation: str, where: str):
+    """Numbers by the field's type: YAML 1.1 reads `1e-3` as a string, and 2 for a float field is 2.0."""
+    kind = annotation.split(" |")[0]
+    if kind not in ("int", "float") or value is None:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value) if kind == "float" else value
+    try:
+        return float(value) if kind == "float" else int(str(value))
+    except ValueError:
+        raise ValueError(f"setting {where} must be {'a number' if kind == 'float' else 'an integer'}, "
+                         f"got {value!r}") from None
+
+
 def _build(cls, values: dict, where: str):
-    """A dataclass from a complete dict, with a clear error for unknown keys."""
-    names = [f.name for f in dataclasses.fields(cls)]
+    """A dataclass from a complete dict, with a clear error for unknown keys and non-numbers."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    names = list(types)
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown setting {where}{unknown[0]}; valid keys here: {', '.join(names)}")
@@ -144,6 +159,8 @@ def _build(cls, values: dict, where: str):
             value = _build(_NESTED[name], value, f"{where}{name}.")
         elif name in _NESTED:
             raise ValueError(f"setting {where}{name} must be a section of keys, got {value!r}")
+        else:
+            value = _number(value, types[name], where + name)
         kwargs[name] = tuple(value) if name == "betas" else value
     return cls(**kwargs)
 
