@@ -11,7 +11,7 @@ from wadi.cli import main
 from wadi.config import resolve
 from wadi.digits import metrics, paths, world
 from wadi.digits.classifier import accuracy, load_classifier
-from wadi.digits.demo import DemoSettings, run_demo
+from wadi.digits.demo import DemoSettings, criteria, run_demo
 from wadi.digits.teacher import load_teacher, train_teacher
 
 
@@ -137,12 +137,24 @@ def test_shortened_demo_writes_the_report(tmp_path):
         assert (out / name).is_file()
     summary = json.loads((out / "metrics.json").read_text())
     names = [r["name"] for r in summary["rows"]]
-    assert names == ["teacher, 25 steps", "teacher, 1 step", "student, 1 step", "real digits (held-out)"]
+    assert names == ["teacher, 25 steps", "teacher, 1 step", "teacher, 1 step, no guidance", "student, 1 step",
+                     "real digits (held-out)"]
     assert summary["trainable"]["student"] > 0 and summary["distill"]["steps"] == 2
     assert {"alignment_ratio", "frechet_ratio", "teacher_1_step_far_worse"} <= set(summary["criteria"])
     report = (out / "report.md").read_text()
     assert "| teacher, 25 steps | 50 |" in report and "grid.png" in report and "loss.png" in report
     assert Path(summary["run_dir"]).parent == tmp_path / "runs"
+
+
+def test_demo_bar_against_hand_computed_ratios():
+    teacher, student = {"alignment": 1.0, "frechet": 40.0}, {"alignment": 0.9, "frechet": 60.0}
+    c = criteria(teacher, {"alignment": 0.95, "frechet": 120.0}, student)
+    assert c["alignment_ratio"] == pytest.approx(0.9) and c["alignment_ok"]
+    assert c["frechet_ratio"] == pytest.approx(1.5) and c["frechet_ok"]
+    assert c["teacher_1_step_far_worse"]  # twice the student's 60
+    c = criteria(teacher, {"alignment": 0.95, "frechet": 119.0}, {"alignment": 0.89, "frechet": 61.0})
+    assert not (c["alignment_ok"] or c["frechet_ok"] or c["teacher_1_step_far_worse"])
+    assert criteria(teacher, {"alignment": 0.4, "frechet": 50.0}, student)["teacher_1_step_far_worse"]
 
 
 def test_demo_rejects_bad_settings(capsys):

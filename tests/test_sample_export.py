@@ -134,6 +134,20 @@ def test_teacher_sampling_matches_multi_step(runs, tmp_path):
     assert png_text(tmp_path / "00000-seed0.png")["role"] == "teacher"
 
 
+def test_guided_one_step_is_one_trailing_ddim_step(runs):
+    # A teacher sampled in one step with guidance: the single step of DDIM with trailing
+    # spacing starts at t = T-1 and, with alpha_0 = 1 and no clipping, returns its x0 prediction.
+    _, run = runs("sd")
+    teacher = load_teacher(run)
+    bb = teacher.backbone
+    guided = one_step(bb, teacher.net, PROMPTS, SEEDS, guidance=3.0)
+    bb.scheduler_config = dict(bb.scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
+                              clip_sample=False)
+    ddim = multi_step(bb, teacher.net, PROMPTS, SEEDS, steps=1, guidance=3.0)
+    assert (guided - ddim).abs().max().item() < 1e-5
+    assert (guided - one_step(bb, teacher.net, PROMPTS, SEEDS)).abs().max().item() > 1e-3
+
+
 def test_refusals_are_one_line_errors(runs, tmp_path, capsys):
     _, run = runs("sd")
     (tmp_path / "full").mkdir()

@@ -31,8 +31,13 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tens
 
 @torch.no_grad()
 def one_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds: list[int],
-             batch_size: int = 16) -> torch.Tensor:
-    """Images in [-1, 1] from the one-step student: x0 = (z - sigma_T eps(z, T-1)) / alpha_T."""
+             batch_size: int = 16, guidance: float = 1.0) -> torch.Tensor:
+    """Images in [-1, 1] from the one-step student: x0 = (z - sigma_T eps(z, T-1)) / alpha_T.
+
+    The student samples without guidance (1.0: the conditional pass alone). Another scale
+    guides eps from one batched [uncond; cond] pass: a teacher sampled in one step, which
+    is what a DDIM sampler with trailing spacing does in its single step.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     device = next(net.parameters()).device
@@ -44,8 +49,13 @@ def one_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds
         z = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device).to(dtype)
         t = torch.full((len(z),), backbone.num_train_timesteps - 1, device=device, dtype=torch.long)
         alpha, sigma = backbone.alpha_sigma(t)
-        eps = backbone.predict_eps(net, z, t, cond)
-        images.append(backbone.decode(one_step_x0(z.float(), eps.float(), alpha, sigma)).float().cpu())
+        if guidance == 1.0:
+            eps = backbone.predict_eps(net, z, t, cond).float()
+        else:
+            uncond = backbone.empty_cond().to(device, dtype).expand(len(z))
+            e_u, e_c = backbone.predict_eps(net, torch.cat([z, z]), t.repeat(2), uncond.cat(cond)).float().chunk(2)
+            eps = e_u + guidance * (e_c - e_u)
+        images.append(backbone.decode(one_step_x0(z.float(), eps, alpha, sigma)).float().cpu())
     return torch.cat(images)
 
 
@@ -89,20 +99,29 @@ class Sampling:
     """How images are made: the one-step student, or the teacher with its scheduler."""
 
     one_step: bool = True
-    steps: int = 25  # teacher only
-    guidance: float = 3.0  # teacher only; the student samples without guidance
-    scheduler: str = "ddim"  # teacher only: ddim | dpm | euler
+    steps: int = 25  # multi-step only
+    guidance: float | None = None  # None: 3.0 for the multi-step teacher, none (1.0) in one step
+    scheduler: str = "ddim"  # multi-step only: ddim | dpm | euler
+
+    @property
+    def scale(self) -> float:
+        return self.guidance if self.guidance is not None else (1.0 if self.one_step else 3.0)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image: guidance doubles every step."""
+        return (1 if self.one_step else self.steps) * (2 if self.scale != 1 else 1)
 
     def __call__(self, backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds: list[int],
                  batch_size: int = 16) -> torch.Tensor:
         if self.one_step:
-            return one_step(backbone, net, prompts, seeds, batch_size)
-        return multi_step(backbone, net, prompts, seeds, self.steps, self.guidance, self.scheduler, batch_size)
+            return one_step(backbone, net, prompts, seeds, batch_size, self.scale)
+        return multi_step(backbone, net, prompts, seeds, self.steps, self.scale, self.scheduler, batch_size)
 
     def to_dict(self) -> dict:
         if self.one_step:
-            return {"one_step": True, "steps": 1, "guidance": None}
-        return asdict(self)
+            return {"one_step": True, "steps": 1, "guidance": None if self.scale == 1 else self.scale}
+        return {**asdict(self), "guidance": self.scale}
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

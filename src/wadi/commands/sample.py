@@ -45,7 +45,8 @@ def run(args) -> int:
     dtype = DTYPES[args.dtype]
     load = load_teacher if args.teacher else load_student
     model = load(args.model, base_options(args), dtype).to(args.device, dtype)
-    sampling = Sampling(not args.teacher, args.steps, args.guidance, args.scheduler)
+    # The student samples without guidance; --guidance and --steps are the teacher's.
+    sampling = Sampling(not args.teacher, args.steps, args.guidance if args.teacher else None, args.scheduler)
     text = {"model": model.source, "role": "teacher" if args.teacher else "student"}
     paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, args.out, args.batch_size,
                              text, with_grid=not args.no_grid)

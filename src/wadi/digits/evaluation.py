@@ -37,11 +37,6 @@ class Row:
                 "images_per_s": round(self.images_per_s, 2), **self.scores}
 
 
-def nfe(sampling: Sampling) -> int:
-    """Network evaluations per image: guidance doubles every teacher step."""
-    return 1 if sampling.one_step else sampling.steps * (2 if sampling.guidance != 1 else 1)
-
-
 @torch.no_grad()
 def sample_row(name: str, backbone: Backbone, net: torch.nn.Module, sampling: Sampling, classifier: DigitClassifier,
                per_class: int, fid: bool = False, progress: bool = True) -> Row:
@@ -58,7 +53,7 @@ def sample_row(name: str, backbone: Backbone, net: torch.nn.Module, sampling: Sa
     scores = metrics.score(classifier, images, labels)
     if fid:
         scores["inception_fid"] = metrics.inception_fid(images, progress=progress)
-    return Row(name, nfe(sampling), seconds, scores, images)
+    return Row(name, sampling.nfe, seconds, scores, images)
 
 
 def real_row(classifier: DigitClassifier) -> dict:
