@@ -101,11 +101,15 @@ def test_released_state_dict_and_adapter_only_files(runs, tmp_path):
     released = tmp_path / "rotated_unet-tiny.safetensors"
     save_file({k: v.contiguous() for k, v in student.net.state_dict().items()}, str(released))
     got = cli_sample(released, tmp_path / "released", "--base", base)
+    # A diffusers model folder (what `wadi analyze --hybrids` writes) of the same weights.
+    student.net.save_pretrained(tmp_path / "unet-folder")
+    from_folder = cli_sample(tmp_path / "unet-folder", tmp_path / "folder-samples", "--base", base)
     assert main(["export", str(run), "--adapter-only", "--fake", "--out", str(tmp_path / "adapter")]) == 0
     from_adapter = cli_sample(tmp_path / "adapter" / "student.safetensors", tmp_path / "adapter-samples", "--base", base)
     for key in ours:
         np.testing.assert_array_equal(ours[key], got[key])
         np.testing.assert_array_equal(ours[key], from_adapter[key])
+        np.testing.assert_array_equal(ours[key], from_folder[key])
     assert (tmp_path / "adapter" / "fake.safetensors").is_file()
 
 
@@ -119,6 +123,12 @@ def test_released_file_with_wrong_keys_names_the_first(runs, tmp_path):
         load_student(bad, BaseOptions(base=str(base)))
     with pytest.raises(ValueError, match="pass --base"):
         load_student(bad)
+    folder = tmp_path / "other"  # a diffusers folder of another class than the base's denoiser
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
+    with pytest.raises(ValueError, match="holds a PixArtTransformer2DModel, the base model's denoiser is a "
+                                         "UNet2DConditionModel"):
+        load_student(folder, BaseOptions(base=str(base)))
 
 
 def test_teacher_sampling_matches_multi_step(runs, tmp_path):

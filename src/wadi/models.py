@@ -8,7 +8,9 @@ A student can be
   on a base model;
 - a released merged state dict (the authors' `rotated_unet-*.safetensors` /
   `rotated_transformer.safetensors`): every tensor of a stock UNet / PixArt transformer,
-  loaded strict into the base model's architecture.
+  loaded strict into the base model's architecture;
+- a diffusers model folder (config.json and weights, e.g. `wadi analyze --hybrids`'
+  swap models) of the base model's denoiser class, on a base model.
 The teacher is the base model itself: a diffusers folder or hub id, or the base that a
 run folder or an export names.
 """
@@ -152,9 +154,13 @@ def load_student(source: str | Path, options: BaseOptions | None = None,
         backbone = options.load(dtype)
         net = adapter_student(backbone, path) if is_adapter_file(path) else released_student(backbone, path)
         return Loaded(backbone, net.requires_grad_(False), backbone.kind, str(path), options.base, True)
+    if (path / "config.json").is_file():
+        backbone = options.load(dtype)
+        net = model_folder_student(backbone, path, dtype)
+        return Loaded(backbone, net.requires_grad_(False), backbone.kind, str(path), options.base, True)
     if path.is_dir():
-        raise ValueError(f"{path}: not a run folder (config.yaml), an exported folder ({EXPORT_MARKER}) "
-                         "or a .safetensors file")
+        raise ValueError(f"{path}: not a run folder (config.yaml), an exported folder ({EXPORT_MARKER}), "
+                         "a diffusers model folder (config.json) or a .safetensors file")
     raise FileNotFoundError(f"student {source!r} does not exist")
 
 
@@ -188,6 +194,19 @@ def adapter_student(backbone: Backbone, path: Path) -> nn.Module:
     """The base net with the adapter file at `path` loaded and merged: a plain model."""
     net = copy.deepcopy(backbone.net)
     return load_adapter(net, path).merged_model().eval()
+
+
+def model_folder_student(backbone: Backbone, folder: Path, dtype: torch.dtype) -> nn.Module:
+    """A diffusers model folder of the base net's class, checked key by key like a released file."""
+    cls = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if cls != type(backbone.net).__name__:
+        raise ValueError(f"{folder} holds a {cls}, the base model's denoiser is a {type(backbone.net).__name__}; "
+                         "is --base the model it came from?")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} has no diffusion_pytorch_model.safetensors (sharded and pickle "
+                                "weights are not read)")
+    return released_student(backbone, weights).to(dtype)
 
 
 def released_student(backbone: Backbone, path: Path) -> nn.Module:

@@ -19,13 +19,21 @@ def register(sub) -> None:
     p.add_argument("--fid", action="store_true", help="also the standard Inception FID (slow on a CPU)")
     p.add_argument("--root", default="runs", help="where run folders go (default runs)")
     p.add_argument("--out", help="report folder (default: the run folder; for --compare a new folder under --root)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: the digits models are so small that more threads mostly wait)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more distillation settings, e.g. train.seed=1")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import torch
+
     from ..digits.demo import DemoSettings, run_compare, run_demo
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
 
     settings = DemoSettings(adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank, steps=args.steps,
                             per_class=args.per_class, fid=args.fid, root=args.root, overrides=args.overrides)

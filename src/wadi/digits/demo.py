@@ -107,8 +107,8 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, progress: bool = Tr
     t0 = time.perf_counter()
     paths.minilm_dir()  # a missing text encoder fails here, before any work
     classifier = load_classifier()
-    backbone = load_teacher()
     cfg = distill_config(s)
+    backbone = load_teacher(cfg.model.path)  # the teacher distilled, also under a model.path override
     counts = trainable_counts(cfg, backbone)
     student, run_dir, distill_s = distill_student(cfg, progress)
     t_eval = time.perf_counter()
@@ -142,7 +142,7 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, progress: bool =
     t0 = time.perf_counter()
     paths.minilm_dir()
     classifier = load_classifier()
-    backbone = load_teacher()
+    backbone = load_teacher(distill_config(s).model.path)
     out = Path(out) if out else next_run_dir(Path(s.root), "digits-compare")
     teachers = teacher_rows(backbone, classifier, s, progress)
     results, panels = [], {teachers[0].name: teachers[0].images}
