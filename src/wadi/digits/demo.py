@@ -24,7 +24,6 @@ from .teacher import load_teacher
 
 PRESET = "digits-wadi"
 TEACHER_STEPS = 25
-TEACHER_GUIDANCE = 4.0  # the teacher's own sampling; distillation uses the preset's 1.5
 # What "the student kept the teacher's quality" means (the issue's acceptance bar).
 MIN_ALIGNMENT_RATIO = 0.9  # student alignment / 25-step teacher alignment
 MAX_FRECHET_RATIO = 1.5  # student Frechet / 25-step teacher Frechet
@@ -80,11 +79,11 @@ def distill_student(cfg: DistillConfig, progress: bool):
     return UNet2DConditionModel.from_pretrained(run_dir / "student").eval(), run_dir, seconds
 
 
-def teacher_rows(backbone, classifier, s: DemoSettings, progress: bool) -> list[evaluation.Row]:
-    """The teacher as it samples (DDIM, guidance) at 25 steps and at one, and unguided in one step (the
-    student's sampler, where distillation starts)."""
-    rows = [(f"teacher, {TEACHER_STEPS} steps", Sampling(one_step=False, steps=TEACHER_STEPS, guidance=TEACHER_GUIDANCE)),
-            ("teacher, 1 step", Sampling(guidance=TEACHER_GUIDANCE)),
+def teacher_rows(backbone, classifier, guidance: float, s: DemoSettings, progress: bool) -> list[evaluation.Row]:
+    """The teacher at 25 steps and at one with the guidance the student distils (the distribution it
+    learns), and unguided in one step (the student's sampler, where distillation starts)."""
+    rows = [(f"teacher, {TEACHER_STEPS} steps", Sampling(one_step=False, steps=TEACHER_STEPS, guidance=guidance)),
+            ("teacher, 1 step", Sampling(guidance=guidance)),
             ("teacher, 1 step, no guidance", Sampling())]
     return [evaluation.sample_row(name, backbone, backbone.net, sampling, classifier, s.per_class, s.fid, progress)
             for name, sampling in rows]
@@ -112,7 +111,7 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, progress: bool = Tr
     counts = trainable_counts(cfg, backbone)
     student, run_dir, distill_s = distill_student(cfg, progress)
     t_eval = time.perf_counter()
-    rows = teacher_rows(backbone, classifier, s, progress)
+    rows = teacher_rows(backbone, classifier, cfg.train.guidance, s, progress)
     rows.append(evaluation.sample_row("student, 1 step", backbone, student, Sampling(), classifier,
                                       s.per_class, s.fid, progress))
     eval_s = time.perf_counter() - t_eval
@@ -126,7 +125,7 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, progress: bool = Tr
                            "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
                            "lr_student": cfg.train.lr_student, "lr_fake": cfg.train.lr_fake,
                            "fake_adapter": cfg.fake.kind, "guidance": cfg.train.guidance},
-               "teacher_sampling": {"steps": TEACHER_STEPS, "guidance": TEACHER_GUIDANCE, "scheduler": "ddim"},
+               "teacher_sampling": {"steps": TEACHER_STEPS, "guidance": cfg.train.guidance, "scheduler": "ddim"},
                "seconds": {"distill": round(distill_s, 1), "evaluate": round(eval_s, 1),
                            "total": round(time.perf_counter() - t0, 1)},
                "rows": table, "criteria": criteria(*(r.to_dict() for r in (rows[0], rows[1], rows[-1])))}
@@ -144,7 +143,7 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, progress: bool =
     classifier = load_classifier()
     backbone = load_teacher(distill_config(s).model.path)
     out = Path(out) if out else next_run_dir(Path(s.root), "digits-compare")
-    teachers = teacher_rows(backbone, classifier, s, progress)
+    teachers = teacher_rows(backbone, classifier, distill_config(s).train.guidance, s, progress)
     results, panels = [], {teachers[0].name: teachers[0].images}
     for kind in KINDS:
         cfg = distill_config(s, kind)
