@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from wadi.adapters import KINDS
 from wadi.cli import main
 from wadi.config import resolve
 from wadi.digits import metrics, paths, world
 from wadi.digits.classifier import accuracy, load_classifier
-from wadi.digits.demo import DemoSettings, criteria, run_demo
+from wadi.digits.demo import STUDENT_LR, DemoSettings, criteria, run_compare, run_demo
 from wadi.digits.teacher import load_teacher, train_teacher
 
 
@@ -144,6 +145,17 @@ def test_shortened_demo_writes_the_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "| teacher, 25 steps | 50 |" in report and "grid.png" in report and "loss.png" in report
     assert Path(summary["run_dir"]).parent == tmp_path / "runs"
+
+
+def test_shortened_compare_writes_one_table(tmp_path):
+    settings = DemoSettings(steps=1, per_class=1, root=str(tmp_path / "runs"),
+                            overrides=["train.batch_size=2", "run.sample_every=0", "run.checkpoint_every=0"])
+    out = run_compare(settings, tmp_path / "compare", progress=False)
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["adapter"] for r in summary["adapters"]] == list(KINDS)
+    assert [r["lr"] for r in summary["adapters"]] == [STUDENT_LR[k] for k in KINDS]
+    table = (out / "compare.md").read_text()
+    assert "| lorad | 16 | 0.003 |" in table and "| full | - | 3e-06 |" in table
 
 
 def test_demo_bar_against_hand_computed_ratios():

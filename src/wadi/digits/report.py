@@ -151,16 +151,19 @@ def demo_markdown(s: dict) -> str:
 
 
 def compare_markdown(s: dict) -> str:
-    header = ["adapter", "rank", "trainable", "alignment", "Frechet", "precision", "recall", "distill time (s)"]
-    body = [[r["adapter"], r["rank"], _millions(r["trainable"]), r["alignment"], r["frechet"], r["precision"],
-             r["recall"], r["distill_seconds"]] for r in s["adapters"]]
+    header = ["adapter", "rank", "lr", "trainable", "alignment", "Frechet", "precision", "recall",
+              "distill time (s)"]
+    body = [[r["adapter"], r["rank"], f"{r['lr']:g}", _millions(r["trainable"]), r["alignment"], r["frechet"],
+             r["precision"], r["recall"], r["distill_seconds"]] for r in s["adapters"]]
     st = s["settings"]
     lines = [
         "# Adapter ablation on handwritten digits",
         "",
         f"The same distillation (preset `digits-wadi`{', ' + str(st['steps']) + ' steps' if st['steps'] else ''}) "
         f"with each adapter on the student; the teacher has {_millions(s['teacher_params'])} parameters. "
-        f"{s['teachers'][0]['n']} one-step images per student, the same prompts and seeds.",
+        f"{s['teachers'][0]['n']} one-step images per student, the same prompts and seeds. Each adapter trains "
+        f"at its own learning rate (`lr`, in its own units: angles, low-rank factors, weights); everything else "
+        f"is shared.",
         "",
         markdown_table(header, body),
         "",
