@@ -156,7 +156,7 @@ def load_student(source: str | Path, options: BaseOptions | None = None,
         return Loaded(backbone, net.requires_grad_(False), backbone.kind, str(path), options.base, True)
     if (path / "config.json").is_file():
         backbone = options.load(dtype)
-        net = model_folder_student(backbone, path, dtype)
+        net = model_folder_student(backbone, path)
         return Loaded(backbone, net.requires_grad_(False), backbone.kind, str(path), options.base, True)
     if path.is_dir():
         raise ValueError(f"{path}: not a run folder (config.yaml), an exported folder ({EXPORT_MARKER}), "
@@ -196,7 +196,7 @@ def adapter_student(backbone: Backbone, path: Path) -> nn.Module:
     return load_adapter(net, path).merged_model().eval()
 
 
-def model_folder_student(backbone: Backbone, folder: Path, dtype: torch.dtype) -> nn.Module:
+def model_folder_student(backbone: Backbone, folder: Path) -> nn.Module:
     """A diffusers model folder of the base net's class, checked key by key like a released file."""
     cls = json.loads((folder / "config.json").read_text()).get("_class_name")
     if cls != type(backbone.net).__name__:
@@ -206,7 +206,7 @@ def model_folder_student(backbone: Backbone, folder: Path, dtype: torch.dtype) -
     if not weights.is_file():
         raise FileNotFoundError(f"{folder} has no diffusion_pytorch_model.safetensors (sharded and pickle "
                                 "weights are not read)")
-    return released_student(backbone, weights).to(dtype)
+    return released_student(backbone, weights)
 
 
 def released_student(backbone: Backbone, path: Path) -> nn.Module:
