@@ -120,7 +120,7 @@ PRESETS["digits-wadi"] = {
     "data": {"prompts": str(_digits.PROMPTS), "cache_embeddings": True,
              "sample_prompts": [f"a handwritten {w}" for w in ("zero", "one", "two", "three", "four", "five",
                                                                 "six", "seven", "eight", "nine")]},
-    # Measured on this world (README, "The digits demo"): the student's angles need a larger
+    # Measured in this world (docs/digits.md): the student's angles need a larger
     # step than SD's 1e-4 to move in 300 steps, and the teacher's own guidance 4 (SD uses
     # 1.5) gives the student the sharp digits the teacher draws; longer runs drift.
     "train": {"steps": 300, "batch_size": 32, "lr_student": 3e-3, "lr_fake": 1e-2, "guidance": 4.0},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..adapters import KINDS
 
 
@@ -19,8 +21,8 @@ def register(sub) -> None:
     p.add_argument("--fid", action="store_true", help="also the standard Inception FID (slow on a CPU)")
     p.add_argument("--root", default="runs", help="where run folders go (default runs)")
     p.add_argument("--out", help="report folder (default: the run folder; for --compare a new folder under --root)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: the digits models are so small that more threads mostly wait)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default: the cores, at most 4; models this small gain nothing from more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more distillation settings, e.g. train.seed=1")
     p.set_defaults(func=run)
@@ -31,9 +33,9 @@ def run(args) -> int:
 
     from ..digits.demo import DemoSettings, run_compare, run_demo
 
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
 
     settings = DemoSettings(adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank, steps=args.steps,
                             per_class=args.per_class, fid=args.fid, root=args.root, overrides=args.overrides)

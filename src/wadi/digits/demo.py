@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..adapters import KINDS, attach
-from ..config import DistillConfig, resolve
+from ..config import PRESETS, DistillConfig, resolve
 from ..sampling import Sampling
 from . import evaluation, paths, report
 from .classifier import load_classifier
@@ -52,9 +52,9 @@ class DemoSettings:
 
 
 # The student's learning rate per adapter, each in its own units (angles, low-rank factors,
-# weights), from short sweeps in this world at seed 0 (README, "The digits demo"). Full
+# weights), from short sweeps in this world at seed 0 (docs/digits.md). Full
 # fine-tuning at LoRaD's rate diverges within 300 steps.
-STUDENT_LR = {"lorad": 3e-3, "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4, "full": 3e-6}
+STUDENT_LR = {"lorad": PRESETS[PRESET]["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4, "full": 3e-6}
 
 
 def distill_config(s: DemoSettings, adapter: str | None = None) -> DistillConfig:

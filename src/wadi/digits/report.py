@@ -154,7 +154,7 @@ def compare_markdown(s: dict) -> str:
     header = ["adapter", "rank", "lr", "trainable", "alignment", "Frechet", "precision", "recall",
               "distill time (s)"]
     body = [[r["adapter"], r["rank"], f"{r['lr']:g}", _millions(r["trainable"]), r["alignment"], r["frechet"],
-             r["precision"], r["recall"], r["distill_seconds"]] for r in s["adapters"]]
+             r["precision"], r["recall"], f"{r['distill_seconds']:.0f}"] for r in s["adapters"]]
     st = s["settings"]
     lines = [
         "# Adapter ablation on handwritten digits",
