@@ -36,13 +36,17 @@ def _atleast_fp32(t: torch.Tensor) -> torch.Tensor:
 
 def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
     """Map angles to [-pi, pi): ((theta + pi) mod 2pi) - pi."""
-    return torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
+    return _wrap_(theta.clone())
+
+
+def _wrap_(theta: torch.Tensor) -> torch.Tensor:
+    """wrap_angle in place: the angles are rebuilt twice a step, temporaries cost time."""
+    return theta.add_(math.pi).remainder_(2 * math.pi).sub_(math.pi)
 
 
 def _angles(theta_a: torch.Tensor, theta_b: torch.Tensor) -> torch.Tensor:
-    """wrap(theta_a @ theta_b), in place on the fresh product (no temporaries: it runs twice a step)."""
-    theta = _atleast_fp32(theta_a) @ _atleast_fp32(theta_b)
-    return theta.add_(math.pi).remainder_(2 * math.pi).sub_(math.pi)
+    """Theta = wrap(theta_a @ theta_b), in at least float32."""
+    return _wrap_(_atleast_fp32(theta_a) @ _atleast_fp32(theta_b))
 
 
 def _rotation(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
