@@ -211,12 +211,12 @@ class Reference:
     def features(self, extractor: Extractor, device: str, progress: bool) -> np.ndarray:
         """Features of every reference image, reused from the cache when the files are unchanged."""
         from .metrics import gaussian_stats, list_images, save_stats
-        from .metrics.inception import EXTRACTOR, _cache_key
+        from .metrics.inception import EXTRACTOR, folder_key
 
         if self.path.is_file():
             raise ValueError(f"precision/recall needs a folder of reference images, not the stats file {self.path}")
         files = list_images(self.path)
-        key = f"{extractor.spec}\n{_cache_key(self.path, files)}"
+        key = f"{extractor.spec}\n{folder_key(self.path, files)}"
         cache = self._cache("features", extractor)
         if cache.is_file():
             with np.load(cache, allow_pickle=False) as z:
@@ -229,7 +229,7 @@ class Reference:
             np.savez(f, features=features, key=np.asarray(key))
         os.replace(tmp, cache)
         if extractor.spec == INCEPTION:  # reference_stats' own cache: FID need not extract again
-            save_stats(self._cache("stats", extractor), *gaussian_stats(features), key=_cache_key(self.path, files),
+            save_stats(self._cache("stats", extractor), *gaussian_stats(features), key=folder_key(self.path, files),
                        n=len(files), extractor=EXTRACTOR, folder=str(self.path.resolve()))
         return features
 

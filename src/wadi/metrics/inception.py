@@ -110,7 +110,7 @@ def folder_features(folder: str | os.PathLike, batch_size: int = 50, device: str
     return extract_features(list_images(folder), batch_size, device, num_workers, progress)
 
 
-def _cache_key(folder: Path, files: list[Path]) -> str:
+def folder_key(folder: Path, files: list[Path]) -> str:
     """Hash of the extractor, the folder and each file's name, size and mtime."""
     h = hashlib.sha256(f"{EXTRACTOR}\n{folder.resolve()}\n".encode())
     for f in files:
@@ -126,7 +126,7 @@ def reference_stats(folder: str | os.PathLike, cache: str | os.PathLike | None =
     it was computed from the same files with the same extractor, recomputed otherwise."""
     folder = Path(folder)
     files = list_images(folder)
-    key = _cache_key(folder, files)
+    key = folder_key(folder, files)
     if cache is not None and Path(cache).is_file():
         mu, sigma, meta = load_stats(cache)
         if meta.get("key") == key:
