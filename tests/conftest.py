@@ -6,6 +6,9 @@ import os
 # 2-core machine (measured: a tiny distillation step took 0.3 s on one thread, 4.3 s on two
 # under load). Subprocesses started by tests inherit the variable.
 os.environ["OMP_NUM_THREADS"] = "1"
+# MKL may pick kernels by memory alignment, so two processes doing the same sums can
+# differ in the last bits; strict mode makes a resumed run's sums those of an unbroken one.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

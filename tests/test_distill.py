@@ -161,10 +161,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pipes, tmp_path):
 
     result = subprocess.run(_cli("--resume", str(run)), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+    # Float precision: a resume that lost any state (an RNG, a moment, the step) differs by
+    # orders of magnitude more; a few last bits, which Adam turns into 1e-7 on near-zero
+    # gradients, do not.
     for which in ("student", "fake"):
         ours, ref = load_file(str(run / f"{which}.safetensors")), load_file(str(reference / f"{which}.safetensors"))
         for k in ref:
-            torch.testing.assert_close(ours[k], ref[k], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in log_of(run)] == list(range(1, steps + 1))
 
 
