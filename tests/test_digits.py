@@ -170,7 +170,11 @@ def test_demo_bar_against_hand_computed_ratios():
 
 
 def test_demo_rejects_bad_settings(capsys):
+    threads = torch.get_num_threads()
     assert main(["demo", "--rank", "0"]) == 2
     assert "--rank must be positive" in capsys.readouterr().err
+    assert main(["demo", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+    assert torch.get_num_threads() == threads  # a refused demo changes nothing
     with pytest.raises(SystemExit):
         main(["demo", "--adapter", "bogus"])

@@ -35,10 +35,10 @@ def run(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
-
     settings = DemoSettings(adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank, steps=args.steps,
                             per_class=args.per_class, fid=args.fid, root=args.root, overrides=args.overrides)
+    # Process-wide, so only once every setting is known to be good.
+    torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
     if args.compare:
         out = run_compare(settings, args.out, progress=not args.no_progress)
         print(f"adapter ablation: {out / 'compare.md'}")
