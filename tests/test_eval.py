@@ -13,7 +13,8 @@ import wadi.metrics.inception
 from test_metrics import tiny_clip  # noqa: F401 (fixture)
 from tiny_runs import tiny_run
 from wadi.cli import main
-from wadi.evaluate import coco_prompts, file_prompts, image_path, missing_indices, read_images, shard
+from wadi.evaluate import image_path, missing_indices, read_images, shard
+from wadi.prompts import coco_prompts, file_prompts
 from wadi.metrics import ClipScorer, frechet_distance_features, list_images, precision_recall, to_rgb_uint8
 from wadi.sampling import png_text
 

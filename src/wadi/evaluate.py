@@ -1,10 +1,10 @@
 """`wadi eval` as the papers do it: seeded prompts, images on disk, FID / CLIP score /
 precision-recall / a pluggable alignment metric, one results JSON.
 
-Prompts: the zero-shot COCO protocols (2014: 30k, 2017: 5k), drawn reproducibly from the
-user's COCO caption annotation file (one caption per image, images and captions picked
-with a seeded generator), or any prompt file. Image i is made from prompt i with seed
-`seed + i`, so a set of images is a pure function of the settings.
+Prompts (wadi.prompts): the zero-shot COCO protocols (2014: 30k, 2017: 5k), drawn
+reproducibly from the user's COCO caption annotation file (one caption per image, images
+and captions picked with a seeded generator), or any prompt file. Image i is made from
+prompt i with seed `seed + i`, so a set of images is a pure function of the settings.
 
 Generation is spread over the processes of `accelerate launch` (process r makes the
 missing images r, r + n, ...), resumes (an image on disk is never made again; files are
@@ -32,60 +32,10 @@ import torch
 from PIL import Image
 
 from .models import Loaded
+from .prompts import PromptSet
 from .sampling import Sampling, save_png, to_uint8
 
-PROTOCOLS = {"coco2014-30k": 30000, "coco2017-5k": 5000}
 METRICS = ("fid", "clip", "pr", "alignment")
-
-
-# --- prompts -----------------------------------------------------------------------
-
-@dataclass
-class PromptSet:
-    prompts: list[str]
-    source: str
-    image_files: list[str] | None = None  # the COCO image each caption belongs to
-
-    def digest(self) -> str:
-        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
-
-
-def coco_prompts(path: str | Path, n: int, seed: int = 0) -> PromptSet:
-    """n captions of n distinct COCO images: images drawn without replacement and one of
-    each image's captions drawn, both with a generator seeded by `seed`."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the COCO caption file {path} ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise ValueError(f"{path} is not a COCO caption annotation file (no 'annotations' list)")
-    captions: dict[int, list[tuple[int, str]]] = {}
-    for a in data["annotations"]:
-        captions.setdefault(a["image_id"], []).append((a["id"], a["caption"].strip()))
-    if n > len(captions):
-        raise ValueError(f"{path} has captions for {len(captions)} images, fewer than the {n} asked for")
-    files = {im["id"]: im.get("file_name", str(im["id"])) for im in data.get("images", [])}
-    rng = np.random.default_rng(seed)
-    images = sorted(captions)
-    chosen = [images[i] for i in sorted(rng.choice(len(images), n, replace=False))]
-    prompts = []
-    for image_id in chosen:
-        caps = sorted(captions[image_id])  # by annotation id: independent of the file's order
-        prompts.append(caps[rng.integers(len(caps))][1])
-    return PromptSet(prompts, f"{path} ({n} images, seed {seed})", [files.get(i, str(i)) for i in chosen])
-
-
-def file_prompts(path: str | Path, fmt: str = "auto", n: int | None = None) -> PromptSet:
-    """A prompt file's prompts in file order, the first n of them when n is given."""
-    from .prompts import read_prompts
-
-    prompts = read_prompts(path, fmt)
-    if n is not None:
-        if n > len(prompts):
-            raise ValueError(f"{path} holds {len(prompts)} prompts, fewer than the {n} asked for")
-        prompts = prompts[:n]
-    return PromptSet(prompts, str(path))
 
 
 # --- images ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Prompt files: plain text, JSON lines (JourneyDB annotations included), COCO captions.
+"""Prompt files: plain text, JSON lines (JourneyDB annotations included), COCO captions;
+and the prompt sets of evaluation (the zero-shot COCO protocols, any prompt file).
 
 WaDi trains on text alone. Every reader returns a list of non-empty prompts, and every
 problem with the file is a one-line error raised before any model is loaded.
@@ -6,10 +7,15 @@ problem with the file is a one-line error raised before any model is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 FORMATS = ("auto", "txt", "jsonl", "coco")
+PROTOCOLS = {"coco2014-30k": 30000, "coco2017-5k": 5000}  # zero-shot COCO: images (one caption each)
 _JSONL_KEYS = ("prompt", "caption", "text")
 
 
@@ -40,14 +46,18 @@ def _read_jsonl(text: str, path: Path) -> list[str]:
     return prompts
 
 
-def _read_coco(text: str, path: Path) -> list[str]:
+def _coco_data(text: str, path: Path) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{path} is not a COCO caption file (no 'annotations' list)")
-    return [a.get("caption") for a in data["annotations"] if isinstance(a, dict)]
+    return data
+
+
+def _read_coco(text: str, path: Path) -> list[str]:
+    return [a.get("caption") for a in _coco_data(text, path)["annotations"] if isinstance(a, dict)]
 
 
 def _detect(path: Path, text: str) -> str:
@@ -85,3 +95,50 @@ def read_prompts(path: str | Path, fmt: str = "auto", dedupe: bool = False) -> l
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
+
+
+# --- evaluation prompt sets ---------------------------------------------------------
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    source: str
+    image_files: list[str] | None = None  # the COCO image each caption belongs to
+
+    def digest(self) -> str:
+        return hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()[:16]
+
+
+def coco_prompts(path: str | Path, n: int, seed: int = 0) -> PromptSet:
+    """n captions of n distinct COCO images: images drawn without replacement and one of
+    each image's captions drawn, both with a generator seeded by `seed`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the COCO caption file {path} ({e})") from None
+    data = _coco_data(text, path)
+    captions: dict[int, list[tuple[int, str]]] = {}
+    for a in data["annotations"]:
+        captions.setdefault(a["image_id"], []).append((a["id"], a["caption"].strip()))
+    if n > len(captions):
+        raise ValueError(f"{path} has captions for {len(captions)} images, fewer than the {n} asked for")
+    files = {im["id"]: im.get("file_name", str(im["id"])) for im in data.get("images", [])}
+    rng = np.random.default_rng(seed)
+    images = sorted(captions)
+    chosen = [images[i] for i in sorted(rng.choice(len(images), n, replace=False))]
+    prompts = []
+    for image_id in chosen:
+        caps = sorted(captions[image_id])  # by annotation id: independent of the file's order
+        prompts.append(caps[rng.integers(len(caps))][1])
+    return PromptSet(prompts, f"{path} ({n} images, seed {seed})", [files.get(i, str(i)) for i in chosen])
+
+
+def file_prompts(path: str | Path, fmt: str = "auto", n: int | None = None) -> PromptSet:
+    """A prompt file's prompts in file order, the first n of them when n is given."""
+    prompts = read_prompts(path, fmt)
+    if n is not None:
+        if n > len(prompts):
+            raise ValueError(f"{path} holds {len(prompts)} prompts, fewer than the {n} asked for")
+        prompts = prompts[:n]
+    return PromptSet(prompts, str(path))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .evaluate import PromptSet
+from .prompts import PromptSet
 from .models import BaseOptions
 
 

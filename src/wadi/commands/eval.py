@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluate import (INCEPTION, METRICS, PROTOCOLS, Entry, Extractor, MetricSettings, Reference, coco_prompts,
-                        default_cache_dir, evaluate, file_prompts)
+from ..evaluate import INCEPTION, METRICS, Entry, Extractor, MetricSettings, Reference, default_cache_dir, evaluate
+from ..prompts import PROTOCOLS, coco_prompts, file_prompts
 from ..metrics import DEFAULT_CLIP
 from ..models import load_student, load_teacher, teacher_for
 from ..prompts import FORMATS
