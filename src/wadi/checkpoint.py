@@ -1,7 +1,9 @@
-"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+"""Run folders and training checkpoints without pickle: tensors in safetensors, everything
+else in JSON.
 
-A checkpoint is a folder `step-NNNNNNN/` written as `step-NNNNNNN.tmp/` and renamed when
-complete, so a run killed at any moment leaves only whole checkpoints behind.
+Runs live in numbered folders `runs/NNNNN-name/`. A checkpoint is a folder
+`step-NNNNNNN/` written as `step-NNNNNNN.tmp/` and renamed when complete, so a run killed
+at any moment leaves only whole checkpoints behind.
 """
 
 from __future__ import annotations
@@ -109,3 +111,24 @@ def commit(tmp: Path, keep: int) -> Path:
     for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def next_run_dir(root: Path, name: str) -> Path:
+    """runs/NNNNN-name with NNNNN one past the highest number already there."""
+    root.mkdir(parents=True, exist_ok=True)
+    ids = [int(p.name.split("-")[0]) for p in root.iterdir() if p.is_dir() and p.name.split("-")[0].isdigit()]
+    return root / f"{max(ids, default=-1) + 1:05d}-{name}"
+
+
+def find_resume_dir(root: Path, resume: str) -> Path:
+    """The run folder `resume` names, or with 'latest' the newest run under root with a checkpoint."""
+    if resume != "latest":
+        run = Path(resume)
+        if not (run / "config.yaml").is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a run folder (no config.yaml)")
+        return run
+    runs = sorted((p for p in root.glob("[0-9]*-*") if list_checkpoints(p / "checkpoints")),
+                  key=lambda p: int(p.name.split("-")[0]))
+    if not runs:
+        raise FileNotFoundError(f"--resume latest: no run with a checkpoint under {root}")
+    return runs[-1]

@@ -55,27 +55,6 @@ class PromptStream:
         return [self.prompts[int(self._perm(i // n)[i % n])] for i in range(start, start + size)]
 
 
-def next_run_dir(root: Path, name: str) -> Path:
-    """runs/NNNNN-name with NNNNN one past the highest number already there."""
-    root.mkdir(parents=True, exist_ok=True)
-    ids = [int(p.name.split("-")[0]) for p in root.iterdir() if p.is_dir() and p.name.split("-")[0].isdigit()]
-    return root / f"{max(ids, default=-1) + 1:05d}-{name}"
-
-
-def find_resume_dir(root: Path, resume: str) -> Path:
-    """The run folder `resume` names, or with 'latest' the newest run under root with a checkpoint."""
-    if resume != "latest":
-        run = Path(resume)
-        if not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a run folder (no config.yaml)")
-        return run
-    runs = sorted((p for p in root.glob("[0-9]*-*") if ckpt.list_checkpoints(p / "checkpoints")),
-                  key=lambda p: int(p.name.split("-")[0]))
-    if not runs:
-        raise FileNotFoundError(f"--resume latest: no run with a checkpoint under {root}")
-    return runs[-1]
-
-
 def make_optimizer(params, lr: float, cfg) -> torch.optim.Optimizer:
     kwargs = dict(lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if cfg.adam_8bit:
@@ -342,7 +321,7 @@ def distill(config: str | DistillConfig, overrides: list[str] = (), resume: str 
     if resume:
         root = config.run.root if isinstance(config, DistillConfig) else (
             resolve(config, overrides).run.root if config else "runs")
-        run_dir = find_resume_dir(Path(root), resume)
+        run_dir = ckpt.find_resume_dir(Path(root), resume)
         cfg = resolve(str(run_dir / "config.yaml"), overrides)
     else:
         cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
@@ -355,7 +334,7 @@ def distill(config: str | DistillConfig, overrides: list[str] = (), resume: str 
     random.seed(tc.seed)
     if not resume:
         name = "-".join(x for x in (cfg.preset or "custom", rc.desc) if x)
-        run_dir = broadcast_object_list([next_run_dir(Path(rc.root), name) if acc.is_main_process else None])[0]
+        run_dir = broadcast_object_list([ckpt.next_run_dir(Path(rc.root), name) if acc.is_main_process else None])[0]
     distiller = Distiller(cfg, run_dir, backbone, prompts, acc)
     if resume:
         distiller.load_checkpoint(ckpt.list_checkpoints(run_dir / "checkpoints")[-1])

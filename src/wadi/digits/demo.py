@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .. import checkpoint as ckpt
 from ..adapters import KINDS, attach
 from ..config import PRESETS, DistillConfig, resolve
 from ..sampling import Sampling
@@ -143,13 +144,11 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, progress: bool = Tr
 
 def run_compare(s: DemoSettings, out: str | Path | None = None, progress: bool = True) -> Path:
     """The adapter ablation: the same distillation with every adapter kind, one table."""
-    from ..distill import next_run_dir
-
     t0 = time.perf_counter()
     paths.minilm_dir()
     classifier = load_classifier()
     backbone = load_teacher(distill_config(s).model.path)
-    out = Path(out) if out else next_run_dir(Path(s.root), "digits-compare")
+    out = Path(out) if out else ckpt.next_run_dir(Path(s.root), "digits-compare")
     teachers = teacher_rows(backbone, classifier, distill_config(s).train.guidance, s, progress)
     results, panels = [], {teachers[0].name: teachers[0].images}
     for kind in KINDS:
