@@ -20,13 +20,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import Backbone
-from .losses import one_step_x0
+from .backbones import Backbone, Cond
+from .losses import guide, one_step_x0
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tensor:
     """One noise tensor per seed, drawn on the CPU so a seed gives the same image anywhere."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+def guided_eps(backbone: Backbone, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond,
+               guidance: float) -> torch.Tensor:
+    """eps of `net` in float32 with classifier-free guidance, from one batched [uncond; cond]
+    pass; at guidance 1 the conditional pass alone."""
+    if guidance == 1:
+        return backbone.predict_eps(net, x, t, cond).float()
+    uncond = backbone.empty_cond().to(x.device, x.dtype).expand(len(x))
+    e_u, e_c = backbone.predict_eps(net, torch.cat([x, x]), t.repeat(2), uncond.cat(cond)).float().chunk(2)
+    return guide(e_u, e_c, guidance)
 
 
 @torch.no_grad()
@@ -49,12 +60,7 @@ def one_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds
         z = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device).to(dtype)
         t = torch.full((len(z),), backbone.num_train_timesteps - 1, device=device, dtype=torch.long)
         alpha, sigma = backbone.alpha_sigma(t)
-        if guidance == 1.0:
-            eps = backbone.predict_eps(net, z, t, cond).float()
-        else:
-            uncond = backbone.empty_cond().to(device, dtype).expand(len(z))
-            e_u, e_c = backbone.predict_eps(net, torch.cat([z, z]), t.repeat(2), uncond.cat(cond)).float().chunk(2)
-            eps = e_u + guidance * (e_c - e_u)
+        eps = guided_eps(backbone, net, z, t, cond, guidance)
         images.append(backbone.decode(one_step_x0(z.float(), eps, alpha, sigma)).float().cpu())
     return torch.cat(images)
 
@@ -81,15 +87,12 @@ def multi_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], see
     images = []
     for i in range(0, len(prompts), batch_size):
         cond = backbone.encode_prompts(prompts[i:i + batch_size]).to(device, dtype)
-        uncond = backbone.empty_cond().to(device, dtype).expand(len(cond))
         x = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device) * sched.init_noise_sigma
         sched.set_timesteps(steps, device=device)
         for t in sched.timesteps:
-            x_in = sched.scale_model_input(torch.cat([x, x]), t).to(dtype)
+            x_in = sched.scale_model_input(x, t).to(dtype)
             tt = torch.full((len(x_in),), int(t), device=device, dtype=torch.long)
-            e_u, e_c = backbone.predict_eps(net, x_in, tt, uncond.cat(cond)).float().chunk(2)
-            eps = e_u + guidance * (e_c - e_u)
-            x = sched.step(eps, t, x).prev_sample
+            x = sched.step(guided_eps(backbone, net, x_in, tt, cond, guidance), t, x).prev_sample
         images.append(backbone.decode(x).float().cpu())
     return torch.cat(images)
 

@@ -55,7 +55,8 @@ class DemoSettings:
 # The student's learning rate per adapter, each in its own units (angles, low-rank factors,
 # weights), from short sweeps in this world at seed 0 (docs/digits.md). Full
 # fine-tuning at LoRaD's rate diverges within 300 steps.
-STUDENT_LR = {"lorad": PRESETS[PRESET]["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4, "full": 3e-6}
+STUDENT_LR = {"lorad": PRESETS[PRESET]["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4,
+              "full": 3e-6}
 
 
 def distill_config(s: DemoSettings, adapter: str | None = None) -> DistillConfig:
@@ -147,9 +148,10 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, progress: bool =
     t0 = time.perf_counter()
     paths.minilm_dir()
     classifier = load_classifier()
-    backbone = load_teacher(distill_config(s).model.path)
+    shared = distill_config(s)  # what every adapter's run has in common: teacher, guidance
+    backbone = load_teacher(shared.model.path)
     out = Path(out) if out else ckpt.next_run_dir(Path(s.root), "digits-compare")
-    teachers = teacher_rows(backbone, classifier, distill_config(s).train.guidance, s, progress)
+    teachers = teacher_rows(backbone, classifier, shared.train.guidance, s, progress)
     results, panels = [], {teachers[0].name: teachers[0].images}
     for kind in KINDS:
         cfg = distill_config(s, kind)
