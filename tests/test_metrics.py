@@ -1,6 +1,5 @@
 """wadi.metrics: FID maths, precision/recall, clean resize, Inception features, stats cache, CLIP score."""
 
-import string
 import sys
 
 import numpy as np
@@ -200,29 +199,6 @@ def test_reference_stats_cache_reused_and_invalidated(tmp_path, counted_features
 
 
 # --- CLIP score -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A random CLIP a few thousand weights large, saved with its processor: no downloads."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    letters = string.ascii_lowercase
-    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
-    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[])
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=1, num_attention_heads=2),
-        projection_dim=16)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(config).save_pretrained(path)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
-
 
 def test_clip_score_on_tiny_model(tiny_clip):
     images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(5)]

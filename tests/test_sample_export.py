@@ -9,19 +9,20 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tiny_runs import tiny_run
 from wadi.cli import main
-from wadi.models import BaseOptions, load_student, load_teacher
-from wadi.sampling import multi_step, one_step, png_text
+from wadi.backbones import BackboneSpec
+from wadi.images import png_text, to_uint8
+from wadi.sampling import multi_step, one_step
+from wadi.students import load_student, load_teacher
 
 PROMPTS = ["a cat", "a red car"]
 SEEDS = [0, 1]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_run):
     """kind -> (base pipeline folder, finished run folder)."""
-    return lambda kind: tiny_run(tmp_path_factory, kind)
+    return tiny_run
 
 
 def read_png(path):
@@ -56,7 +57,7 @@ def test_stock_pipeline_reproduces_wadi_sample(runs, tmp_path, kind):
     ours = cli_sample(run, tmp_path / "samples")
     assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
     info = json.loads((tmp_path / "export" / "wadi.json").read_text())
-    assert info["kind"] == kind and info["base"] == str(base)
+    assert info["base"]["kind"] == kind and info["base"]["path"] == str(base)
 
     # Pixels: the PNGs equal the stock pipeline's images exactly.
     stock = stock_images(tmp_path / "export", kind, output_type="pil")
@@ -120,7 +121,7 @@ def test_released_file_with_wrong_keys_names_the_first(runs, tmp_path):
     bad = tmp_path / "bad.safetensors"
     save_file({k: v.contiguous() for k, v in state.items() if k != first}, str(bad))
     with pytest.raises(ValueError, match=f"1 missing, 0 unexpected keys; first missing '{first}'"):
-        load_student(bad, BaseOptions(base=str(base)))
+        load_student(bad, BackboneSpec(path=str(base)))
     with pytest.raises(ValueError, match="pass --base"):
         load_student(bad)
     folder = tmp_path / "other"  # a diffusers folder of another class than the base's denoiser
@@ -128,7 +129,7 @@ def test_released_file_with_wrong_keys_names_the_first(runs, tmp_path):
     (folder / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
     with pytest.raises(ValueError, match="holds a PixArtTransformer2DModel, the base model's denoiser is a "
                                          "UNet2DConditionModel"):
-        load_student(folder, BaseOptions(base=str(base)))
+        load_student(folder, BackboneSpec(path=str(base)))
 
 
 def test_teacher_sampling_matches_multi_step(runs, tmp_path):
@@ -137,8 +138,6 @@ def test_teacher_sampling_matches_multi_step(runs, tmp_path):
     teacher = load_teacher(run)
     expected = multi_step(teacher.backbone, teacher.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2,
                           steps=2, guidance=2.0)
-    from wadi.sampling import to_uint8
-
     for i, key in enumerate(ours):
         np.testing.assert_array_equal(ours[key], to_uint8(expected)[i])
     assert png_text(tmp_path / "00000-seed0.png")["role"] == "teacher"

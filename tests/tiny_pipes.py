@@ -13,6 +13,9 @@ from transformers import (BertConfig, BertModel, BertTokenizer, CLIPTextConfig, 
                           T5Config, T5EncoderModel)
 
 from conftest import TINY_PIXART, TINY_UNET
+from wadi.adapters import AdapterConfig
+from wadi.backbones import BackboneSpec
+from wadi.config import DataConfig, DistillConfig, RunConfig, TrainConfig
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "car", "the", "digit", "seven", "on", "table"]
 
@@ -82,3 +85,17 @@ def save_tiny_pixel(folder: Path, seed: int = 0) -> Path:
     UNet2DConditionModel(**{**TINY_UNET, "in_channels": 1, "out_channels": 1}).save_pretrained(folder / "unet")
     _scheduler().save_pretrained(folder / "scheduler")
     return folder
+
+
+def make_cfg(pipes: dict, tmp_path: Path, kind: str = "sd", student: str = "lorad", steps: int = 3,
+             **train) -> DistillConfig:
+    """A tiny run of `kind` (sd, sd21, pixart, pixel) on the pipelines in `pipes`."""
+    family = "dit" if kind == "pixart" else "unet"
+    return DistillConfig(
+        model=BackboneSpec(kind="sd" if kind == "sd21" else kind, path=str(pipes[kind]),
+                           resolution=None if kind == "pixel" else 16),
+        student=AdapterConfig(student, 4, f"{family}-student"), fake=AdapterConfig("lorad", 2, f"{family}-fake"),
+        data=DataConfig(prompts=str(pipes["prompts"]), sample_prompts=["a cat"]),
+        train=TrainConfig(steps=steps, batch_size=2, **train),
+        run=RunConfig(root=str(tmp_path / "runs"), checkpoint_every=1, keep_checkpoints=10, sample_every=0,
+                      log_every=1, sample_seeds=[0]))

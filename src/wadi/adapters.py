@@ -12,6 +12,7 @@ target rule and a fingerprint of the base model in their metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,7 +27,6 @@ from safetensors.torch import save_file
 from .lorad import LoRaDLinear
 from .targets import TargetRule, resolve_rule, select_linears
 
-KINDS = ("lorad", "lora", "dora", "dora-frozen", "full")
 FORMAT = "wadi-adapter/1"
 
 
@@ -34,13 +34,14 @@ FORMAT = "wadi-adapter/1"
 class AdapterConfig:
     kind: str = "lorad"
     rank: int = 256
-    targets: str | dict = "unet-student"
+    targets: str | dict | None = None  # preset name or include/exclude rule; None: the backbone kind's preset
     alpha: float | None = None  # LoRA/DoRA scale numerator; None means alpha = rank
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown adapter kind {self.kind!r}; choose one of {', '.join(KINDS)}")
-        if self.kind != "full" and (not isinstance(self.rank, int) or self.rank <= 0):
+        if adapter_class(self.kind).ranked and (not isinstance(self.rank, int) or isinstance(self.rank, bool)
+                                                or self.rank <= 0):
             raise ValueError(f"adapter rank must be a positive integer, got {self.rank!r}")
 
     @property
@@ -72,6 +73,8 @@ class Adapter:
     base_fingerprint: str
     merged: bool = False
 
+    ranked = True  # has a rank and target layers (all but full fine-tuning)
+
     # --- what subclasses define -------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         # attach() froze everything the adapter does not train.
@@ -84,10 +87,30 @@ class Adapter:
     def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    @classmethod
+    def select(cls, model: nn.Module, config: AdapterConfig) -> list[str]:
+        """The names of the modules the adapter takes; a rank no target layer can use is refused."""
+        names = select_linears(model, config.rule)
+        most = max(cls.full_rank(model.get_submodule(n)) for n in names)
+        if config.rank > most:
+            raise ValueError(f"{config.kind} rank {config.rank} is more than any target layer can use "
+                             f"(at most {most} here); choose a rank of at most {most}")
+        return names
+
+    @staticmethod
+    def full_rank(layer: nn.Linear) -> int:
+        """The largest rank that changes something in `layer`."""
+        return min(layer.out_features, layer.in_features)
+
+    @classmethod
+    def inject(cls, model: nn.Module, config: AdapterConfig, names: list[str]) -> None:
+        """Put the adapter into the (frozen) model's target modules."""
+        raise NotImplementedError
+
     # --- shared -----------------------------------------------------------------
     def layers(self) -> dict[str, nn.Module]:
-        """The adapter layers by target name (LoRaDLinear or peft layers; none for full)."""
-        return {n: self.model.get_submodule(n) for n in self.target_names} if self.config.kind != "full" else {}
+        """The adapter layers by target name (LoRaDLinear or peft layers)."""
+        return {n: self.model.get_submodule(n) for n in self.target_names}
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters().values())
@@ -128,7 +151,7 @@ class Adapter:
 
     def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
         """Write the adapter tensors as safetensors (atomically: temp file, then rename)."""
-        if self.merged and self.config.kind != "full":
+        if self.merged:
             raise RuntimeError("adapter is merged; unmerge before saving so the saved tensors are the adapter's")
         path = Path(path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
@@ -139,7 +162,7 @@ class Adapter:
 
     def load(self, path: str | os.PathLike) -> None:
         """Load an adapter file saved for this base model, kind and rank; checks all before writing."""
-        if self.merged and self.config.kind != "full":
+        if self.merged:
             raise RuntimeError("adapter is merged; unmerge before loading another state")
         meta, tensors = read_adapter_file(path)
         _check_compatible(path, meta, self.config, self.model, self.base_fingerprint)
@@ -154,6 +177,15 @@ class Adapter:
 
 
 class LoRaDAdapter(Adapter):
+    @staticmethod
+    def full_rank(layer):
+        return min(layer.out_features, layer.in_features // 2)  # the angle matrix is out x in/2
+
+    @classmethod
+    def inject(cls, model, config, names):
+        for n in names:
+            model.set_submodule(n, LoRaDLinear(model.get_submodule(n), config.rank, name=n))
+
     def state_dict(self):
         return dict(self.trainable_parameters())
 
@@ -165,6 +197,18 @@ class LoRaDAdapter(Adapter):
 
 class PeftAdapter(Adapter):
     """LoRA, DoRA and DoRA with frozen magnitude, through peft."""
+
+    @classmethod
+    def inject(cls, model, config, names):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha or config.rank,
+                                 target_modules=names, use_dora=config.kind != "lora", init_lora_weights=True)
+        inject_adapter_in_model(peft_config, model)
+        if config.kind == "dora-frozen":
+            for n, p in model.named_parameters():
+                if "lora_magnitude_vector" in n:
+                    p.requires_grad_(False)
 
     def state_dict(self):
         from peft import get_peft_model_state_dict
@@ -178,7 +222,27 @@ class PeftAdapter(Adapter):
 
 
 class FullAdapter(Adapter):
-    """Full fine-tuning: every parameter of the model trains; the 'adapter' is the model."""
+    """Full fine-tuning: every parameter of the model trains; the 'adapter' is the model,
+    so there is nothing to merge."""
+
+    ranked = False
+
+    @classmethod
+    def select(cls, model, config):
+        return [n for n, _ in model.named_modules() if n]
+
+    @classmethod
+    def inject(cls, model, config, names):
+        model.requires_grad_(True)
+
+    def layers(self):
+        return {}
+
+    def merge(self):
+        pass
+
+    def unmerge(self):
+        pass
 
     def state_dict(self):
         return self.model.state_dict()
@@ -187,31 +251,35 @@ class FullAdapter(Adapter):
         self.model.load_state_dict(tensors, strict=True)
 
 
-def attach(model: nn.Module, config: AdapterConfig) -> Adapter:
-    """Freeze `model` and attach the adapter that `config` names to its target layers."""
-    model.requires_grad_(False)
-    if config.kind == "full":
-        names = [n for n, _ in model.named_modules() if n]
-        model.requires_grad_(True)
-        return FullAdapter(model, config, names, fingerprint(model, names))
-    names = select_linears(model, config.rule)
-    fp = fingerprint(model, names)
-    if config.kind == "lorad":
-        for n in names:
-            model.set_submodule(n, LoRaDLinear(model.get_submodule(n), config.rank, name=n))
-        return LoRaDAdapter(model, config, names, fp)
-    from peft import LoraConfig, inject_adapter_in_model
+_CLASSES = {"lorad": LoRaDAdapter, "lora": PeftAdapter, "dora": PeftAdapter, "dora-frozen": PeftAdapter,
+            "full": FullAdapter}
+KINDS = tuple(_CLASSES)
 
-    peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha or config.rank,
-                             target_modules=names, use_dora=config.kind != "lora",
-                             init_lora_weights=True)
-    inject_adapter_in_model(peft_config, model)
-    adapter = PeftAdapter(model, config, names, fp)
-    if config.kind == "dora-frozen":
-        for n, p in model.named_parameters():
-            if "lora_magnitude_vector" in n:
-                p.requires_grad_(False)
-    return adapter
+
+def adapter_class(kind: str) -> type[Adapter]:
+    return _CLASSES[kind]
+
+
+def check_attach(model: nn.Module, config: AdapterConfig) -> None:
+    """Raise what `attach` would raise, on an empty (meta-device) copy of the architecture."""
+    with torch.device("meta"):
+        empty = type(model).from_config(model.config)
+    attach(empty, config)
+
+
+def attach(model: nn.Module, config: AdapterConfig) -> Adapter:
+    """Freeze `model` and attach the adapter that `config` names to its target layers
+    (without targets: the student preset of the model's backbone kind)."""
+    if config.targets is None:
+        from .backbones import kind_of
+
+        config = dataclasses.replace(config, targets=kind_of(model).targets[0])
+    cls = adapter_class(config.kind)
+    names = cls.select(model, config)
+    fp = fingerprint(model, names)
+    model.requires_grad_(False)
+    cls.inject(model, config, names)
+    return cls(model, config, names, fp)
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -252,8 +320,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> Adapter:
     meta, _ = read_adapter_file(path)
     config = AdapterConfig(**json.loads(meta["config"]))
     _check_compatible(path, meta, config, model, fp=None)
-    names = ([n for n, _ in model.named_modules() if n] if config.kind == "full"
-             else select_linears(model, config.rule))
+    names = adapter_class(config.kind).select(model, config)
     _check_compatible(path, meta, config, model, fingerprint(model, names))
     adapter = attach(model, config)
     adapter.load(path)

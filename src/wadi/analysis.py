@@ -1,4 +1,4 @@
-"""Weight-space analysis of a one-step student against its teacher (SPEC section 1).
+"""Weight-space analysis of a one-step student against its teacher (docs/method.md).
 
 Works on state dicts, so no model class is needed: a released merged student (a plain
 safetensors state dict) is analysed as it is. Analysed tensors: every floating tensor
@@ -33,18 +33,16 @@ w = ||w_norm_source|| * w_dir_source / ||w_dir_source||; everything else is the 
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+
+from .weights import check_fits
 
 EPS = 1e-12  # row norms at or below this count as zero
 DEFAULT_ENERGY = 0.93
@@ -58,117 +56,13 @@ HYBRIDS = {
     "teacher_dir_student_norm": ("student", "teacher"),
     "student_dir_teacher_norm": ("teacher", "student"),
 }
-_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
 StateDict = Mapping[str, torch.Tensor]
-
-
-# --- loading and saving -----------------------------------------------------------
-
-@dataclass
-class Weights:
-    """A state dict and where it came from."""
-
-    state_dict: dict[str, torch.Tensor]
-    path: Path
-    model_dir: Path | None = None  # the diffusers model folder; None for a .safetensors file
-
-
-def load_weights(path: str | Path) -> Weights:
-    """A diffusers model folder, a pipeline folder (its unet/ or transformer/), or a
-    .safetensors state dict. Pickle checkpoints are never read."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: only .safetensors state dicts are read (pickle checkpoints are not loaded)")
-        return Weights(_read_safetensors([path]), path)
-    model_dir = _model_dir(path)
-    return Weights(_read_safetensors(_weight_files(model_dir)), path, model_dir)
-
-
-def _model_dir(path: Path) -> Path:
-    if (path / "config.json").is_file():
-        return path
-    for sub in ("unet", "transformer"):
-        if (path / sub / "config.json").is_file():
-            return path / sub
-    raise ValueError(f"{path}: neither a diffusers model folder (config.json) nor a pipeline "
-                     "with a unet/ or transformer/ subfolder")
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / f"{_WEIGHTS_NAME}.index.json"
-    if index.is_file():  # sharded checkpoint
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
-            raise ValueError(f"cannot read the shard index {index}: {e}") from e
-        return [model_dir / s for s in shards]
-    if (model_dir / _WEIGHTS_NAME).is_file():
-        return [model_dir / _WEIGHTS_NAME]
-    found = sorted(model_dir.glob("*.safetensors"))
-    if len(found) == 1:  # a variant such as diffusion_pytorch_model.fp16.safetensors
-        return found
-    what = f"several weight files ({', '.join(f.name for f in found)})" if found else "no .safetensors weights"
-    raise ValueError(f"{model_dir}: {what}; pickle .bin checkpoints are not read")
-
-
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    state = {}
-    for f in files:
-        try:
-            state.update(load_file(f))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read {f}: {e}") from e
-    return state
-
-
-def save_weights(state_dict: StateDict, out: Path, like: Weights) -> Path:
-    """Save as a diffusers model folder `out` (save_pretrained) when `like` came from a
-    diffusers folder, else as the state dict `out`.safetensors. Returns what was written."""
-    if like.model_dir is None:
-        target = out.with_name(out.name + ".safetensors")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(target), metadata={"format": "pt"})
-        return target
-    _model_like(like.model_dir, state_dict).save_pretrained(out)
-    return out
-
-
-def _model_like(model_dir: Path, state_dict: StateDict) -> nn.Module:
-    """The diffusers model of `model_dir`'s config holding `state_dict` (strict)."""
-    import diffusers
-    from accelerate import init_empty_weights
-
-    config = json.loads((model_dir / "config.json").read_text())
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
-    if cls is None:
-        raise ValueError(f"{model_dir / 'config.json'} names no diffusers model class")
-    with init_empty_weights():  # no memory for weights that load_state_dict replaces anyway
-        model = cls.from_config(config)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model
 
 
 # --- which tensors, and their rows ------------------------------------------------
 
 def state_dict_of(x: nn.Module | StateDict) -> dict[str, torch.Tensor]:
     return dict(x.state_dict()) if isinstance(x, nn.Module) else dict(x)
-
-
-def check_same_architecture(teacher: StateDict, student: StateDict) -> None:
-    """Raise ValueError naming the first parameter (teacher order) that differs."""
-    for name, t in teacher.items():
-        if name not in student:
-            raise ValueError(f"teacher and student differ: {name!r} is in the teacher only")
-        if student[name].shape != t.shape:
-            raise ValueError(f"teacher and student differ at {name!r}: shape {tuple(t.shape)} "
-                             f"vs {tuple(student[name].shape)}")
-    extra = next((n for n in student if n not in teacher), None)
-    if extra is not None:
-        raise ValueError(f"teacher and student differ: {extra!r} is in the student only")
 
 
 def analysed_names(state_dict: StateDict) -> list[str]:
@@ -291,7 +185,7 @@ def analyse(teacher: nn.Module | StateDict, student: nn.Module | StateDict,
     """Analyse every weight of two models (or state dicts) of one architecture."""
     check_threshold(threshold)
     teacher, student = state_dict_of(teacher), state_dict_of(student)
-    check_same_architecture(teacher, student)
+    check_fits(student, teacher, "the student does not fit the teacher")
     names = analysed_names(teacher)
     if not names:
         raise ValueError("nothing to analyse: no floating tensor of 2+ dimensions named '*weight'")
@@ -353,14 +247,9 @@ def make_hybrid(teacher: nn.Module | StateDict, student: nn.Module | StateDict,
     if {norms_from, directions_from} - models.keys():
         raise ValueError("norms and directions come from 'teacher' or 'student', "
                          f"got {norms_from!r}, {directions_from!r}")
-    check_same_architecture(models["teacher"], models["student"])
+    check_fits(models["student"], models["teacher"], "the student does not fit the teacher")
     hybrid = dict(models["student"])
     for name in analysed_names(hybrid):
         w = swap_rows(models[norms_from][name], models[directions_from][name])
         hybrid[name] = w.to(hybrid[name].dtype)
     return hybrid
-
-
-def make_hybrids(teacher: nn.Module | StateDict, student: nn.Module | StateDict) -> dict[str, dict]:
-    """Both swap hybrids of SPEC section 1, by the names in HYBRIDS."""
-    return {name: make_hybrid(teacher, student, *sources) for name, sources in HYBRIDS.items()}

@@ -10,16 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+
+from .backbones import get_kind
 
 
 @dataclass(frozen=True)
 class Arch:
     name: str
-    family: str  # "unet" or "dit": which target presets apply
-    model_class: str  # diffusers class name
+    kind: str  # backbone kind (wadi.backbones.KINDS): denoiser class and target presets
     config: dict
-    hub_id: str  # where users usually get the weights
 
 
 _SD15_UNET = dict(
@@ -30,20 +29,17 @@ _SD15_UNET = dict(
 )
 
 ARCHS: dict[str, Arch] = {
-    "sd15": Arch("sd15", "unet", "UNet2DConditionModel", _SD15_UNET,
-                 "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    "sd21": Arch("sd21", "unet", "UNet2DConditionModel",
+    "sd15": Arch("sd15", "sd", _SD15_UNET),
+    "sd21": Arch("sd21", "sd",
                  dict(_SD15_UNET, sample_size=96, cross_attention_dim=1024,
-                      attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
-                 "stabilityai/stable-diffusion-2-1"),
-    "pixart": Arch("pixart", "dit", "PixArtTransformer2DModel",
+                      attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)),
+    "pixart": Arch("pixart", "pixart",
                    dict(sample_size=32, num_layers=28, num_attention_heads=16, attention_head_dim=72,
                         in_channels=4, out_channels=8, patch_size=2, cross_attention_dim=1152,
                         caption_channels=4096, norm_type="ada_norm_single",
                         norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000,
                         activation_fn="gelu-approximate", attention_bias=True,
-                        use_additional_conditions=False),
-                   "PixArt-alpha/PixArt-XL-2-256x256"),
+                        use_additional_conditions=False)),
 }
 
 
@@ -53,20 +49,10 @@ def get_arch(name: str) -> Arch:
     return ARCHS[name]
 
 
-def model_family(model: nn.Module) -> str:
-    """'unet' or 'dit' for a diffusers backbone, by class."""
-    cls = type(model).__name__
-    if "UNet" in cls:
-        return "unet"
-    if "Transformer" in cls:
-        return "dit"
-    raise ValueError(f"cannot tell the family of {cls}; pass explicit target patterns")
-
-
-def build(name: str, device: str | torch.device = "meta") -> nn.Module:
+def build(name: str, device: str | torch.device = "meta") -> torch.nn.Module:
     """The architecture `name` with random (or, on meta, no) weights."""
     import diffusers
 
     arch = get_arch(name)
     with torch.device(device):
-        return getattr(diffusers, arch.model_class)(**arch.config)
+        return getattr(diffusers, get_kind(arch.kind).denoiser)(**arch.config)

@@ -1,28 +1,28 @@
-"""Backbones: what the losses need from a text-to-image diffusion model, written once.
+"""Backbones: what the losses and samplers need from a text-to-image diffusion model, written once.
 
-A Backbone holds the frozen pieces shared by teacher, student and fake model (text
-encoder, tokenizer, VAE, noise schedule) and the teacher's denoiser `net`. Student and
-fake model are copies of `net` with adapters; `predict_eps` runs any of the three.
+A `BackboneSpec` says which model to load (kind, folder or hub id, text encoder,
+resolution, tokenizer length, the one-step generator's constant); the run config, exports
+and worlds all carry one. `KINDS` is the registry: one `Kind` per backbone family holds
+everything kind-specific (denoiser class and subfolder, text encoder and tokenizer,
+masking, VAE or not, stock pipeline, adapter target presets, how the denoiser is called).
+Adding a backbone is one entry here plus tests.
 
-Kinds (loaded from a local diffusers folder or a hub id, as diffusers does):
-- "sd":     Stable Diffusion 1.5 / 2.1: UNet2DConditionModel, CLIP text encoder, VAE.
-- "pixart": PixArt-alpha: PixArtTransformer2DModel, T5 (max length 120, attention mask),
-            VAE; the transformer predicts eps and variance, we keep the first channels.
-- "pixel":  a pixel-space UNet2DConditionModel with any transformers text encoder and
-            no VAE (the embedded digits world).
+A `Backbone` holds the frozen pieces shared by teacher, student and fake model (text
+encoder, tokenizer, VAE, noise schedule) and the teacher's denoiser `net`; student and
+fake model are the same net with adapters, and `predict_eps` runs any of the three.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-
-KINDS = ("sd", "pixart", "pixel")
 
 
 @dataclass
@@ -53,16 +53,138 @@ class Cond:
         return Cond(self.embeds.to(device, dtype), None if self.mask is None else self.mask.to(device))
 
 
+# --- the registry ----------------------------------------------------------------------
+
+def _call_unet(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> torch.Tensor:
+    return net(x_t, t, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask).sample
+
+
+def _call_pixart(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> torch.Tensor:
+    """PixArt-alpha: 1024 px models take the image size and aspect ratio as micro-conditions
+    (as PixArtAlphaPipeline passes them); the output's extra channels are the learned variance."""
+    added = {"resolution": None, "aspect_ratio": None}
+    if getattr(net, "use_additional_conditions", False):
+        size = backbone.resolution
+        added = {"resolution": x_t.new_tensor([[size, size]]).expand(len(x_t), 2),
+                 "aspect_ratio": x_t.new_tensor([[1.0]]).expand(len(x_t), 1)}
+    out = net(x_t, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask, timestep=t,
+              added_cond_kwargs=added).sample
+    return out[:, : backbone.channels]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Everything that differs between backbone families."""
+
+    name: str
+    denoiser: str  # diffusers class
+    subfolder: str  # the denoiser's folder in a pipeline
+    encoder: str  # transformers class of the text encoder
+    tokenizer: str  # transformers class of the tokenizer
+    masked: bool  # the denoiser attends with the tokenizer's mask (T5 / BERT); CLIP kinds attend to all tokens
+    vae: bool  # latent space (decoded by the pipeline's VAE) or pixels
+    pipeline: str | None  # stock diffusers pipeline; None: loaded by wadi only
+    targets: tuple[str, str]  # adapter target presets of (student, fake)
+    max_length: int | None  # tokenizer length; None: the tokenizer's own
+    call: Callable = _call_unet  # (backbone, net, x_t, t, cond) -> eps (or v), kind-shaped
+    pipeline_kwargs: str = ""  # what a one-step call of the stock pipeline needs besides the prompt
+    pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
+
+    def usage(self) -> str:
+        """How an exported folder of this kind samples in one step."""
+        if self.pipeline is None:
+            return "wadi sample FOLDER --prompt ..."
+        extra = f", {self.pipeline_kwargs}" if self.pipeline_kwargs else ""
+        return f"{self.pipeline}.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=0{extra})"
+
+
+KINDS: dict[str, Kind] = {
+    # Stable Diffusion 1.5 / 2.1: CLIP text states, the UNet attends to all 77 of them.
+    "sd": Kind("sd", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", masked=False, vae=True,
+               pipeline="StableDiffusionPipeline", targets=("unet-student", "unet-fake"), max_length=None,
+               pipeline_extras=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)),
+    # PixArt-alpha: T5 with its attention mask, length 120; eps and variance out.
+    "pixart": Kind("pixart", "PixArtTransformer2DModel", "transformer", "T5EncoderModel", "AutoTokenizer",
+                   masked=True, vae=True, pipeline="PixArtAlphaPipeline", targets=("dit-student", "dit-fake"),
+                   max_length=120, call=_call_pixart, pipeline_kwargs="clean_caption=False"),
+    # A pixel-space UNet with any transformers encoder and no VAE (the embedded worlds).
+    "pixel": Kind("pixel", "UNet2DConditionModel", "unet", "AutoModel", "AutoTokenizer", masked=True, vae=False,
+                  pipeline=None, targets=("unet-student", "unet-fake"), max_length=None),
+}
+
+
+def get_kind(name: str) -> Kind:
+    if name not in KINDS:
+        raise ValueError(f"unknown backbone kind {name!r}; choose one of {', '.join(KINDS)}")
+    return KINDS[name]
+
+
+def kind_of(model: nn.Module) -> Kind:
+    """The first kind whose denoiser class `model` is (UNets are "sd")."""
+    for kind in KINDS.values():
+        if kind.denoiser == type(model).__name__:
+            return kind
+    raise ValueError(f"no backbone kind has a {type(model).__name__} denoiser; give the adapter explicit targets")
+
+
+def detect_kind(path: str) -> str:
+    """The kind of a diffusers pipeline folder, by its subfolders (a VAE or not); hub ids
+    by name (PixArt when the name says so, else Stable Diffusion)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return "pixart" if "pixart" in path.lower() else "sd"
+    found = [k.name for k in KINDS.values() if (p / k.subfolder).is_dir() and (p / "vae").is_dir() == k.vae]
+    if not found:
+        raise ValueError(f"{path}: not a diffusers pipeline folder (no {' or '.join(sorted({k.subfolder for k in KINDS.values()}))}/)")
+    return found[0]
+
+
+@dataclass
+class BackboneSpec:
+    """Which model to load. None fields are unknown yet (`filled` completes them) or take
+    the model's own value when loaded."""
+
+    kind: str | None = None  # a key of KINDS; None: detected from the folder
+    path: str = ""  # local diffusers folder or hub id
+    text_encoder: str | None = None  # another folder for text encoder + tokenizer
+    resolution: int | None = None  # pixels; None: the net's sample size
+    max_length: int | None = None  # tokenizer length; None: the kind's default
+    one_step_abar: float | None = None  # abar_T of the one-step generator; None: the scheduler's abar at T-1
+
+    def filled(self, **known) -> "BackboneSpec":
+        """A copy whose unset fields take the values `known` gives."""
+        out = copy.copy(self)
+        for k, v in known.items():
+            if getattr(out, k) in (None, ""):
+                setattr(out, k, v)
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackboneSpec":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def load(self, dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> "Backbone":
+        if not self.path:
+            raise ValueError("no base model: pass --base FOLDER_OR_HUB_ID (the teacher the student was distilled from)")
+        return load_backbone(self.filled(kind=detect_kind(self.path)) if self.kind is None else self, dtype, allow_bin)
+
+
+# --- the backbone ------------------------------------------------------------------------
+
 class Backbone:
-    def __init__(self, kind: str, net: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
-                 vae: nn.Module | None = None, max_length: int | None = None, resolution: int | None = None):
-        self.kind = kind
-        self.family = "dit" if kind == "pixart" else "unet"
+    def __init__(self, spec: BackboneSpec, net: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
+                 vae: nn.Module | None = None):
+        self.spec = spec
+        self.kind = get_kind(spec.kind)
         self.net = net
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae
-        self.max_length = max_length or tokenizer.model_max_length
+        self.max_length = spec.max_length or self.kind.max_length or tokenizer.model_max_length
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -71,9 +193,18 @@ class Backbone:
         self.alphas_cumprod = scheduler.alphas_cumprod.float()
         self.scheduler_config = dict(scheduler.config)
         self.channels = net.config.in_channels
-        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        self.latent_size = (resolution // scale) if resolution else net.config.sample_size
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else net.config.sample_size
         self._empty: Cond | None = None
+
+    @property
+    def resolution(self) -> int:
+        """Image size in pixels."""
+        return self.latent_size * self.vae_scale
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.latent_size, self.latent_size)
 
     # --- the noise schedule --------------------------------------------------------
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +213,15 @@ class Backbone:
         return abar.sqrt(), (1 - abar).sqrt()
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.latent_size, self.latent_size)
+    def one_step_abar(self) -> float:
+        """abar_T of the one-step generator x0 = (z - sqrt(1 - abar_T) eps) / sqrt(abar_T)."""
+        if self.spec.one_step_abar is not None:
+            return float(self.spec.one_step_abar)
+        return float(self.alphas_cumprod[self.num_train_timesteps - 1])
+
+    def one_step_alpha_sigma(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = torch.tensor(self.one_step_abar, dtype=torch.float32, device=device)
+        return abar.sqrt(), (1 - abar).sqrt()
 
     # --- text -----------------------------------------------------------------------
     @torch.no_grad()
@@ -92,7 +230,7 @@ class Backbone:
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")
         ids = tok.input_ids.to(device)
-        if self.kind == "sd":  # CLIP: the UNet attends to all 77 states, no mask (as SD does)
+        if not self.kind.masked:
             return Cond(self.text_encoder(ids)[0])
         mask = tok.attention_mask.to(device)
         return Cond(self.text_encoder(ids, attention_mask=mask)[0], mask)
@@ -107,21 +245,23 @@ class Backbone:
     def predict_eps(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """The noise prediction of `net` (teacher, student or fake) at (x_t, t)."""
         dtype = x_t.dtype
-        if self.family == "dit":
-            out = net(x_t, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask, timestep=t,
-                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-            out = out[:, : self.channels]  # the rest is the learned variance
-        else:
-            out = net(x_t, t, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask).sample
-        out = out.to(dtype)
+        out = self.kind.call(self, net, x_t, t, cond).to(dtype)
         if self.prediction_type == "v_prediction":  # v = alpha eps - sigma x0  =>  eps = sigma x_t + alpha v
             alpha, sigma = self.alpha_sigma(t)
             return sigma.to(dtype) * x_t + alpha.to(dtype) * out
         return out
 
-    def predict_x0(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        alpha, sigma = self.alpha_sigma(t)
-        return (x_t - sigma * self.predict_eps(net, x_t, t, cond)) / alpha
+    def guided_eps(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond,
+                   guidance: float) -> torch.Tensor:
+        """eps of `net` in float32 with classifier-free guidance, from one batched
+        [uncond; cond] pass; at guidance 1 the conditional pass alone."""
+        from .losses import guide
+
+        if guidance == 1:
+            return self.predict_eps(net, x, t, cond).float()
+        uncond = self.empty_cond().to(x.device, x.dtype).expand(len(x))
+        e_u, e_c = self.predict_eps(net, torch.cat([x, x]), t.repeat(2), uncond.cat(cond)).float().chunk(2)
+        return guide(e_u, e_c, guidance)
 
     # --- images ---------------------------------------------------------------------
     @torch.no_grad()
@@ -143,6 +283,8 @@ class Backbone:
         return self
 
 
+# --- loading ------------------------------------------------------------------------------
+
 def check_model_path(path: str) -> None:
     """Fail fast on a local path that does not exist (hub ids 'org/name' pass through)."""
     p = Path(os.path.expanduser(path))
@@ -153,9 +295,13 @@ def check_model_path(path: str) -> None:
         raise FileNotFoundError(f"model path {path!r} does not exist; give a diffusers folder or a hub id 'org/name'")
 
 
-def _load(cls, path: str, what: str, dtype: torch.dtype | None = None, **kwargs):
+def _load(library: str, class_name: str, path: str, what: str, dtype: torch.dtype | None = None, **kwargs):
+    """`library.class_name` (diffusers or transformers) from a folder or hub id."""
+    import importlib
+
+    cls = getattr(importlib.import_module(library), class_name)
     if dtype is not None:  # diffusers and transformers name the argument differently
-        kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = dtype
+        kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
     if kwargs.get("subfolder", "") is None:  # transformers 5 fails on subfolder=None
         del kwargs["subfolder"]
     try:
@@ -165,50 +311,27 @@ def _load(cls, path: str, what: str, dtype: torch.dtype | None = None, **kwargs)
         raise FileNotFoundError(f"could not load the {what} from {path!r}: {first}") from None
 
 
-def load_backbone(kind: str, path: str, text_encoder: str | None = None, resolution: int | None = None,
-                  max_length: int | None = None, dtype: torch.dtype = torch.float32) -> Backbone:
-    """Load a backbone the way diffusers does: subfolders unet|transformer, text_encoder,
-    tokenizer, vae, scheduler of a local folder or a hub repository.
+def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> Backbone:
+    """Load a backbone the way diffusers does: the kind's denoiser subfolder, text_encoder,
+    tokenizer, vae and scheduler of a local folder or a hub repository (`spec.text_encoder`
+    names another folder for the text encoder and tokenizer).
 
-    `text_encoder` names another folder for the text encoder and tokenizer (the pixel
-    kind uses it for an encoder shipped elsewhere).
+    Weights come from safetensors; `allow_bin` also lets diffusers and transformers read
+    .bin weights, which both do with torch.load(weights_only=True): tensors only, no code.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler
-
-    if kind not in KINDS:
-        raise ValueError(f"unknown backbone kind {kind!r}; choose one of {', '.join(KINDS)}")
-    check_model_path(path)
-    if text_encoder:
-        check_model_path(text_encoder)
-    te_path, te_sub = (text_encoder, None) if text_encoder else (path, "text_encoder")
-    tok_sub = None if text_encoder else "tokenizer"
-    scheduler = _load(DDPMScheduler, path, "scheduler", subfolder="scheduler")
-    if kind == "sd":
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        net = _load(UNet2DConditionModel, path, "UNet", subfolder="unet", dtype=dtype)
-        enc = _load(CLIPTextModel, te_path, "text encoder", subfolder=te_sub, dtype=dtype)
-        tok = _load(CLIPTokenizer, te_path, "tokenizer", subfolder=tok_sub)
-        vae = _load(AutoencoderKL, path, "VAE", subfolder="vae", dtype=dtype)
-    elif kind == "pixart":
-        from diffusers import PixArtTransformer2DModel
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        net = _load(PixArtTransformer2DModel, path, "transformer", subfolder="transformer", dtype=dtype)
-        enc = _load(T5EncoderModel, te_path, "text encoder", subfolder=te_sub, dtype=dtype)
-        tok = _load(AutoTokenizer, te_path, "tokenizer", subfolder=tok_sub)
-        vae = _load(AutoencoderKL, path, "VAE", subfolder="vae", dtype=dtype)
-        max_length = max_length or 120  # PixArt-alpha's T5 length
-    else:
-        from diffusers import UNet2DConditionModel
-        from transformers import AutoModel, AutoTokenizer
-
-        net = _load(UNet2DConditionModel, path, "UNet", subfolder="unet", dtype=dtype)
-        enc = _load(AutoModel, te_path, "text encoder", subfolder=te_sub, dtype=dtype)
-        tok = _load(AutoTokenizer, te_path, "tokenizer", subfolder=tok_sub)
-        vae = None
-    for m in (net, enc, vae):
+    kind = get_kind(spec.kind)
+    weights = {"use_safetensors": None if allow_bin else True}
+    check_model_path(spec.path)
+    if spec.text_encoder:
+        check_model_path(spec.text_encoder)
+    te_path, te_sub, tok_sub = ((spec.text_encoder, None, None) if spec.text_encoder
+                                else (spec.path, "text_encoder", "tokenizer"))
+    scheduler = _load("diffusers", "DDPMScheduler", spec.path, "scheduler", subfolder="scheduler")
+    net = _load("diffusers", kind.denoiser, spec.path, kind.subfolder, dtype=dtype, subfolder=kind.subfolder, **weights)
+    encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **weights)
+    tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub)
+    vae = _load("diffusers", "AutoencoderKL", spec.path, "VAE", dtype=dtype, subfolder="vae", **weights) if kind.vae else None
+    for m in (net, encoder, vae):
         if m is not None:
             m.requires_grad_(False).eval()
-    return Backbone(kind, net, enc, tok, scheduler, vae=vae, max_length=max_length, resolution=resolution)
+    return Backbone(spec, net, encoder, tokenizer, scheduler, vae=vae)

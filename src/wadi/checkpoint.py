@@ -1,24 +1,24 @@
-"""Run folders and training checkpoints without pickle: tensors in safetensors, everything
-else in JSON.
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
-Runs live in numbered folders `runs/NNNNN-name/`. A checkpoint is a folder
-`step-NNNNNNN/` written as `step-NNNNNNN.tmp/` and renamed when complete, so a run killed
-at any moment leaves only whole checkpoints behind.
+A checkpoint is a folder of pieces, each named once with how it is written and read
+(`Piece`), so that saving and loading walk the same list. It is written as
+`step-NNNNNNN.tmp/` and renamed when complete: a run killed at any moment leaves only
+whole checkpoints, and a later start removes the half-written one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from .files import replace_dir
 
 
 def flatten_state(state: dict, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
@@ -66,34 +66,53 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         rest = json.loads(f.metadata()["structure"])
     return unflatten_state(load_file(str(path)), rest)
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+@dataclass
+class Piece:
+    """One piece of a checkpoint: its file name, and how to write and read it."""
+
+    file: str
+    save: Callable[[Path], None]
+    load: Callable[[Path], None]
+    main_only: bool = True  # written by the main process; False: one file per process, `{rank}` in the name
 
 
-def set_rng_state(state: dict, generator: torch.Generator, python_state) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["noise"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+def stateful(name: str, obj) -> Piece:
+    """A piece for anything with state_dict / load_state_dict (optimizers, schedulers, EMA)."""
+    return Piece(f"{name}.safetensors", lambda p: save_state(p, obj.state_dict()),
+                 lambda p: obj.load_state_dict(load_state(p)))
 
 
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+def json_piece(name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> Piece:
+    return Piece(f"{name}.json", lambda p: p.write_text(json.dumps(get())), lambda p: put(json.loads(p.read_text())))
+
+
+def piece_path(folder: Path, piece: Piece, rank: int) -> Path:
+    return folder / piece.file.format(rank=rank)
+
+
+def write_pieces(folder: Path, pieces: list[Piece], rank: int, is_main: bool) -> None:
+    for piece in pieces:
+        if is_main or not piece.main_only:
+            piece.save(piece_path(folder, piece, rank))
+
+
+def read_pieces(folder: Path, pieces: list[Piece], rank: int) -> None:
+    """Read every piece; a missing or unreadable one raises CorruptCheckpoint naming it."""
+    for piece in pieces:
+        path = piece_path(folder, piece, rank)
+        try:
+            piece.load(path)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # safetensors and JSON errors
+            raise CorruptCheckpoint(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint folder whose pieces cannot be read back."""
 
 
 def begin(tmp: Path) -> Path:
@@ -103,32 +122,17 @@ def begin(tmp: Path) -> Path:
     return tmp
 
 
-def commit(tmp: Path, keep: int) -> Path:
+def commit(tmp: Path, keep: int, complete: Callable[[], list[Path]]) -> Path:
     """Make a written checkpoint visible (atomic rename), then prune to the newest `keep`."""
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
+    replace_dir(tmp, final)
+    for old in complete()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def next_run_dir(root: Path, name: str) -> Path:
-    """runs/NNNNN-name with NNNNN one past the highest number already there."""
-    root.mkdir(parents=True, exist_ok=True)
-    ids = [int(p.name.split("-")[0]) for p in root.iterdir() if p.is_dir() and p.name.split("-")[0].isdigit()]
-    return root / f"{max(ids, default=-1) + 1:05d}-{name}"
-
-
-def find_resume_dir(root: Path, resume: str) -> Path:
-    """The run folder `resume` names, or with 'latest' the newest run under root with a checkpoint."""
-    if resume != "latest":
-        run = Path(resume)
-        if not (run / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a run folder (no config.yaml)")
-        return run
-    runs = sorted((p for p in root.glob("[0-9]*-*") if list_checkpoints(p / "checkpoints")),
-                  key=lambda p: int(p.name.split("-")[0]))
-    if not runs:
-        raise FileNotFoundError(f"--resume latest: no run with a checkpoint under {root}")
-    return runs[-1]
+def remove_partial(folder: Path) -> None:
+    """Remove the `.tmp` folders a killed or failed checkpoint write left behind."""
+    if folder.is_dir():
+        for tmp in folder.glob("*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)

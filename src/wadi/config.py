@@ -1,30 +1,35 @@
 """Distillation settings: dataclasses, named presets, YAML files and dotted overrides.
 
 `resolve("sd15-wadi", ["model.path=/data/sd15", "train.steps=1000"])` expands a preset
-(or a YAML file, which may name a preset under `preset:`), applies the overrides, and
-checks every key. The resolved config is written into each run folder.
+(or a YAML file, which may name a preset under `preset:`), applies the overrides, converts
+every value to its field's type and checks every key, range and relation, so that a bad
+setting is one clear line before anything is loaded or written. The resolved config is
+written into each run folder. Presets of the embedded worlds come from the worlds
+themselves (wadi.worlds).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from .adapters import AdapterConfig
-from .digits import paths as _digits
+from .adapters import AdapterConfig, adapter_class
+from .backbones import KINDS, BackboneSpec, get_kind
+from .targets import resolve_rule
 
-
-@dataclass
-class ModelConfig:
-    kind: str = "sd"  # sd | pixart | pixel (see wadi.backbones)
-    path: str = ""  # local diffusers folder or hub id
-    text_encoder: str | None = None  # another folder for text encoder + tokenizer
-    resolution: int | None = None  # pixels; None: the net's sample size
-    max_length: int | None = None  # tokenizer length; None: the backbone's default
+# The generator's abar_T in the authors' training and inference scripts, for every backbone.
+AUTHORS_ONE_STEP_ABAR = 0.0047
+MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
+LR_SCHEDULES = ("constant", "cosine", "linear")
+REPORT_TO = ("tensorboard", "wandb", "all", "none")  # accelerate's trackers
 
 
 @dataclass
@@ -47,16 +52,18 @@ class TrainConfig:
     lr_fake: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    warmup_steps: int = 0  # constant schedule after warm-up
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at the last step)
     max_grad_norm: float = 1.0
     guidance: float = 1.5  # on both teacher and fake model
     t_min: int = 20
     t_max: int = 980
     fake_uncond_prob: float = 0.1
+    fake_steps: int = 1  # fake-model updates per student update (DMD2's two time-scale rule uses 5)
     mixed_precision: str = "no"  # no | fp16 | bf16; adapter parameters stay fp32
     gradient_checkpointing: bool = False
     adam_8bit: bool = False  # bitsandbytes AdamW8bit when installed
-    ema_decay: float | None = None  # EMA of the student's trainable parameters
+    ema_decay: float | None = None  # EMA of the student's trainable parameters: the final student
     seed: int = 0
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
 
@@ -71,13 +78,14 @@ class RunConfig:
     sample_every: int = 500  # validation grid; 0 disables
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1])
     export: bool = True  # write the merged student as a plain diffusers model at the end
+    report_to: str = "tensorboard"  # tensorboard | wandb | all | none, through accelerate's trackers
 
 
 @dataclass
 class DistillConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    student: AdapterConfig = field(default_factory=lambda: AdapterConfig("lorad", 256, "unet-student"))
-    fake: AdapterConfig = field(default_factory=lambda: AdapterConfig("lorad", 32, "unet-fake"))
+    model: BackboneSpec = field(default_factory=lambda: BackboneSpec(kind="sd"))
+    student: AdapterConfig = field(default_factory=lambda: AdapterConfig("lorad", 256))
+    fake: AdapterConfig = field(default_factory=lambda: AdapterConfig("lorad", 32))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -85,6 +93,11 @@ class DistillConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self) -> "DistillConfig":
+        """Every range and relation that needs no model; raises ValueError naming the setting."""
+        _check_config(self)
+        return self
 
 
 def _deep_update(base: dict, new: dict) -> dict:
@@ -101,8 +114,7 @@ PRESETS: dict[str, dict] = {
     "sd21-wadi": _deep_update(_SD, {"model": {"kind": "sd", "resolution": 512,
                                               "path": "stabilityai/stable-diffusion-2-1-base"}}),
     "pixart-wadi": {"model": {"kind": "pixart", "path": "PixArt-alpha/PixArt-XL-2-256x256", "resolution": 256},
-                    "student": {"rank": 128, "targets": "dit-student"},
-                    "fake": {"targets": "dit-fake"},
+                    "student": {"rank": 128},
                     "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
 }
 # The paper's rank ablation (student r) and adapter ablation (same targets, matched budget).
@@ -111,87 +123,266 @@ for _r in (64, 128, 512):
 for _kind in ("lorad", "lora", "dora", "dora-frozen", "full"):
     PRESETS[f"sd15-ablation-{_kind}"] = _deep_update(PRESETS["sd15-wadi"],
                                                      {"student": {"kind": _kind}, "train": {"steps": 10000}})
-# The embedded digits world (wadi.digits, `wadi demo`): the shipped teacher and prompt file,
-# the MiniLM text encoder from its PyPI package; sized to finish on two CPU cores in minutes.
-PRESETS["digits-wadi"] = {
-    "model": {"kind": "pixel", "path": str(_digits.TEACHER), "text_encoder": _digits.minilm_dir_or_hint(),
-              "max_length": _digits.MAX_LENGTH},
-    "student": {"rank": 16}, "fake": {"rank": 8},
-    "data": {"prompts": str(_digits.PROMPTS), "cache_embeddings": True,
-             "sample_prompts": [f"a handwritten {w}" for w in ("zero", "one", "two", "three", "four", "five",
-                                                                "six", "seven", "eight", "nine")]},
-    # Measured in this world (docs/digits.md): the student's angles need a larger
-    # step than SD's 1e-4 to move in 300 steps, and the teacher's own guidance 4 (SD uses
-    # 1.5) gives the student the sharp digits the teacher draws; longer runs drift.
-    "train": {"steps": 300, "batch_size": 32, "lr_student": 3e-3, "lr_fake": 1e-2, "guidance": 4.0},
-    "run": {"log_every": 5, "checkpoint_every": 100, "sample_every": 100, "sample_seeds": [0, 1, 2, 3]},
-}
 
 
-def _set_dotted(d: dict, key: str, value) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        d = d.setdefault(p, {})
-    d[parts[-1]] = value
+def preset_names() -> list[str]:
+    from .worlds import world_presets
+
+    return list(PRESETS) + list(world_presets())
 
 
-def _number(value, annotation: str, where: str):
-    """Numbers by the field's type: YAML 1.1 reads `1e-3` as a string, and 2 for a float field is 2.0."""
-    kind = annotation.split(" |")[0]
-    if kind not in ("int", "float") or value is None:
+def preset_values(name: str) -> dict | None:
+    """A preset's settings: ours, or one an embedded world registers; None if unknown."""
+    if name in PRESETS:
+        return copy.deepcopy(PRESETS[name])
+    from .worlds import world_presets
+
+    make = world_presets().get(name)
+    return make() if make else None
+
+
+# --- YAML and types ----------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as booleans,
+    which turns `train.mixed_precision=no` into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(value, annotation, where: str):
+    """`value` as the field's type, or a ValueError naming the setting."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for a in options:
+            try:
+                return _coerce(value, a, where)
+            except ValueError as e:
+                errors.append(e)
+        raise errors[0]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"setting {where} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ValueError(f"setting {where} must be an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(str(value))
+        except ValueError:
+            raise ValueError(f"setting {where} must be a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"setting {where} must be a string, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"setting {where} must be a list, got {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ValueError(f"setting {where} must be a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"setting {where} must be a mapping, got {value!r}")
         return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value) if kind == "float" else value
-    try:
-        return float(value) if kind == "float" else int(str(value))
-    except ValueError:
-        raise ValueError(f"setting {where} must be {'a number' if kind == 'float' else 'an integer'}, "
-                         f"got {value!r}") from None
+    raise TypeError(f"no conversion for the type of {where}: {annotation}")
+
+
+_NESTED = {"model": BackboneSpec, "student": AdapterConfig, "fake": AdapterConfig, "data": DataConfig,
+           "train": TrainConfig, "run": RunConfig}
 
 
 def _build(cls, values: dict, where: str):
-    """A dataclass from a complete dict, with a clear error for unknown keys and non-numbers."""
-    types = {f.name: f.type for f in dataclasses.fields(cls)}
-    names = list(types)
+    """A dataclass from a complete dict, with a clear error for unknown keys and bad values."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown setting {where}{unknown[0]}; valid keys here: {', '.join(names)}")
     kwargs = {}
     for name, value in values.items():
-        if name in _NESTED and isinstance(value, dict):
+        if name in _NESTED and cls is DistillConfig:
+            if not isinstance(value, dict):
+                raise ValueError(f"setting {where}{name} must be a section of keys, got {value!r}")
             value = _build(_NESTED[name], value, f"{where}{name}.")
-        elif name in _NESTED:
-            raise ValueError(f"setting {where}{name} must be a section of keys, got {value!r}")
+        elif name == "targets" and cls is AdapterConfig:
+            if value is not None and not isinstance(value, (str, dict)):
+                raise ValueError(f"setting {where}targets must be a preset name or include/exclude lists, got {value!r}")
         else:
-            value = _number(value, types[name], where + name)
-        kwargs[name] = tuple(value) if name == "betas" else value
-    return cls(**kwargs)
-
-
-_NESTED = {"model": ModelConfig, "student": AdapterConfig, "fake": AdapterConfig, "data": DataConfig,
-           "train": TrainConfig, "run": RunConfig}
+            value = _coerce(value, hints[name], where + name)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{where.rstrip('.')}: {e}") from None
 
 
 def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
-    """Expand a preset name or YAML file and apply `key=value` overrides."""
-    if config in PRESETS:
-        values, preset = copy.deepcopy(PRESETS[config]), config
-    else:
+    """Expand a preset name or YAML file, apply `key=value` overrides, convert and check."""
+    values = preset_values(config)
+    preset = config if values is not None else ""
+    if values is None:
         path = Path(config)
         if not path.is_file():
-            raise FileNotFoundError(f"config {config!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise FileNotFoundError(f"config {config!r} is neither a preset ({', '.join(preset_names())}) "
+                                    "nor a YAML file")
+        try:
+            loaded = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path} is unreadable ({e})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of settings")
-        preset = loaded.pop("preset", "")
-        if preset and preset not in PRESETS:
+        preset = loaded.pop("preset", "") or ""
+        base = preset_values(preset) if preset else {}
+        if base is None:
             raise ValueError(f"config file {path} names unknown preset {preset!r}")
-        values = _deep_update(PRESETS.get(preset, {}), loaded)
+        values = _deep_update(base, loaded)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        _set_dotted(values, key, yaml.safe_load(raw))
+        try:
+            parsed = load_yaml(raw)
+        except yaml.YAMLError:
+            parsed = raw
+        _set_dotted(values, key, parsed)
     values["preset"] = preset
     # Start from the defaults so a section that sets one key keeps the others.
-    return _build(DistillConfig, _deep_update(DistillConfig().to_dict(), values), "")
+    cfg = _build(DistillConfig, _deep_update(DistillConfig().to_dict(), values), "")
+    kind = get_kind(cfg.model.kind) if cfg.model.kind else None
+    for role, adapter in (("student", cfg.student), ("fake", cfg.fake)):
+        if adapter.targets is None and kind is not None:  # the backbone's preset for this role
+            adapter.targets = kind.targets[0 if role == "student" else 1]
+    return cfg.check()
+
+
+# What a resumed run may change (recorded in its config.yaml); every other setting defines
+# the run (model, adapters, batch, rates, schedule, seed, ...) and must stay as it was.
+RESUMABLE = {"train.steps", "train.max_nonfinite", "run.log_every", "run.checkpoint_every",
+             "run.keep_checkpoints", "run.sample_every", "run.sample_seeds", "data.sample_prompts",
+             "run.export", "run.report_to"}
+
+
+def resume_config(run, overrides: list[str]) -> DistillConfig:
+    """The config of a run folder with `overrides`, refused where they change the run itself."""
+    saved = resolve(str(run.config))
+    cfg = resolve(str(run.config), overrides)
+    old, new = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
+    changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"--resume {run.path}: {k} was {old.get(k)!r} in this run and cannot change "
+                         f"(asked: {new[k]!r}); a resumed run may change only {', '.join(sorted(RESUMABLE))}. "
+                         "Start a new run for other settings")
+    return cfg
+
+
+def flat_settings(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("targets",):
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"setting {p} must be a section of keys, got {nxt!r}")
+        d = nxt
+    d[parts[-1]] = value
+
+
+# --- checks --------------------------------------------------------------------------
+
+def _require(ok: bool, setting: str, what: str, value) -> None:
+    if not ok:
+        raise ValueError(f"setting {setting} must be {what}, got {value!r}")
+
+
+def _check_config(c: DistillConfig) -> None:
+    m, d, t, r = c.model, c.data, c.train, c.run
+    _require(m.kind is None or m.kind in KINDS, "model.kind", f"one of {', '.join(KINDS)}", m.kind)
+    _require(m.resolution is None or m.resolution > 0, "model.resolution", "a positive number of pixels",
+             m.resolution)
+    _require(m.max_length is None or m.max_length > 0, "model.max_length", "positive", m.max_length)
+    _require(m.one_step_abar is None or 0 < m.one_step_abar < 1, "model.one_step_abar", "in (0, 1) or null",
+             m.one_step_abar)
+    for role, a in (("student", c.student), ("fake", c.fake)):
+        if adapter_class(a.kind).ranked and a.targets is not None:
+            resolve_rule(a.targets)  # an unknown preset or a bad rule raises here
+    _require(d.format in ("auto", "txt", "jsonl", "coco"), "data.format", "auto, txt, jsonl or coco", d.format)
+    _require(t.steps >= 1, "train.steps", "at least 1", t.steps)
+    _require(t.batch_size >= 1, "train.batch_size", "at least 1", t.batch_size)
+    _require(t.grad_accum >= 1, "train.grad_accum", "at least 1", t.grad_accum)
+    for name in ("lr_student", "lr_fake"):
+        v = getattr(t, name)
+        _require(math.isfinite(v) and v > 0, f"train.{name}", "a positive number", v)
+    _require(all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", list(t.betas))
+    _require(math.isfinite(t.weight_decay) and t.weight_decay >= 0, "train.weight_decay", "at least 0",
+             t.weight_decay)
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "at least 0", t.warmup_steps)
+    _require(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", " or ".join(LR_SCHEDULES), t.lr_schedule)
+    _require(math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0, "train.max_grad_norm", "a positive number",
+             t.max_grad_norm)
+    _require(math.isfinite(t.guidance), "train.guidance", "a finite number", t.guidance)
+    _require(t.t_min >= 0, "train.t_min", "at least 0", t.t_min)
+    _require(t.t_max >= t.t_min, "train.t_max", f"at least train.t_min ({t.t_min})", t.t_max)
+    _require(0 <= t.fake_uncond_prob <= 1, "train.fake_uncond_prob", "a probability in [0, 1]", t.fake_uncond_prob)
+    _require(t.fake_steps >= 1, "train.fake_steps", "at least 1", t.fake_steps)
+    _require(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " or ".join(MIXED_PRECISION),
+             t.mixed_precision)
+    _require(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", "in (0, 1) or null", t.ema_decay)
+    _require(t.seed >= 0, "train.seed", "at least 0", t.seed)
+    _require(t.max_nonfinite >= 1, "train.max_nonfinite", "at least 1", t.max_nonfinite)
+    _require(bool(r.root), "run.root", "a folder", r.root)
+    _require("/" not in r.desc and "\\" not in r.desc, "run.desc", "a name without slashes", r.desc)
+    _require(r.report_to in REPORT_TO, "run.report_to", " or ".join(REPORT_TO), r.report_to)
+    _require(r.log_every >= 1, "run.log_every", "at least 1", r.log_every)
+    _require(r.checkpoint_every >= 0, "run.checkpoint_every", "at least 0 (0: only the final export)",
+             r.checkpoint_every)
+    _require(r.keep_checkpoints >= 1, "run.keep_checkpoints", "at least 1", r.keep_checkpoints)
+    _require(r.sample_every >= 0, "run.sample_every", "at least 0 (0: no sample grids)", r.sample_every)
+    if r.sample_every:
+        _require(bool(d.sample_prompts) and all(p.strip() for p in d.sample_prompts), "data.sample_prompts",
+                 "a list of non-empty prompts (or set run.sample_every=0)", d.sample_prompts)
+        _require(bool(r.sample_seeds) and all(s >= 0 for s in r.sample_seeds), "run.sample_seeds",
+                 "a list of seeds >= 0", r.sample_seeds)

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .models import Loaded
+from .files import atomic_path, check_out
+from .images import read_images, save_png, to_uint8
 from .prompts import PromptSet
-from .sampling import Sampling, save_png, to_uint8
+from .sampling import Sampling
+from .students import Loaded
 
 METRICS = ("fid", "clip", "pr", "alignment")
 
@@ -74,12 +75,6 @@ def generate(model: Loaded, sampling: Sampling, prompts: PromptSet, seed: int, f
     bar.close()
     state.wait_for_everyone()
     return len(mine)
-
-
-def read_images(paths: list[Path]) -> np.ndarray:
-    """(N, H, W, C) uint8 as stored (C = 1 for grey PNGs)."""
-    arrays = [np.asarray(Image.open(p)) for p in paths]
-    return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
 
 
 # --- features and the reference set --------------------------------------------------
@@ -174,10 +169,8 @@ class Reference:
                     return z["features"]
         features = extractor(files, 50, device, progress)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as f:
             np.savez(f, features=features, key=np.asarray(key))
-        os.replace(tmp, cache)
         if extractor.spec == INCEPTION:  # reference_stats' own cache: FID need not extract again
             save_stats(self._cache("stats", extractor), *gaussian_stats(features), key=folder_key(self.path, files),
                        n=len(files), extractor=EXTRACTOR, folder=str(self.path.resolve()))
@@ -287,8 +280,7 @@ def check_resume(out: Path, settings: dict, force: bool) -> None:
     """Refuse to add images to an output made with other settings (unless `force` clears it)."""
     saved = out / "settings.json"
     if not saved.is_file():
-        if out.is_dir() and any(out.iterdir()) and not force:
-            raise FileExistsError(f"--out {out} is not empty and holds no wadi evaluation; pass --force to use it")
+        check_out(out, force)
         return
     old = json.loads(saved.read_text())
     clash = [name for name, s in settings["models"].items() if old.get("models", {}).get(name, s) != s]

@@ -3,13 +3,14 @@
 The folder is what `StableDiffusionPipeline.save_pretrained` (or PixArt-alpha's) writes,
 with the student as its UNet / transformer and a scheduler under which the stock
 pipeline, called with `num_inference_steps=1` and no guidance, does exactly WaDi's one
-step: DDIM with "trailing" spacing puts its only timestep at T-1 = 999, and with
+step: DDIM with "trailing" spacing puts its only timestep at T-1, and with
 `set_alpha_to_one` the step to the final alpha (1) returns
-x0 = (x - sqrt(1 - abar_999) eps) / sqrt(abar_999) and adds nothing (eta = 0). Its
+x0 = (x - sqrt(1 - abar_T) eps) / sqrt(abar_T) and adds nothing (eta = 0). Its
 arithmetic is our sampler's, so images agree to the last bit in float32.
 
-The pixel kind has no stock pipeline: its folder holds the same components without a
-model_index.json, loadable by `wadi sample` and `load_backbone("pixel", folder)`.
+Every export carries `wadi.json` (this module owns its format): the base model's
+BackboneSpec, where the student came from, and how to run it. Kinds without a stock
+pipeline get the same components without a model_index.json, loadable by `wadi sample`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,33 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .models import EXPORT_FORMAT, EXPORT_MARKER, Loaded, is_run_folder
+from .backbones import BackboneSpec
+from .files import atomic_path, check_out
+from .run_folder import RunFolder
 
-USAGE = {
-    "sd": "StableDiffusionPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=0)",
-    "pixart": ("PixArtAlphaPipeline.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=0, "
-               "clean_caption=False)"),
-    "pixel": "wadi sample folder --prompt ...",
-}
+if TYPE_CHECKING:
+    from .students import Loaded
+
+MANIFEST = "wadi.json"
+FORMAT = "wadi-export/2"
+
+
+def is_export(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an exported folder; `base` as a BackboneSpec."""
+    try:
+        info = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder / MANIFEST} is unreadable ({e}); export the student again") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"{folder / MANIFEST}: unknown export format "
+                         f"{info.get('format') if isinstance(info, dict) else None!r}; export the student again")
+    return {**info, "base": BackboneSpec.from_dict(info["base"])}
 
 
 def one_step_scheduler(scheduler_config: dict):
@@ -36,47 +55,36 @@ def one_step_scheduler(scheduler_config: dict):
                                      clip_sample=False, thresholding=False, steps_offset=1)
 
 
-def build_pipeline(loaded: Loaded):
+def build_pipeline(loaded: "Loaded"):
     """The stock diffusers pipeline of the student, built from its components in memory."""
+    import diffusers
+
     bb = loaded.backbone
-    scheduler = one_step_scheduler(bb.scheduler_config)
-    if loaded.kind == "sd":
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(vae=bb.vae, text_encoder=bb.text_encoder, tokenizer=bb.tokenizer,
-                                       unet=loaded.net, scheduler=scheduler, safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    if loaded.kind == "pixart":
-        from diffusers import PixArtAlphaPipeline
-
-        return PixArtAlphaPipeline(tokenizer=bb.tokenizer, text_encoder=bb.text_encoder, vae=bb.vae,
-                                   transformer=loaded.net, scheduler=scheduler)
-    raise ValueError(f"the {loaded.kind} kind has no stock diffusers pipeline")
+    if bb.kind.pipeline is None:
+        raise ValueError(f"the {bb.kind.name} kind has no stock diffusers pipeline")
+    components = {"vae": bb.vae, "text_encoder": bb.text_encoder, "tokenizer": bb.tokenizer,
+                  bb.kind.subfolder: loaded.net, "scheduler": one_step_scheduler(bb.scheduler_config)}
+    return getattr(diffusers, bb.kind.pipeline)(**components, **bb.kind.pipeline_extras)
 
 
-def check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to write into it")
-
-
-def export_pipeline(loaded: Loaded, out: str | Path, force: bool = False) -> Path:
+def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> Path:
     """Write the student as a complete pipeline folder; returns it."""
-    out = Path(out)
-    check_out(out, force)
+    out = check_out(out, force)
     bb = loaded.backbone
-    if loaded.kind == "pixel":
-        loaded.net.save_pretrained(out / "unet")
-        bb.text_encoder.save_pretrained(out / "text_encoder")
-        bb.tokenizer.save_pretrained(out / "tokenizer")
-        one_step_scheduler(bb.scheduler_config).save_pretrained(out / "scheduler")
-    else:
-        build_pipeline(loaded).save_pretrained(out, safe_serialization=True)
-    resolution = bb.latent_size * (2 ** (len(bb.vae.config.block_out_channels) - 1) if bb.vae is not None else 1)
-    info = {"format": EXPORT_FORMAT, "kind": loaded.kind, "base": loaded.base, "source": loaded.source,
-            "resolution": resolution, "max_length": bb.max_length, "usage": USAGE[loaded.kind]}
-    (out / EXPORT_MARKER).write_text(json.dumps(info, indent=1) + "\n")
+    with atomic_path(out) as tmp:
+        if bb.kind.pipeline is None:
+            loaded.net.save_pretrained(tmp / bb.kind.subfolder)
+            bb.text_encoder.save_pretrained(tmp / "text_encoder")
+            bb.tokenizer.save_pretrained(tmp / "tokenizer")
+            one_step_scheduler(bb.scheduler_config).save_pretrained(tmp / "scheduler")
+        else:
+            build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
+        base = loaded.base or BackboneSpec(kind=bb.kind.name)
+        info = {"format": FORMAT, "base": base.filled(resolution=bb.resolution, max_length=bb.max_length).to_dict(),
+                "source": loaded.source, "usage": bb.kind.usage()}
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
+        if out.exists():  # --force: the new folder replaces the old one whole
+            shutil.rmtree(out)
     return out
 
 
@@ -85,13 +93,19 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: 
 
     They load with `wadi sample OUT/student.safetensors --base BASE` or `wadi.load_adapter`.
     """
-    run, out = Path(run), Path(out)
-    if not is_run_folder(run):
+    if not RunFolder.is_run(run):
         raise ValueError(f"{run}: adapter-only export needs a run folder (config.yaml and student.safetensors)")
-    names = ["student.safetensors"] + (["fake.safetensors"] if fake else [])
-    missing = [n for n in names if not (run / n).is_file()]
+    folder = RunFolder(run)
+    files = [folder.student_adapter] + ([folder.fake_adapter] if fake else [])
+    missing = [f for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"run {run} has no {missing[0]} (the run has not finished)")
-    check_out(out, force)
+        raise FileNotFoundError(f"run {run} has no {missing[0].name} (the run has not finished)")
+    out = check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy2(run / n, out / n)) for n in names]
+    written = []
+    for f in files:
+        with atomic_path(out / f.name) as tmp:
+            shutil.copy2(f, tmp)
+        written.append(out / f.name)
+    return written
+

@@ -1,4 +1,4 @@
-"""The WaDi losses (SPEC section 3) as pure functions of tensors.
+"""The WaDi losses (docs/method.md) as pure functions of tensors.
 
 Notation: abar_t the cumulative alpha, alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t);
 alpha and sigma arrive shaped to broadcast against images, (B, 1, 1, 1).
@@ -24,13 +24,18 @@ def guide(e_uncond: torch.Tensor, e_cond: torch.Tensor, scale: float) -> torch.T
     return e_uncond + scale * (e_cond - e_uncond)
 
 
-def vsd_loss(x0: torch.Tensor, e_real: torch.Tensor, e_fake: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Student loss: g = nan_to_num(sigma_t^2 (e_real - e_fake)); L = 0.5 mean((x0 - sg(x0 - g))^2).
+def score_difference(e_real: torch.Tensor, e_fake: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """g = sigma_t^2 (e_real - e_fake) in float32: the VSD gradient of x0, up to the mean's 1/N."""
+    return sigma.float() ** 2 * (e_real.float() - e_fake.float())
 
-    Its gradient with respect to x0 is g / numel: the score difference, weighted.
+
+def vsd_loss(x0: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Student loss: L = 0.5 mean((x0 - sg(x0 - nan_to_num(g)))^2).
+
+    Its value is 0.5 mean(g^2) and its gradient with respect to x0 is g / numel; isolated
+    non-finite elements of g count as 0 (the authors' nan_to_num).
     """
-    g = torch.nan_to_num(sigma.float() ** 2 * (e_real.float() - e_fake.float()))
-    target = (x0.float() - g).detach()
+    target = (x0.float() - torch.nan_to_num(g)).detach()
     return 0.5 * ((x0.float() - target) ** 2).mean()
 
 

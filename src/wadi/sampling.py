@@ -1,5 +1,5 @@
-"""Sampling: the one-step student (one network evaluation at t = T-1), the multi-step
-teacher, PNG files that carry their prompt and seed, and image grids.
+"""Sampling: the one-step student (one network evaluation at t = T-1) and the multi-step
+teacher with classifier-free guidance.
 
 Noise and pixels follow the stock diffusers pipelines, so that an exported student run by
 `StableDiffusionPipeline` / `PixArtAlphaPipeline` with one step, no guidance and
@@ -10,34 +10,19 @@ way `VaeImageProcessor` does.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .backbones import Backbone, Cond
-from .losses import guide, one_step_x0
+from .backbones import Backbone
+from .images import save_grid, save_png, to_uint8
+from .losses import one_step_x0
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tensor:
     """One noise tensor per seed, drawn on the CPU so a seed gives the same image anywhere."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-
-
-def guided_eps(backbone: Backbone, net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond,
-               guidance: float) -> torch.Tensor:
-    """eps of `net` in float32 with classifier-free guidance, from one batched [uncond; cond]
-    pass; at guidance 1 the conditional pass alone."""
-    if guidance == 1:
-        return backbone.predict_eps(net, x, t, cond).float()
-    uncond = backbone.empty_cond().to(x.device, x.dtype).expand(len(x))
-    e_u, e_c = backbone.predict_eps(net, torch.cat([x, x]), t.repeat(2), uncond.cat(cond)).float().chunk(2)
-    return guide(e_u, e_c, guidance)
 
 
 @torch.no_grad()
@@ -59,9 +44,9 @@ def one_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds
         cond = backbone.encode_prompts(prompts[i:i + batch_size]).to(device, dtype)
         z = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device).to(dtype)
         t = torch.full((len(z),), backbone.num_train_timesteps - 1, device=device, dtype=torch.long)
-        alpha, sigma = backbone.alpha_sigma(t)
-        eps = guided_eps(backbone, net, z, t, cond, guidance)
-        images.append(backbone.decode(one_step_x0(z.float(), eps, alpha, sigma)).float().cpu())
+        eps = backbone.guided_eps(net, z, t, cond, guidance)
+        x0 = one_step_x0(z.float(), eps, *backbone.one_step_alpha_sigma(device))
+        images.append(backbone.decode(x0).float().cpu())
     return torch.cat(images)
 
 
@@ -92,7 +77,7 @@ def multi_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], see
         for t in sched.timesteps:
             x_in = sched.scale_model_input(x, t).to(dtype)
             tt = torch.full((len(x_in),), int(t), device=device, dtype=torch.long)
-            x = sched.step(guided_eps(backbone, net, x_in, tt, cond, guidance), t, x).prev_sample
+            x = sched.step(backbone.guided_eps(net, x_in, tt, cond, guidance), t, x).prev_sample
         images.append(backbone.decode(x).float().cpu())
     return torch.cat(images)
 
@@ -127,57 +112,6 @@ class Sampling:
         return {**asdict(self), "guidance": self.scale}
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) in [-1, 1] to (B, H, W, C) uint8, rounded as diffusers' VaeImageProcessor does."""
-    x = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_png(image: np.ndarray, path: str | Path, text: dict) -> Path:
-    """One HxWxC uint8 image as a PNG whose text chunks hold `text` (prompt, seed, ...).
-
-    Written to a temporary name and renamed, so a file that exists is complete (resumed
-    evaluations skip the images already on disk).
-    """
-    from PIL.PngImagePlugin import PngInfo
-
-    path = Path(path)
-    info = PngInfo()
-    for k, v in text.items():  # iTXt: UTF-8, prompts are not Latin-1
-        info.add_itxt(k, v if isinstance(v, str) else json.dumps(v))
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-    return path
-
-
-def png_text(path: str | Path) -> dict[str, str]:
-    """The text chunks of a PNG written by save_png."""
-    with Image.open(path) as im:
-        return dict(im.text)
-
-
-def grid(images: torch.Tensor, nrow: int | None = None, scale: int = 1) -> Image.Image:
-    """A PIL grid of (B, C, H, W) images in [-1, 1], `nrow` images a row."""
-    arr = to_uint8(images)
-    b, h, w, c = arr.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / nrow)
-    canvas = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, dtype=np.uint8)
-    for i, img in enumerate(arr):
-        r, k = divmod(i, nrow)
-        canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + k * (w + 1):1 + k * (w + 1) + w] = img
-    out = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid(images, nrow, scale).save(path)
-    return path
-
-
 def sample_to_folder(backbone: Backbone, net: torch.nn.Module, sampling: Sampling, prompts: list[str],
                      seeds: list[int], out: str | Path, batch_size: int = 8, text: dict | None = None,
                      with_grid: bool = True, progress: bool = True) -> list[Path]:
@@ -198,6 +132,6 @@ def sample_to_folder(backbone: Backbone, net: torch.nn.Module, sampling: Samplin
         if with_grid:
             images.append(batch)
     if with_grid:
-        scale = max(1, 128 // images[0].shape[-1])  # tiny worlds get blown up to be seen
-        paths.append(save_grid(torch.cat(images), out / "grid.png", nrow=len(seeds), scale=scale))
+        save_grid(torch.cat(images), out / "grid.png", nrow=len(seeds))
+        paths.append(out / "grid.png")
     return paths

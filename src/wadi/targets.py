@@ -1,4 +1,4 @@
-"""Which nn.Linear layers an adapter takes (SPEC section 2, the authors' rules).
+"""Which nn.Linear layers an adapter takes (the authors' rules; docs/method.md).
 
 A rule is a pair of substring lists: a layer is taken when its qualified name contains
 one of `include` (or `include` is empty) and none of `exclude`. Presets name the
@@ -38,15 +38,6 @@ PRESETS: dict[str, TargetRule] = {
     "dit-student": TargetRule(exclude=("adaln_single",)),
     "dit-fake": TargetRule(include=("transformer_blocks",), exclude=_FAKE_EXCLUDE),
 }
-
-
-def preset_for(family: str, role: str) -> str:
-    """The preset name of a backbone family ('unet' or 'dit') and role ('student' or 'fake')."""
-    name = f"{family}-{role}"
-    if name not in PRESETS:
-        raise ValueError(f"no target preset for family {family!r} and role {role!r}; "
-                         f"known presets: {', '.join(PRESETS)}")
-    return name
 
 
 def resolve_rule(targets: str | TargetRule | dict) -> TargetRule:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-from ..config import PRESETS
+from ..config import preset_names
 
 
 def register(sub) -> None:
     p = sub.add_parser("distill", help="distill a one-step student (single process, or under accelerate launch)",
-                       description="Presets: " + ", ".join(PRESETS))
+                       description="Presets: " + ", ".join(preset_names()))
     p.add_argument("--config", help="preset name or YAML file (optional with --resume RUN_DIR)")
     p.add_argument("--resume", metavar="RUN_DIR|latest", help="continue a run from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..distill import distill
+    from ..training import distill
 
     if not args.config and not args.resume:
         raise ValueError("give --config PRESET_OR_YAML (or --resume RUN_DIR|latest)")

@@ -9,13 +9,12 @@ import json
 from pathlib import Path
 
 from ..evaluate import INCEPTION, METRICS, Entry, Extractor, MetricSettings, Reference, default_cache_dir, evaluate
-from ..prompts import PROTOCOLS, coco_prompts, file_prompts
+from ..prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
 from ..metrics import DEFAULT_CLIP
-from ..models import load_student, load_teacher, teacher_for
-from ..prompts import FORMATS
 from ..sampling import Sampling
-from ..worlds import WORLDS
-from .model_args import DTYPES, add_base_args, add_device_args, base_options
+from ..students import load_student, load_teacher, teacher_for
+from ..worlds import get_world, worlds
+from .model_args import DTYPES, add_base_args, add_device_args, base_spec
 
 
 def register(sub) -> None:
@@ -23,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("models", nargs="*", metavar="[NAME=]MODEL",
                    help="students: run folder, exported folder, adapter or released .safetensors file")
     p.add_argument("--teacher", action="store_true", help="also evaluate the multi-step teacher (the base model)")
-    p.add_argument("--world", choices=WORLDS,
+    p.add_argument("--world", choices=sorted(worlds()),
                    help="an embedded world's prompts, reference set, alignment, features and teacher "
                         "(each still overridable by its own option)")
     src = p.add_argument_group("prompts (one of)")
@@ -88,7 +87,7 @@ def named_sources(models: list[str]) -> list[tuple[str, str]]:
 
 def run(args) -> int:
     cache_dir = args.ref_cache or default_cache_dir()
-    world = WORLDS[args.world](args.num or 200, cache_dir) if args.world else None
+    world = get_world(args.world).evaluation(args.num or 200, cache_dir) if args.world else None
     metric_names = [x.strip() for x in (args.metrics or (world.metrics if world else "fid,clip,pr")).split(",")]
     ref = args.ref or (world.reference if world else None)
     if ref is not None and not ref.exists():
@@ -101,12 +100,13 @@ def run(args) -> int:
     sources = named_sources(args.models)
     if not sources and not args.teacher:
         raise ValueError("nothing to evaluate: name a student MODEL and/or pass --teacher")
-    dtype, options = DTYPES[args.dtype], base_options(args)
+    dtype, spec = DTYPES[args.dtype], base_spec(args)
     if world is not None and not args.base:
-        options = options.filled(**vars(world.teacher))
-    entries = [Entry(name, load_student(src, options, dtype), Sampling()) for name, src in sources]
+        spec = spec.filled(**world.teacher.to_dict())
+    entries = [Entry(name, load_student(src, spec, dtype, allow_bin=args.allow_bin), Sampling())
+               for name, src in sources]
     if args.teacher:
-        teacher = teacher_for(entries[0].model, options, dtype) if entries else load_teacher(None, options, dtype)
+        teacher = teacher_for(entries[0].model, spec, dtype) if entries else load_teacher(None, spec, dtype)
         entries.append(Entry("teacher", teacher, Sampling(False, args.teacher_steps, args.teacher_guidance,
                                                           args.teacher_scheduler)))
     results = evaluate(entries, prompts, args.seed, args.out, metrics, args.batch_size, args.force,

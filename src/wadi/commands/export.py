@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..export import USAGE, check_out, export_adapter, export_pipeline
-from ..models import load_student
-from .model_args import DTYPES, add_base_args, base_options
+from ..export import export_adapter, export_pipeline
+from ..files import check_out
+from ..students import load_student
+from .model_args import DTYPES, add_base_args, base_spec
 
 
 def register(sub) -> None:
@@ -30,7 +31,7 @@ def run(args) -> int:
     if args.fake:
         raise ValueError("--fake goes with --adapter-only")
     check_out(args.out, args.force)  # before minutes of loading
-    model = load_student(args.model, base_options(args), DTYPES[args.dtype])
+    model = load_student(args.model, base_spec(args), DTYPES[args.dtype], allow_bin=args.allow_bin)
     out = export_pipeline(model, args.out, args.force)
-    print(f"wrote {out}; run it with {USAGE[model.kind]}")
+    print(f"wrote {out}; run it with {model.backbone.kind.usage()}")
     return 0

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backbones import KINDS
-from ..models import BaseOptions
+from ..backbones import KINDS, BackboneSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -17,6 +16,10 @@ def add_base_args(p) -> None:
     g.add_argument("--text-encoder", help="folder of the text encoder and tokenizer, if not the base's")
     g.add_argument("--resolution", type=int, help="image size in pixels (default: the model's own)")
     g.add_argument("--max-length", type=int, help="tokenizer length (default: the backbone's)")
+    g.add_argument("--one-step-abar", type=float,
+                   help="abar_T of the one-step generator (default: what the run or export records, else 0.0047)")
+    g.add_argument("--allow-bin", action="store_true",
+                   help="read .bin/.pth/.pt state dicts (plain tensors only: no code in them runs)")
 
 
 def add_device_args(p) -> None:
@@ -24,8 +27,10 @@ def add_device_args(p) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weights dtype (default fp32)")
 
 
-def base_options(args) -> BaseOptions:
-    return BaseOptions(args.base, args.kind, args.text_encoder, args.resolution, args.max_length)
+def base_spec(args) -> BackboneSpec:
+    """The base model as far as the options describe it; the rest comes from the source."""
+    return BackboneSpec(args.kind, args.base or "", args.text_encoder, args.resolution, args.max_length,
+                        args.one_step_abar)
 
 
 def parse_seeds(text: str) -> list[int]:

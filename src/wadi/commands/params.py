@@ -6,7 +6,7 @@ import json
 
 from ..adapters import KINDS, AdapterConfig, attach
 from ..archs import ARCHS, build, get_arch
-from ..targets import preset_for
+from ..backbones import get_kind
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def count(model_name: str, role: str, kind: str, rank: int) -> dict:
     arch = get_arch(model_name)
     model = build(arch.name, device="meta")  # no memory, no weights
     total = sum(p.numel() for p in model.parameters())
-    preset = preset_for(arch.family, role)
+    preset = get_kind(arch.kind).targets[0 if role == "student" else 1]
     adapter = attach(model, AdapterConfig(kind=kind, rank=rank, targets=preset))
     trainable = adapter.num_trainable()
     return {"model": arch.name, "role": role, "adapter": kind, "rank": rank, "targets": preset,

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..models import load_student, load_teacher
+from ..files import check_out
+from ..students import load_student, load_teacher
 from ..prompts import FORMATS, read_prompts
 from ..sampling import Sampling, sample_to_folder
-from .model_args import DTYPES, add_base_args, add_device_args, base_options, parse_seeds
+from .model_args import DTYPES, add_base_args, add_device_args, base_spec, parse_seeds
 
 
 def register(sub) -> None:
@@ -40,11 +41,13 @@ def run(args) -> int:
     prompts = args.prompt if args.prompt else read_prompts(args.prompts, args.format)
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
-        raise FileExistsError(f"--out {args.out} exists and is not empty; pass --force to write into it")
+    check_out(args.out, args.force)
     dtype = DTYPES[args.dtype]
-    load = load_teacher if args.teacher else load_student
-    model = load(args.model, base_options(args), dtype).to(args.device, dtype)
+    if args.teacher:
+        model = load_teacher(args.model, base_spec(args), dtype)
+    else:
+        model = load_student(args.model, base_spec(args), dtype, allow_bin=args.allow_bin)
+    model.to(args.device, dtype)
     # The student samples without guidance; --guidance and --steps are the teacher's.
     sampling = Sampling(not args.teacher, args.steps, args.guidance if args.teacher else None, args.scheduler)
     text = {"model": model.source, "role": "teacher" if args.teacher else "student"}

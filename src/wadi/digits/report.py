@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ..sampling import grid
+from ..images import grid
 from . import world
 
 GRID_COLUMNS = len(world.TEMPLATES)  # one column per phrasing
@@ -98,7 +98,7 @@ def demo_markdown(s: dict) -> str:
     rows = {r["name"]: r for r in s["rows"]}
     teacher, student = rows[s["rows"][0]["name"]], rows["student, 1 step"]
     multi = f"{s['teacher_sampling']['steps']}-step"
-    adapter = d["adapter"] + ("" if d["adapter"] == "full" else f" r={d['student_rank']}")
+    adapter = d["adapter"] + (f" r={d['student_rank']}" if d["student_rank"] else "")
     lines = [
         "# WaDi on handwritten digits",
         "",

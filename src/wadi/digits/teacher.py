@@ -4,7 +4,7 @@ trained with the usual noise-prediction loss and classifier-free-guidance dropou
 Its noise schedule is Stable Diffusion's (1000 steps, scaled-linear betas 0.00085 to
 0.012, epsilon prediction), so the one-step generator at t = 999 meets the same
 abar_999 = 0.0047 as on SD. Saved as a diffusers folder (unet/, scheduler/) that
-`wadi.backbones.load_backbone("pixel", ...)` loads.
+`wadi.backbones.load_backbone` loads as the "pixel" kind.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..backbones import Backbone, Cond, load_backbone
+from ..backbones import Backbone, BackboneSpec, Cond, load_backbone
 from ..losses import add_noise
 from . import paths, world
 
@@ -37,7 +37,11 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear",
 
 def load_teacher(folder: str | Path = paths.TEACHER) -> Backbone:
     """The (shipped) teacher as a pixel backbone with the MiniLM text encoder."""
-    return load_backbone("pixel", str(folder), text_encoder=str(paths.minilm_dir()), max_length=paths.MAX_LENGTH)
+    from .plugin import teacher_spec
+
+    spec = teacher_spec()
+    spec.path = str(folder)
+    return load_backbone(spec)
 
 
 def _fresh_backbone(seed: int) -> Backbone:
@@ -49,8 +53,8 @@ def _fresh_backbone(seed: int) -> Backbone:
     net = UNet2DConditionModel(**UNET_CONFIG)
     folder = paths.minilm_dir()
     encoder = AutoModel.from_pretrained(folder).requires_grad_(False).eval()
-    return Backbone("pixel", net, encoder, AutoTokenizer.from_pretrained(folder), DDPMScheduler(**SCHEDULER_CONFIG),
-                    max_length=paths.MAX_LENGTH)
+    spec = BackboneSpec(kind="pixel", path="", text_encoder=str(folder), max_length=paths.MAX_LENGTH)
+    return Backbone(spec, net, encoder, AutoTokenizer.from_pretrained(folder), DDPMScheduler(**SCHEDULER_CONFIG))
 
 
 def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:

@@ -1,0 +1,80 @@
+"""The digits world as seen by the core (registered under the `wadi.worlds` entry points):
+its distillation preset and its evaluation settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backbones import BackboneSpec
+from ..prompts import PromptSet
+from ..worlds import WorldEval
+from . import paths
+
+
+def teacher_spec() -> BackboneSpec:
+    """The shipped teacher with the MiniLM text encoder (raises the install hint if it is missing)."""
+    return BackboneSpec(kind="pixel", path=str(paths.TEACHER), text_encoder=str(paths.minilm_dir()),
+                        max_length=paths.MAX_LENGTH)
+
+
+def preset() -> dict:
+    """`digits-wadi`: the shipped teacher and prompts, sized to finish on two CPU cores in minutes."""
+    sample_words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    return {
+        "model": teacher_spec().to_dict(),
+        "student": {"rank": 16}, "fake": {"rank": 8},
+        "data": {"prompts": str(paths.PROMPTS), "cache_embeddings": True,
+                 "sample_prompts": [f"a handwritten {w}" for w in sample_words]},
+        # Measured in this world (docs/digits.md): the student's angles need a larger
+        # step than SD's 1e-4 to move in 300 steps, and the teacher's own guidance 4 (SD uses
+        # 1.5) gives the student the sharp digits the teacher draws; longer runs drift.
+        "train": {"steps": 300, "batch_size": 32, "lr_student": 3e-3, "lr_fake": 1e-2, "guidance": 4.0},
+        "run": {"log_every": 5, "checkpoint_every": 100, "sample_every": 100, "sample_seeds": [0, 1, 2, 3]},
+    }
+
+
+def features(images: np.ndarray) -> np.ndarray:
+    """The shipped digits classifier's penultimate features of (N, 8, 8, C) uint8 images."""
+    from .metrics import classify, shipped_classifier
+
+    x = torch.from_numpy(np.asarray(images)).float().mean(dim=3, keepdim=True).permute(0, 3, 1, 2)
+    return classify(shipped_classifier(), x / 127.5 - 1)[0]
+
+
+def reference_folder(folder: Path) -> Path:
+    """The train-split digits as 8x8 grey PNGs in `folder`, written once."""
+    from ..images import save_png, to_uint8
+    from . import world
+
+    images = to_uint8(world.load("train")[0])
+    if folder.is_dir() and len(list(folder.glob("*.png"))) == len(images):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        save_png(img, folder / f"{i:05d}.png")
+    return folder
+
+
+def evaluation(num: int, cache_dir: Path) -> WorldEval:
+    """Balanced prompts (num / 10 per digit), the real train digits as reference, the
+    classifier's alignment and features, the shipped teacher."""
+    from . import world
+
+    if num < 10 or num % 10:
+        raise ValueError(f"--num for the digits world must be a positive multiple of 10 (balanced classes), got {num}")
+    prompts = world.eval_prompts(num // 10)[0]
+    return WorldEval(PromptSet(prompts, f"digits world: {num // 10} per class"),
+                     reference_folder(cache_dir / "digits-train"), "wadi.digits.metrics:prompt_alignment",
+                     "wadi.digits.plugin:features", "fid,pr,alignment", teacher_spec())
+
+
+class DigitsWorld:
+    name = "digits"
+    presets = {"digits-wadi": preset}
+    evaluation = staticmethod(evaluation)
+
+
+WORLD = DigitsWorld()

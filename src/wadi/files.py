@@ -1,0 +1,60 @@
+"""File-system habits every tool shares: refuse to write into another run's output unless
+told to, and make files appear whole (write to a temporary name, then rename)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def check_out(out: str | Path, force: bool, option: str = "--out") -> Path:
+    """A folder to write into: new, empty, or non-empty only with `force`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{option} {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{option} {out} exists and is not empty; pass --force to write into it")
+    return out
+
+
+def check_new_file(path: str | Path, force: bool, option: str = "--out") -> Path:
+    """A file to write: new, or replaced only with `force`."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{option} {path} is a folder, not a file")
+    if path.exists() and not force:
+        raise FileExistsError(f"{option} {path} exists; pass --force to replace it")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed to `path` when the block ends
+    without an error, removed otherwise."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file whole or not at all."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a completed folder into place, replacing an older one of the same name."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)

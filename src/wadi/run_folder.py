@@ -1,0 +1,124 @@
+"""A distillation's run folder: every path it holds, its number, and finding the run to resume.
+
+    runs/00003-sd15-wadi/
+        config.yaml           the resolved settings (what --resume reads back)
+        log.jsonl             one JSON object per logged step
+        tb/                   TensorBoard events (and wandb/ when that tracker is on)
+        samples/step-NNNNNNN.png
+        checkpoints/step-NNNNNNN/   complete checkpoints (see wadi.checkpoint)
+        student.safetensors, fake.safetensors   the final adapters
+        student/              the final student merged into a plain diffusers model
+
+Numbers are taken by creating the folder (an atomic mkdir), so two runs started at the
+same moment in one root get different numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_RUN_DIR = re.compile(r"^(\d+)-")
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    # --- the paths ---------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log.jsonl"
+
+    @property
+    def trackers(self) -> Path:
+        """accelerate's project folder: TensorBoard writes tb/ below it, wandb wandb/."""
+        return self.path
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    def sample_grid(self, step: int) -> Path:
+        return self.samples / f"step-{step:07d}.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:07d}"
+
+    @property
+    def student_adapter(self) -> Path:
+        return self.path / "student.safetensors"
+
+    @property
+    def fake_adapter(self) -> Path:
+        return self.path / "fake.safetensors"
+
+    @property
+    def student_model(self) -> Path:
+        return self.path / "student"
+
+    # --- state -------------------------------------------------------------------------
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        return Path(path).is_dir() and (Path(path) / "config.yaml").is_file()
+
+    def complete_checkpoints(self) -> list[Path]:
+        """Checkpoint folders that were committed, oldest first (`.tmp` ones are not)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(found, key=checkpoint_step)
+
+    @property
+    def finished(self) -> bool:
+        return self.student_adapter.is_file()
+
+    # --- numbering ------------------------------------------------------------------------
+    @classmethod
+    def reserve(cls, root: str | Path, name: str) -> "RunFolder":
+        """Create root/NNNNN-name with NNNNN one past the highest number there; if another
+        process takes that number first, the next."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        number = max((int(m.group(1)) for p in root.iterdir() if (m := _RUN_DIR.match(p.name))), default=-1) + 1
+        while True:
+            path = root / f"{number:05d}-{name}"
+            try:
+                path.mkdir()
+                return cls(path)
+            except FileExistsError:
+                number += 1
+
+    @classmethod
+    def find(cls, root: str | Path, resume: str) -> "RunFolder":
+        """The run folder `resume` names, or with 'latest' the newest run under root."""
+        if resume != "latest":
+            if not cls.is_run(resume):
+                raise FileNotFoundError(f"--resume {resume}: not a run folder (no config.yaml)")
+            return cls(resume)
+        root = Path(root)
+        runs = sorted((p for p in root.glob("[0-9]*-*") if cls.is_run(p)),
+                      key=lambda p: int(_RUN_DIR.match(p.name).group(1))) if root.is_dir() else []
+        if not runs:
+            raise FileNotFoundError(f"--resume latest: no run folder under {root}")
+        return cls(runs[-1])
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))

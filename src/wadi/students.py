@@ -1,0 +1,172 @@
+"""Where a model to sample from comes from, and loading it.
+
+A student can be
+- a run folder (runs/NNNNN-name/): its final student on the run's base model;
+- an exported folder (`wadi export`): a complete pipeline whose denoiser is the student;
+- a wadi adapter file (`student.safetensors`, a checkpoint's, or an adapter-only export)
+  on a base model;
+- a released merged state dict (the authors' `rotated_unet-*.safetensors` /
+  `rotated_transformer.safetensors`, DMD2's `.bin`): every tensor of the base model's
+  denoiser, loaded strict into its architecture;
+- a diffusers model folder (config.json and weights, e.g. `wadi analyze --hybrids`' swap
+  models) of the base model's denoiser class, on a base model.
+The teacher is the base model itself: a diffusers folder or hub id, or the base that a
+run folder or an export names. Base models are described by a BackboneSpec; what the user
+gives wins over what a run or export records.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from .adapters import FORMAT as ADAPTER_FORMAT
+from .adapters import load_adapter
+from .backbones import Backbone, BackboneSpec, load_backbone
+from .export import is_export, read_manifest
+from .run_folder import RunFolder
+from .weights import TORCH_SUFFIXES, check_fits, load_weights
+
+
+@dataclass
+class Loaded:
+    """A backbone and the denoiser to sample with.
+
+    `base` describes the teacher's model (None when unknown); `teacher_in_backbone` says
+    whether `backbone.net` is that teacher (True when the backbone was loaded from it).
+    """
+
+    backbone: Backbone
+    net: nn.Module
+    source: str
+    base: BackboneSpec | None
+    teacher_in_backbone: bool
+
+    @property
+    def kind(self) -> str:
+        return self.backbone.kind.name
+
+    def to(self, device, dtype=None) -> "Loaded":
+        self.backbone.to(device, dtype)
+        self.net.to(device)
+        if dtype is not None and next(self.net.parameters()).dtype != dtype:
+            self.net.to(dtype)
+        return self
+
+
+def run_spec(run: RunFolder) -> BackboneSpec:
+    """The base model a run was trained on (its config.yaml)."""
+    from .config import resolve
+
+    return resolve(str(run.config)).model
+
+
+def is_adapter_file(path: Path) -> bool:
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == ADAPTER_FORMAT
+    except Exception:  # not safetensors at all: read_file names the problem
+        return False
+
+
+def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: torch.dtype = torch.float32,
+                 allow_bin: bool = False) -> Loaded:
+    """The one-step student that `source` holds (see the module doc for what it can be)."""
+    spec = spec or BackboneSpec()
+    path = Path(source).expanduser()
+    if RunFolder.is_run(path):
+        run = RunFolder(path)
+        base = spec.filled(**run_spec(run).to_dict())
+        backbone = load_backbone(base, dtype, allow_bin)
+        if (run.student_model / "config.json").is_file():
+            net = type(backbone.net).from_pretrained(run.student_model, torch_dtype=dtype, use_safetensors=True)
+        elif run.student_adapter.is_file():
+            net = adapter_student(backbone, run.student_adapter)
+        else:
+            raise FileNotFoundError(f"run {path} has no student yet (no student/ or student.safetensors); "
+                                    "pass a checkpoint's student.safetensors with --base to sample from it")
+        return Loaded(backbone, net.eval().requires_grad_(False), str(path), base, True)
+    if is_export(path):
+        base = read_manifest(path)["base"]
+        mine = spec.filled(**base.to_dict())
+        backbone = load_backbone(BackboneSpec(kind=base.kind, path=str(path), resolution=mine.resolution,
+                                              max_length=mine.max_length, one_step_abar=mine.one_step_abar), dtype,
+                                 allow_bin)
+        return Loaded(backbone, backbone.net, str(path), mine if spec.path or base.path else None, False)
+    if path.is_file():
+        if path.suffix in TORCH_SUFFIXES and not allow_bin:
+            raise ValueError(f"{path}: pass --allow-bin to read a torch state dict (plain tensors only, no code runs)")
+        backbone = spec.load(dtype, allow_bin)
+        net = adapter_student(backbone, path) if is_adapter_file(path) else released_student(backbone, path)
+        return Loaded(backbone, net.requires_grad_(False), str(path), backbone.spec, True)
+    if (path / "config.json").is_file():
+        backbone = spec.load(dtype, allow_bin)
+        net = model_folder_student(backbone, path, allow_bin)
+        return Loaded(backbone, net.requires_grad_(False), str(path), backbone.spec, True)
+    if path.is_dir():
+        raise ValueError(f"{path}: not a run folder (config.yaml), an exported folder (wadi.json), "
+                         "a diffusers model folder (config.json) or a weights file")
+    raise FileNotFoundError(f"student {source!r} does not exist")
+
+
+def load_teacher(source: str | Path | None, spec: BackboneSpec | None = None,
+                 dtype: torch.dtype = torch.float32) -> Loaded:
+    """The multi-step teacher: `source` is its base model, or a run folder / export naming it."""
+    spec = spec or BackboneSpec()
+    path = Path(source).expanduser() if source else None
+    if path is not None and RunFolder.is_run(path):
+        spec = spec.filled(**run_spec(RunFolder(path)).to_dict())
+    elif path is not None and is_export(path):
+        spec = spec.filled(**read_manifest(path)["base"].to_dict())
+    elif source:
+        spec = spec.filled(path=str(source))
+    backbone = spec.load(dtype)
+    return Loaded(backbone, backbone.net, backbone.spec.path, backbone.spec, True)
+
+
+def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
+    """The teacher of a loaded student, sharing its backbone when that was loaded from the base."""
+    if student.teacher_in_backbone:
+        bb = student.backbone
+        return Loaded(bb, bb.net, bb.spec.path, bb.spec, True)
+    known = student.base.to_dict() if student.base else {}
+    wanted = (spec or BackboneSpec()).filled(**known)
+    if not wanted.path:
+        raise ValueError(f"{student.source} does not name its base model; pass --base for the teacher")
+    return load_teacher(None, wanted, dtype)
+
+
+def adapter_student(backbone: Backbone, path: Path) -> nn.Module:
+    """The base net with the adapter file at `path` loaded and merged: a plain model."""
+    net = copy.deepcopy(backbone.net)
+    return load_adapter(net, path).merged_model().eval()
+
+
+def model_folder_student(backbone: Backbone, folder: Path, allow_bin: bool = False) -> nn.Module:
+    """A diffusers model folder of the base net's class, checked key by key like a released file."""
+    cls = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if cls != type(backbone.net).__name__:
+        raise ValueError(f"{folder} holds a {cls}, the base model's denoiser is a {type(backbone.net).__name__}; "
+                         "is --base the model it came from?")
+    return _in_base(backbone, load_weights(folder, allow_torch=allow_bin).state_dict, folder)
+
+
+def released_student(backbone: Backbone, path: Path) -> nn.Module:
+    """A merged state dict (every tensor of the denoiser) in the base net's architecture."""
+    return _in_base(backbone, load_weights(path).state_dict, path)
+
+
+def _in_base(backbone: Backbone, state: dict, where: Path) -> nn.Module:
+    net = copy.deepcopy(backbone.net)
+    check_fits(state, net.state_dict(), f"{where} does not fit the base {type(net).__name__}",
+               hint="; is --base/--kind the model it was distilled from?")
+    net.load_state_dict(state, strict=True)
+    return net.eval()
