@@ -21,8 +21,14 @@ WORDS = ["a", "photo", "of", "cat", "dog", "red", "car", "the", "digit", "seven"
 
 
 def _scheduler(prediction_type="epsilon") -> DDPMScheduler:
+    """Stable Diffusion's schedule (abar_999 = 0.00466)."""
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type=prediction_type)
+
+
+def _pixart_scheduler() -> DDPMScheduler:
+    """PixArt-alpha's linear schedule (abar_999 = 4.0e-5, far from the generator's 0.0047)."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 
 
 def _vae() -> AutoencoderKL:
@@ -64,15 +70,15 @@ def save_tiny_sd(folder: Path, seed: int = 0, prediction_type: str = "epsilon", 
     return folder
 
 
-def save_tiny_pixart(folder: Path, seed: int = 0) -> Path:
+def save_tiny_pixart(folder: Path, seed: int = 0, **transformer) -> Path:
     torch.manual_seed(seed)
     tok = _bert_tokenizer(folder / "tokenizer", max_length=12)
     tok.save_pretrained(folder / "tokenizer")
     T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)) \
         .save_pretrained(folder / "text_encoder")
-    PixArtTransformer2DModel(**TINY_PIXART).save_pretrained(folder / "transformer")
+    PixArtTransformer2DModel(**{**TINY_PIXART, **transformer}).save_pretrained(folder / "transformer")
     _vae().save_pretrained(folder / "vae")
-    _scheduler().save_pretrained(folder / "scheduler")
+    _pixart_scheduler().save_pretrained(folder / "scheduler")
     return folder
 
 
@@ -96,6 +102,6 @@ def make_cfg(pipes: dict, tmp_path: Path, kind: str = "sd", student: str = "lora
                            resolution=None if kind == "pixel" else 16),
         student=AdapterConfig(student, 4, f"{family}-student"), fake=AdapterConfig("lorad", 2, f"{family}-fake"),
         data=DataConfig(prompts=str(pipes["prompts"]), sample_prompts=["a cat"]),
-        train=TrainConfig(steps=steps, batch_size=2, **train),
+        train=TrainConfig(**{"steps": steps, "batch_size": 2, **train}),
         run=RunConfig(root=str(tmp_path / "runs"), checkpoint_every=1, keep_checkpoints=10, sample_every=0,
                       log_every=1, sample_seeds=[0]))

@@ -139,6 +139,13 @@ def detect_kind(path: str) -> str:
     return found[0]
 
 
+# abar_T of the one-step generator in the authors' training and inference scripts, for every
+# backbone (docs/method.md). Stable Diffusion's own abar_999 is 0.00466; PixArt-alpha's
+# linear schedule ends at 4.0e-5, a different generator that their students are not.
+AUTHORS_ONE_STEP_ABAR = 0.0047
+SCHEDULER = "scheduler"  # one_step_abar: the scheduler's own abar at T-1
+
+
 @dataclass
 class BackboneSpec:
     """Which model to load. None fields are unknown yet (`filled` completes them) or take
@@ -149,7 +156,7 @@ class BackboneSpec:
     text_encoder: str | None = None  # another folder for text encoder + tokenizer
     resolution: int | None = None  # pixels; None: the net's sample size
     max_length: int | None = None  # tokenizer length; None: the kind's default
-    one_step_abar: float | None = None  # abar_T of the one-step generator; None: the scheduler's abar at T-1
+    one_step_abar: float | str | None = None  # the generator's abar_T; None: 0.0047; "scheduler": abar at T-1
 
     def filled(self, **known) -> "BackboneSpec":
         """A copy whose unset fields take the values `known` gives."""
@@ -215,9 +222,10 @@ class Backbone:
     @property
     def one_step_abar(self) -> float:
         """abar_T of the one-step generator x0 = (z - sqrt(1 - abar_T) eps) / sqrt(abar_T)."""
-        if self.spec.one_step_abar is not None:
-            return float(self.spec.one_step_abar)
-        return float(self.alphas_cumprod[self.num_train_timesteps - 1])
+        value = self.spec.one_step_abar
+        if value == SCHEDULER:
+            return float(self.alphas_cumprod[self.num_train_timesteps - 1])
+        return AUTHORS_ONE_STEP_ABAR if value is None else float(value)
 
     def one_step_alpha_sigma(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         abar = torch.tensor(self.one_step_abar, dtype=torch.float32, device=device)
@@ -225,15 +233,18 @@ class Backbone:
 
     # --- text -----------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> Cond:
+    def encode_prompts(self, prompts: list[str], mask_encoder: bool = False) -> Cond:
+        """Token states of `prompts` padded to max_length. Kinds whose denoiser attends with
+        the mask (T5, BERT) always pass it to both; CLIP kinds pass none, as the stock
+        pipelines do, unless `mask_encoder` (the authors' training loader): then the
+        encoder masks padding, which changes the states at padded positions."""
         device = next(self.text_encoder.parameters()).device
         tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt")
-        ids = tok.input_ids.to(device)
-        if not self.kind.masked:
-            return Cond(self.text_encoder(ids)[0])
-        mask = tok.attention_mask.to(device)
-        return Cond(self.text_encoder(ids, attention_mask=mask)[0], mask)
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        if self.kind.masked:
+            return Cond(self.text_encoder(ids, attention_mask=mask)[0], mask)
+        return Cond(self.text_encoder(ids, attention_mask=mask if mask_encoder else None)[0])
 
     def empty_cond(self) -> Cond:
         """The empty prompt's conditioning (batch 1), computed once."""

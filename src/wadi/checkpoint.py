@@ -78,7 +78,6 @@ class Piece:
     file: str
     save: Callable[[Path], None]
     load: Callable[[Path], None]
-    main_only: bool = True  # written by the main process; False: one file per process, `{rank}` in the name
 
 
 def stateful(name: str, obj) -> Piece:
@@ -91,20 +90,15 @@ def json_piece(name: str, get: Callable[[], dict], put: Callable[[dict], None]) 
     return Piece(f"{name}.json", lambda p: p.write_text(json.dumps(get())), lambda p: put(json.loads(p.read_text())))
 
 
-def piece_path(folder: Path, piece: Piece, rank: int) -> Path:
-    return folder / piece.file.format(rank=rank)
-
-
-def write_pieces(folder: Path, pieces: list[Piece], rank: int, is_main: bool) -> None:
+def write_pieces(folder: Path, pieces: list[Piece]) -> None:
     for piece in pieces:
-        if is_main or not piece.main_only:
-            piece.save(piece_path(folder, piece, rank))
+        piece.save(folder / piece.file)
 
 
-def read_pieces(folder: Path, pieces: list[Piece], rank: int) -> None:
+def read_pieces(folder: Path, pieces: list[Piece]) -> None:
     """Read every piece; a missing or unreadable one raises CorruptCheckpoint naming it."""
     for piece in pieces:
-        path = piece_path(folder, piece, rank)
+        path = folder / piece.file
         try:
             piece.load(path)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # safetensors and JSON errors

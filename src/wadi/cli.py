@@ -11,7 +11,8 @@ import sys
 from . import __version__
 
 # One line per tool, in the order `wadi --help` lists them.
-COMMANDS = ["params", "distill", "analyze", "sample", "export", "eval", "demo", "digits_teacher", "digits_classifier"]
+COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval", "demo", "digits_teacher",
+            "digits_classifier"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,8 +24,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """No per-file "Loading weights" bars from diffusers and transformers: our own bars and
+    one-line errors are what a user reads on stderr."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as e:

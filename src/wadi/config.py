@@ -22,11 +22,9 @@ from pathlib import Path
 import yaml
 
 from .adapters import AdapterConfig, adapter_class
-from .backbones import KINDS, BackboneSpec, get_kind
+from .backbones import AUTHORS_ONE_STEP_ABAR, KINDS, SCHEDULER, BackboneSpec, get_kind
 from .targets import resolve_rule
 
-# The generator's abar_T in the authors' training and inference scripts, for every backbone.
-AUTHORS_ONE_STEP_ABAR = 0.0047
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
 LR_SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")  # accelerate's trackers
@@ -38,6 +36,7 @@ class DataConfig:
     format: str = "auto"
     dedupe: bool = True  # sorted unique prompts, as the authors read JourneyDB
     cache_embeddings: bool = False  # encode every prompt once up front (small prompt sets)
+    mask_prompts: bool = False  # CLIP kinds: mask padding in the text encoder for training prompts (the authors' loader)
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road",
         "a bowl of fruit on a wooden table", "an astronaut riding a horse"])
@@ -283,6 +282,8 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
     values["preset"] = preset
     # Start from the defaults so a section that sets one key keeps the others.
     cfg = _build(DistillConfig, _deep_update(DistillConfig().to_dict(), values), "")
+    if cfg.model.one_step_abar is None:  # recorded, so a run's config says which generator it trained
+        cfg.model.one_step_abar = AUTHORS_ONE_STEP_ABAR
     kind = get_kind(cfg.model.kind) if cfg.model.kind else None
     for role, adapter in (("student", cfg.student), ("fake", cfg.fake)):
         if adapter.targets is None and kind is not None:  # the backbone's preset for this role
@@ -344,8 +345,9 @@ def _check_config(c: DistillConfig) -> None:
     _require(m.resolution is None or m.resolution > 0, "model.resolution", "a positive number of pixels",
              m.resolution)
     _require(m.max_length is None or m.max_length > 0, "model.max_length", "positive", m.max_length)
-    _require(m.one_step_abar is None or 0 < m.one_step_abar < 1, "model.one_step_abar", "in (0, 1) or null",
-             m.one_step_abar)
+    abar = m.one_step_abar
+    _require(abar in (None, SCHEDULER) or (not isinstance(abar, str) and 0 < abar < 1), "model.one_step_abar",
+             f"a number in (0, 1) or {SCHEDULER!r}", abar)
     for role, a in (("student", c.student), ("fake", c.fake)):
         if adapter_class(a.kind).ranked and a.targets is not None:
             resolve_rule(a.targets)  # an unknown preset or a bad rule raises here

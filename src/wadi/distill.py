@@ -11,6 +11,7 @@ over processes. The run around it (folders, logs, checkpoints) is wadi.training.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -51,32 +52,36 @@ class PromptStream:
 
 
 class Noise:
-    """Every random draw of training, from one seeded generator per process."""
+    """The random draws of a batch, sample by sample: each sample's noise is a pure function
+    of (seed, the sample's position in the prompt stream), drawn in a fixed order.
 
-    def __init__(self, seed: int, process_index: int, device):
+    So a step gives the same numbers whatever the batch is split into: micro-batches of
+    gradient accumulation, or processes; and a resumed run needs no generator state.
+    Drawn on the CPU (a position gives the same noise on any device), then moved.
+    """
+
+    def __init__(self, seed: int, positions: list[int], device):
         self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed * 1000 + process_index)
+        self.generators = [torch.Generator().manual_seed(_mix(seed, p)) for p in positions]
+
+    def __len__(self) -> int:
+        return len(self.generators)
 
     def normal(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.device)
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
 
-    def integers(self, low: int, high: int, n: int) -> torch.Tensor:
-        """n integers in [low, high]."""
-        return torch.randint(low, high + 1, (n,), generator=self.generator, device=self.device)
+    def integers(self, low: int, high: int) -> torch.Tensor:
+        """One integer in [low, high] per sample."""
+        return torch.cat([torch.randint(low, high + 1, (1,), generator=g) for g in self.generators]).to(self.device)
 
-    def uniform(self, n: int) -> torch.Tensor:
-        return torch.rand(n, generator=self.generator, device=self.device)
+    def uniform(self) -> torch.Tensor:
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(self.device)
 
-    def piece(self, rank_file: str) -> ckpt.Piece:
-        def save(path):
-            ckpt.save_state(path, {"noise": self.generator.get_state(), "torch": torch.get_rng_state()})
 
-        def load(path):
-            state = ckpt.load_state(path)
-            self.generator.set_state(state["noise"])
-            torch.set_rng_state(state["torch"])
-
-        return ckpt.Piece(rank_file, save, load, main_only=False)
+def _mix(seed: int, position: int) -> int:
+    """A 63-bit generator seed from (run seed, sample position)."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def optimizer_class(cfg) -> type:
@@ -115,11 +120,12 @@ def adapted_copy(net: torch.nn.Module, adapter_cfg, weight_dtype, checkpointing:
 
 
 @dataclass
-class Made:
-    """What the student made for one micro-batch: the fake model learns from it."""
+class Batch:
+    """One micro-batch: its conditioning, its samples' noise, and what the student made of it."""
 
-    x0: torch.Tensor  # detached
     cond: Cond
+    noise: Noise
+    x0: torch.Tensor | None = None  # detached, for the fake model
 
 
 class Distiller:
@@ -149,7 +155,6 @@ class Distiller:
             self.ema = EMAModel(self._student_params(), decay=tc.ema_decay)
         self.prompts = PromptStream(prompts, tc.seed)
         self.embed_cache = self._encode_all(prompts) if cfg.data.cache_embeddings else None
-        self.noise = Noise(tc.seed, accelerator.process_index, device)
         self.step = 0
         self.nonfinite_streak = 0
 
@@ -161,14 +166,14 @@ class Distiller:
         cache = {}
         for i in range(0, len(prompts), 64):
             chunk = prompts[i:i + 64]
-            c = self.bb.encode_prompts(chunk)
+            c = self.bb.encode_prompts(chunk, self.cfg.data.mask_prompts)
             for j, p in enumerate(chunk):
                 cache[p] = (c.embeds[j], None if c.mask is None else c.mask[j])
         return cache
 
     def _cond(self, prompts: list[str]) -> Cond:
         if self.embed_cache is None:
-            cond = self.bb.encode_prompts(prompts)
+            cond = self.bb.encode_prompts(prompts, self.cfg.data.mask_prompts)
         else:
             rows = [self.embed_cache[p] for p in prompts]
             mask = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
@@ -176,37 +181,36 @@ class Distiller:
         return cond.to(self.acc.device, self.weight_dtype)
 
     # --- one iteration ---------------------------------------------------------------
-    def _generate(self, cond: Cond) -> torch.Tensor:
+    def _generate(self, cond: Cond, noise: Noise) -> torch.Tensor:
         """x0 of the student from fresh noise, in float32 (graph kept when grad is on)."""
         n, bb = len(cond), self.bb
-        z = self.noise.normal((n, *bb.latent_shape))
+        z = noise.normal(bb.latent_shape)
         t_T = torch.full((n,), bb.num_train_timesteps - 1, device=self.acc.device, dtype=torch.long)
         with self.acc.autocast():
             eps = bb.predict_eps(self.student_net, z.to(self.weight_dtype), t_T, cond)
         alpha_T, sigma_T = bb.one_step_alpha_sigma(self.acc.device)
         return one_step_x0(z, eps.float(), alpha_T, sigma_T)
 
-    def _student_loss(self, x0: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, int]:
+    def _student_loss(self, x0: torch.Tensor, cond: Cond, noise: Noise) -> tuple[torch.Tensor, int]:
         """The VSD loss of x0, and how many elements of its score difference were non-finite."""
         tc, bb = self.cfg.train, self.bb
-        t = self.noise.integers(tc.t_min, tc.t_max, len(x0))
+        t = noise.integers(tc.t_min, tc.t_max)
         alpha, sigma = bb.alpha_sigma(t)
-        x_t = add_noise(x0.detach(), self.noise.normal(x0.shape), alpha, sigma).to(self.weight_dtype)
+        x_t = add_noise(x0.detach(), noise.normal(x0.shape[1:]), alpha, sigma).to(self.weight_dtype)
         with torch.no_grad(), self.acc.autocast():
             e_real = bb.guided_eps(bb.net, x_t, t, cond, tc.guidance)
             e_fake = bb.guided_eps(self.acc.unwrap_model(self.fake_net), x_t, t, cond, tc.guidance)
         g = score_difference(e_real, e_fake, sigma)
         return vsd_loss(x0, g), int((~torch.isfinite(g)).sum())
 
-    def _fake_loss(self, x0: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def _fake_loss(self, x0: torch.Tensor, cond: Cond, noise: Noise) -> torch.Tensor:
         """Denoising loss of the fake model on the student's (detached) x0, some prompts empty."""
         tc, bb = self.cfg.train, self.bb
-        n = len(x0)
-        t = self.noise.integers(0, bb.num_train_timesteps - 1, n)
+        t = noise.integers(0, bb.num_train_timesteps - 1)
         alpha, sigma = bb.alpha_sigma(t)
-        eps = self.noise.normal(x0.shape)
+        eps = noise.normal(x0.shape[1:])
         x_t = add_noise(x0, eps, alpha, sigma).to(self.weight_dtype)
-        keep = self.noise.uniform(n) >= tc.fake_uncond_prob
+        keep = noise.uniform() >= tc.fake_uncond_prob
         uncond = bb.empty_cond().to(self.acc.device, self.weight_dtype)
         with self.acc.autocast():
             pred = bb.predict_eps(self.fake_net, x_t, t, cond.where(keep, uncond))
@@ -238,30 +242,32 @@ class Distiller:
         batches = []
         for micro in range(ga):
             start = (self.step * ga + micro) * per_step + self.acc.process_index * tc.batch_size
-            batches.append(self._cond(self.prompts.take(start, tc.batch_size)))
+            positions = list(range(start, start + tc.batch_size))
+            batches.append(Batch(self._cond(self.prompts.take(start, tc.batch_size)),
+                                 Noise(tc.seed, positions, self.acc.device)))
         # 1. the student: VSD against the teacher and the current fake model
-        made, loss_s, nonfinite = [], 0.0, 0
-        for i, cond in enumerate(batches):
+        loss_s, nonfinite = 0.0, 0
+        for i, b in enumerate(batches):
             with self._sync(self.student_net, last=i == ga - 1):
-                x0 = self._generate(cond)
-                loss, bad = self._student_loss(x0, cond)
+                x0 = self._generate(b.cond, b.noise)
+                loss, bad = self._student_loss(x0, b.cond, b.noise)
                 self.acc.backward(loss / ga)
-            made.append(Made(x0.detach(), cond))
+            b.x0 = x0.detach()
             loss_s, nonfinite = loss_s + loss.item() / ga, nonfinite + bad
-        numel = sum(m.x0.numel() for m in made)
+        numel = sum(b.x0.numel() for b in batches)
         ok_s = self._agreed_ok(torch.tensor(loss_s), nonfinite / numel)
         norm_s = self._apply(self.student_net, self.opt_s, ok_s)
         # 2. the fake model: first on what the student just made, then on fresh samples
         losses_f, norms_f, skipped = [], [], int(not ok_s)
         for k in range(tc.fake_steps):
             loss_f = 0.0
-            for i, m in enumerate(made):
-                x0 = m.x0
+            for i, b in enumerate(batches):
+                x0 = b.x0
                 if k:
                     with torch.no_grad():
-                        x0 = self._generate(m.cond)
+                        x0 = self._generate(b.cond, b.noise)
                 with self._sync(self.fake_net, last=i == ga - 1):
-                    loss = self._fake_loss(x0, m.cond)
+                    loss = self._fake_loss(x0, b.cond, b.noise)
                     self.acc.backward(loss / ga)
                 loss_f += loss.item() / ga
             ok = self._agreed_ok(torch.tensor(loss_f))
@@ -302,8 +308,7 @@ class Distiller:
                              self.student.load),
                   ckpt.Piece("fake.safetensors", lambda p: self.fake.save(p, {"step": self.step}), self.fake.load),
                   ckpt.stateful("optim-student", self.opt_s), ckpt.stateful("optim-fake", self.opt_f),
-                  ckpt.stateful("sched-student", self.sched_s), ckpt.stateful("sched-fake", self.sched_f),
-                  self.noise.piece("rng-{rank}.safetensors")]
+                  ckpt.stateful("sched-student", self.sched_s), ckpt.stateful("sched-fake", self.sched_f)]
         if self.ema is not None:
             pieces.append(ckpt.stateful("ema", self.ema))
         return pieces

@@ -1,4 +1,4 @@
-"""LoRaD: low-rank rotation of weight directions (SPEC section 2).
+"""LoRaD: low-rank rotation of weight directions (docs/method.md).
 
 A frozen nn.Linear with weight W (out x in) gets trainable theta_a (out x r, zeros) and
 theta_b (r x in/2, Xavier). Theta = wrap(theta_a @ theta_b) rotates each pair of input
@@ -189,6 +189,23 @@ class LoRaDLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, merged={self.merged}"
 
 
-def lorad_param_count(out_features: int, in_features: int, rank: int) -> int:
-    """Trainable parameters of one LoRaD layer: r * (out + in/2)."""
-    return rank * (out_features + in_features // 2)
+def merge_angles(state: dict[str, torch.Tensor], angles: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with every layer of `angles` (`<layer>.theta_a`, `<layer>.theta_b`, the
+    layout of the authors' training outputs) rotated into its `<layer>.weight`; the angle
+    tensors themselves are dropped. The result loads strict into the plain architecture."""
+    layers = sorted({k.rsplit(".", 1)[0] for k in angles if k.endswith((".theta_a", ".theta_b"))})
+    if not layers:
+        raise ValueError("no LoRaD angles found: expected keys ending in .theta_a and .theta_b")
+    out = {k: v for k, v in state.items() if not k.endswith((".theta_a", ".theta_b"))}
+    for layer in layers:
+        a, b, key = angles.get(f"{layer}.theta_a"), angles.get(f"{layer}.theta_b"), f"{layer}.weight"
+        if a is None or b is None:
+            raise ValueError(f"layer {layer!r} has only one of theta_a and theta_b")
+        if key not in out:
+            raise ValueError(f"the angles name layer {layer!r}, which the weights do not have")
+        w = out[key]
+        if a.shape[0] != w.shape[0] or b.shape[1] * 2 != w.shape[1] or a.shape[1] != b.shape[0]:
+            raise ValueError(f"angles of {layer!r} ({tuple(a.shape)} @ {tuple(b.shape)}) do not fit its "
+                             f"weight {tuple(w.shape)}")
+        out[key] = rotate_pairs(w, _angles(a, b)).to(w.dtype)
+    return out

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from .adapters import FORMAT as ADAPTER_FORMAT
 from .adapters import load_adapter
-from .backbones import Backbone, BackboneSpec, load_backbone
+from .backbones import Backbone, BackboneSpec, Kind, detect_kind, get_kind, load_backbone
 from .export import is_export, read_manifest
 from .run_folder import RunFolder
 from .weights import TORCH_SUFFIXES, check_fits, load_weights
@@ -104,17 +104,33 @@ def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: to
     if path.is_file():
         if path.suffix in TORCH_SUFFIXES and not allow_bin:
             raise ValueError(f"{path}: pass --allow-bin to read a torch state dict (plain tensors only, no code runs)")
-        backbone = spec.load(dtype, allow_bin)
-        net = adapter_student(backbone, path) if is_adapter_file(path) else released_student(backbone, path)
+        if is_adapter_file(path):
+            backbone = spec.load(dtype, allow_bin)
+            net = adapter_student(backbone, path)
+        else:
+            state = load_weights(path).state_dict  # read (and refused) before minutes of loading the base
+            backbone = spec.load(dtype, allow_bin)
+            net = _in_base(backbone, state, path)
         return Loaded(backbone, net.requires_grad_(False), str(path), backbone.spec, True)
     if (path / "config.json").is_file():
+        cls, denoiser = json.loads((path / "config.json").read_text()).get("_class_name"), base_kind(spec).denoiser
+        if cls != denoiser:
+            raise ValueError(f"{path} holds a {cls}, the base model's denoiser is a {denoiser}; "
+                             "is --base the model it came from?")
+        state = load_weights(path, allow_torch=allow_bin).state_dict
         backbone = spec.load(dtype, allow_bin)
-        net = model_folder_student(backbone, path, allow_bin)
-        return Loaded(backbone, net.requires_grad_(False), str(path), backbone.spec, True)
+        return Loaded(backbone, _in_base(backbone, state, path).requires_grad_(False), str(path), backbone.spec, True)
     if path.is_dir():
         raise ValueError(f"{path}: not a run folder (config.yaml), an exported folder (wadi.json), "
                          "a diffusers model folder (config.json) or a weights file")
     raise FileNotFoundError(f"student {source!r} does not exist")
+
+
+def base_kind(spec: BackboneSpec) -> Kind:
+    """The kind of the base model a spec names, without loading it."""
+    if not spec.path:
+        raise ValueError("no base model: pass --base FOLDER_OR_HUB_ID (the teacher the student was distilled from)")
+    return get_kind(spec.kind or detect_kind(spec.path))
 
 
 def load_teacher(source: str | Path | None, spec: BackboneSpec | None = None,
@@ -148,20 +164,6 @@ def adapter_student(backbone: Backbone, path: Path) -> nn.Module:
     """The base net with the adapter file at `path` loaded and merged: a plain model."""
     net = copy.deepcopy(backbone.net)
     return load_adapter(net, path).merged_model().eval()
-
-
-def model_folder_student(backbone: Backbone, folder: Path, allow_bin: bool = False) -> nn.Module:
-    """A diffusers model folder of the base net's class, checked key by key like a released file."""
-    cls = json.loads((folder / "config.json").read_text()).get("_class_name")
-    if cls != type(backbone.net).__name__:
-        raise ValueError(f"{folder} holds a {cls}, the base model's denoiser is a {type(backbone.net).__name__}; "
-                         "is --base the model it came from?")
-    return _in_base(backbone, load_weights(folder, allow_torch=allow_bin).state_dict, folder)
-
-
-def released_student(backbone: Backbone, path: Path) -> nn.Module:
-    """A merged state dict (every tensor of the denoiser) in the base net's architecture."""
-    return _in_base(backbone, load_weights(path).state_dict, path)
 
 
 def _in_base(backbone: Backbone, state: dict, where: Path) -> nn.Module:

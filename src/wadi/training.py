@@ -66,7 +66,7 @@ def _resume(distiller: Distiller, run: RunFolder) -> None:
     ckpt.remove_partial(run.checkpoints)
     for folder in reversed(run.complete_checkpoints()):
         try:
-            ckpt.read_pieces(folder, distiller.state_pieces(), distiller.acc.process_index)
+            ckpt.read_pieces(folder, distiller.state_pieces())
             return
         except ckpt.CorruptCheckpoint as e:
             warnings.warn(f"checkpoint {folder.name} cannot be read ({e}); trying the one before")
@@ -76,13 +76,9 @@ def _resume(distiller: Distiller, run: RunFolder) -> None:
 def save_checkpoint(distiller: Distiller, run: RunFolder) -> None:
     acc = distiller.acc
     checksums = distiller.adapter_checksums()  # a collective: every process takes part
-    tmp = run.checkpoint(distiller.step).with_suffix(".tmp")
-    if acc.is_main_process:
-        ckpt.begin(tmp)
-    acc.wait_for_everyone()
-    ckpt.write_pieces(tmp, distiller.state_pieces(checksums), acc.process_index, acc.is_main_process)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    if acc.is_main_process:  # the processes hold the same state (DDP): one writes it
+        tmp = ckpt.begin(run.checkpoint(distiller.step).with_suffix(".tmp"))
+        ckpt.write_pieces(tmp, distiller.state_pieces(checksums))
         ckpt.commit(tmp, distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
     acc.wait_for_everyone()
 

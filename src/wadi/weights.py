@@ -10,6 +10,8 @@ or a pipeline folder (its unet/ or transformer/).
 from __future__ import annotations
 
 import json
+import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +42,14 @@ def read_file(path: Path) -> dict[str, torch.Tensor]:
     weights_only=True (no code runs; a file holding anything but tensors is refused)."""
     if path.suffix in TORCH_SUFFIXES:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle refusals and corrupt files come as many types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path} is not a plain state dict that loads without running code ({first})") from None
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's refusal of anything but tensors and plain containers
+            raise ValueError(f"{path} holds objects other than tensors: it is not a plain state dict that loads "
+                             "without running code, so it is not read") from None
+        except Exception as e:  # truncated or foreign files come as many types
+            raise ValueError(f"{path} is not a readable torch state dict ({type(e).__name__})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # the common {"state_dict": ...} wrapping
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
