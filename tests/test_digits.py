@@ -74,18 +74,25 @@ def test_classifier_accuracy_on_heldout_digits(classifier):
 
 
 def test_metrics_on_known_inputs(classifier):
+    """The world's Frechet distance and precision/recall, in the classifier's features of
+    uint8 images as evaluation reads them back."""
+    from wadi.images import to_uint8
+    from wadi.metrics import frechet_distance_features, precision_recall
+
     images, labels = world.load("train")
-    same = metrics.score(classifier, images, labels.tolist())
-    assert abs(same["frechet"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
-    assert same["alignment"] > 0.99
-    shifted = metrics.score(classifier, (images + 0.5).clamp(-1, 1), labels.tolist())
-    noise = metrics.score(classifier, torch.rand(500, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1,
-                          [0] * 500)
-    assert 1.0 < shifted["frechet"] < noise["frechet"]
-    held_images, held_labels = world.load("heldout")
-    held = metrics.score(classifier, held_images, held_labels.tolist())
-    assert held["frechet"] < shifted["frechet"]  # unseen real digits sit close to the train set
-    assert noise["alignment"] < 0.2
+    ref = metrics.features(to_uint8(images))
+
+    def frechet(x):
+        return frechet_distance_features(metrics.features(to_uint8(x)), ref)
+
+    assert abs(frechet(images)) < 1e-6
+    pr = precision_recall(ref, metrics.features(to_uint8(images)), device="cpu")
+    assert pr.precision == pr.recall == 1.0
+    shifted = frechet((images + 0.5).clamp(-1, 1))
+    noise_images = torch.rand(500, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert 1.0 < shifted < frechet(noise_images)
+    assert frechet(world.load("heldout")[0]) < shifted  # unseen real digits sit close to the train set
+    assert metrics.prompt_alignment(to_uint8(noise_images), [world.class_prompts(0)[0]] * 500) < 0.2
     predictions = metrics.classify(classifier, images[:4])[1]
     with pytest.raises(ValueError, match="predictions"):
         metrics.alignment(predictions, [0, 1])
@@ -130,21 +137,29 @@ def test_preset_points_at_the_shipped_world():
 
 # --- the demo -------------------------------------------------------------------------
 
-def test_shortened_demo_writes_the_report(tmp_path):
-    settings = DemoSettings(steps=2, per_class=1, root=str(tmp_path / "runs"),
-                            overrides=["train.batch_size=4", "run.sample_every=0", "run.checkpoint_every=0"])
-    out = run_demo(settings, tmp_path / "report", progress=False)
-    for name in ("report.md", "grid.png", "loss.png", "metrics.json"):
-        assert (out / name).is_file()
+SHORT = ["train.batch_size=4", "run.sample_every=0", "run.checkpoint_every=0"]
+
+
+def test_shortened_demo_over_two_seeds_writes_one_report(tmp_path):
+    settings = DemoSettings(steps=2, per_class=1, seeds=[0, 3], root=str(tmp_path / "runs"), overrides=SHORT)
+    out = run_demo(settings, progress=False)
+    assert out.parent == tmp_path / "runs" and out.name.endswith("digits-demo")
+    for name in ("report.md", "grid.png", "loss.png", "metrics.json", "eval/results.json", "eval/grid-seed3.png"):
+        assert (out / name).is_file(), name
     summary = json.loads((out / "metrics.json").read_text())
     names = [r["name"] for r in summary["rows"]]
-    assert names == ["teacher, 25 steps", "teacher, 1 step", "teacher, 1 step, no guidance", "student, 1 step",
-                     "real digits (held-out)"]
-    assert summary["trainable"]["student"] > 0 and summary["distill"]["steps"] == 2
-    assert {"alignment_ratio", "frechet_ratio", "teacher_1_step_far_worse"} <= set(summary["criteria"])
+    assert names == ["teacher, 25 steps", "teacher, 1 step", "teacher, 1 step, no guidance", "student-seed0",
+                     "student-seed3", "real digits (held-out)"]
+    # the numbers are wadi eval's: the same results file, the same Frechet
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert summary["rows"][3]["fid"] == results["models"]["student-seed0"]["fid"]
+    assert [r["seed"] for r in summary["rows"][3:5]] == [0, 3]
+    runs = sorted((out / "runs").iterdir())
+    assert [r.name for r in runs] == ["00000-digits-wadi-lorad-seed0", "00001-digits-wadi-lorad-seed3"]
+    c = summary["criteria"]
+    assert c["worst_fid"] == max(summary["rows"][3]["fid"], summary["rows"][4]["fid"])
     report = (out / "report.md").read_text()
-    assert "| teacher, 25 steps | 50 |" in report and "grid.png" in report and "loss.png" in report
-    assert Path(summary["run_dir"]).parent == tmp_path / "runs"
+    assert "| teacher, 25 steps | 50 |" in report and "| student-seed3 | 1 |" in report and "median" in report
 
 
 def test_shortened_compare_writes_one_table(tmp_path):
@@ -155,26 +170,38 @@ def test_shortened_compare_writes_one_table(tmp_path):
     assert [r["adapter"] for r in summary["adapters"]] == list(KINDS)
     assert [r["lr"] for r in summary["adapters"]] == [STUDENT_LR[k] for k in KINDS]
     table = (out / "compare.md").read_text()
-    assert "| lorad | 16 | 0.003 |" in table and "| full | - | 3e-06 |" in table
+    assert f"| lorad | 16 | {STUDENT_LR['lorad']:g} |" in table and "| full | - | 3e-06 |" in table
 
 
 def test_demo_bar_against_hand_computed_ratios():
-    teacher, student = {"alignment": 1.0, "frechet": 40.0}, {"alignment": 0.9, "frechet": 60.0}
-    c = criteria(teacher, {"alignment": 0.95, "frechet": 120.0}, student)
-    assert c["alignment_ratio"] == pytest.approx(0.9) and c["alignment_ok"]
-    assert c["frechet_ratio"] == pytest.approx(1.5) and c["frechet_ok"]
-    assert c["teacher_1_step_far_worse"]  # twice the student's 60
-    c = criteria(teacher, {"alignment": 0.95, "frechet": 119.0}, {"alignment": 0.89, "frechet": 61.0})
-    assert not (c["alignment_ok"] or c["frechet_ok"] or c["teacher_1_step_far_worse"])
-    assert criteria(teacher, {"alignment": 0.4, "frechet": 50.0}, student)["teacher_1_step_far_worse"]
+    teacher, unguided, real = {"alignment": 1.0, "fid": 10.0}, {"fid": 60.0}, {"fid": 4.0}
+    students = [{"alignment": 0.95, "fid": 15.0}, {"alignment": 0.99, "fid": 20.0}, {"alignment": 1.0, "fid": 30.0}]
+    c = criteria(teacher, unguided, students, real)
+    assert c["teacher_ok"] and c["teacher_vs_real"] == pytest.approx(2.5)
+    assert c["alignment_ok"] and c["median_fid"] == 20.0 and c["median_ok"]  # 2.0x: on the bar
+    assert c["worst_fid"] == 30.0 and c["worst_ok"] and c["from_start_ok"]  # 30 = half of 60
+    c = criteria(teacher, {"fid": 59.0}, students + [{"alignment": 0.94, "fid": 31.0}], {"fid": 3.0})
+    assert not (c["teacher_ok"] or c["alignment_ok"] or c["worst_ok"] or c["from_start_ok"])
+    assert c["median_fid"] == 25.0 and not c["median_ok"]
 
 
-def test_demo_rejects_bad_settings(capsys):
+def test_demo_rejects_bad_settings(tmp_path, capsys):
     threads = torch.get_num_threads()
-    assert main(["demo", "--rank", "0"]) == 2
-    assert "--rank must be positive" in capsys.readouterr().err
-    assert main(["demo", "--threads", "0"]) == 2
-    assert "--threads must be at least 1" in capsys.readouterr().err
+    for args, message in [(["--rank", "0"], "--rank must be positive"),
+                          (["--threads", "0"], "--threads must be at least 1"),
+                          (["--seeds", "1,1"], "--seeds must be distinct"),
+                          (["--seeds", "x"], "bad --seeds"),
+                          (["train.seed=3"], "use --seeds"),
+                          (["train.batch_size=0"], "train.batch_size must be at least 1")]:
+        assert main(["demo", "--root", str(tmp_path / "runs"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
     assert torch.get_num_threads() == threads  # a refused demo changes nothing
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "report.md").write_text("another run's report")
+    assert main(["demo", "--out", str(tmp_path / "taken"), "--steps", "1"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "report.md").read_text() == "another run's report"
     with pytest.raises(SystemExit):
         main(["demo", "--adapter", "bogus"])

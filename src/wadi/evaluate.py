@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import atomic_path, check_out
+from .files import atomic_path, check_out, write_text
 from .images import read_images, save_png, to_uint8
 from .prompts import PromptSet
 from .sampling import Sampling
@@ -55,8 +55,9 @@ def shard(indices: list[int], rank: int, world: int) -> list[int]:
 
 
 def generate(model: Loaded, sampling: Sampling, prompts: PromptSet, seed: int, folder: Path, batch_size: int,
-             state, progress: bool = True) -> int:
-    """Make the images of `folder` not yet on disk; every process its share. Returns how many this process made."""
+             state, progress: bool = True) -> tuple[int, float]:
+    """Make the images of `folder` not yet on disk; every process its share. Returns how many
+    this process made and the seconds its sampler took (without writing the files)."""
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,17 +65,20 @@ def generate(model: Loaded, sampling: Sampling, prompts: PromptSet, seed: int, f
     state.wait_for_everyone()  # every process must see the same list before files appear
     mine = shard(todo, state.process_index, state.num_processes)
     bar = tqdm(total=len(mine), desc=folder.name, unit="img", disable=not (progress and state.is_main_process))
+    seconds = 0.0
     for start in range(0, len(mine), batch_size):
         chunk = mine[start:start + batch_size]
+        t0 = time.perf_counter()
         images = sampling(model.backbone, model.net, [prompts.prompts[i] for i in chunk],
                           [seed + i for i in chunk], batch_size)
+        seconds += time.perf_counter() - t0
         for i, img in zip(chunk, to_uint8(images)):
             save_png(img, image_path(folder, i), {"prompt": prompts.prompts[i], "seed": seed + i,
                                                  "model": model.source, "sampling": sampling.to_dict()})
         bar.update(len(chunk))
     bar.close()
     state.wait_for_everyone()
-    return len(mine)
+    return len(mine), seconds
 
 
 # --- features and the reference set --------------------------------------------------
@@ -317,12 +321,13 @@ def evaluate(entries: list[Entry], prompts: PromptSet, seed: int, out: str | Pat
     for e in entries:
         e.model.to(device)
         t0 = time.time()
-        made = generate(e.model, e.sampling, prompts, seed, out / e.name, batch_size, state, progress)
+        made, sampling = generate(e.model, e.sampling, prompts, seed, out / e.name, batch_size, state, progress)
         if state.num_processes > 1:
             from accelerate.utils import gather_object
 
             made = sum(gather_object([made]))
-        timings[e.name] = {"made": made, "seconds": round(time.time() - t0, 3)}
+        timings[e.name] = {"made": made, "seconds": round(time.time() - t0, 3),
+                           "sampling_seconds": round(sampling, 3)}
         e.model.to("cpu")  # one model on the device at a time
     if not state.is_main_process:
         return {}
@@ -336,7 +341,7 @@ def evaluate(entries: list[Entry], prompts: PromptSet, seed: int, out: str | Pat
         scores = scorer.score([image_path(out / e.name, i) for i in range(n)], prompts.prompts)
         results["models"][e.name] = {**settings["models"][e.name], "images": str(out / e.name),
                                      "num_images": n, "generation": timings[e.name], **scores}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     return results
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..adapters import KINDS
+from .model_args import parse_seeds
 
 
 def register(sub) -> None:
@@ -17,32 +18,35 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, help="distillation steps (default: the preset's)")
     p.add_argument("--compare", action="store_true",
                    help="run the adapter ablation (every adapter kind) and write one table")
+    p.add_argument("--seeds", default="0",
+                   help="distil once per seed and report each, their median and the worst, e.g. 0-4 (default 0)")
     p.add_argument("--per-class", type=int, default=50, help="evaluation images per digit (default 50)")
-    p.add_argument("--fid", action="store_true", help="also the standard Inception FID (slow on a CPU)")
-    p.add_argument("--root", default="runs", help="where run folders go (default runs)")
-    p.add_argument("--out", help="report folder (default: the run folder; for --compare a new folder under --root)")
+    p.add_argument("--root", default="runs", help="where the numbered demo folder goes (default runs)")
+    p.add_argument("--out", help="the demo folder instead (new or empty; with --force, any)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
     p.add_argument("--threads", type=int,
                    help="CPU threads (default: the cores, at most 4; models this small gain nothing from more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="more distillation settings, e.g. train.seed=1")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="more distillation settings, e.g. train.steps=500")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import torch
 
-    from ..digits.demo import DemoSettings, run_compare, run_demo
+    from ..digits.demo import DemoSettings, check, run_compare, run_demo
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     settings = DemoSettings(adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank, steps=args.steps,
-                            per_class=args.per_class, fid=args.fid, root=args.root, overrides=args.overrides)
+                            seeds=parse_seeds(args.seeds), per_class=args.per_class, root=args.root, overrides=args.overrides)
+    check(settings, args.compare)
     # Process-wide, so only once every setting is known to be good.
     torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
     if args.compare:
-        out = run_compare(settings, args.out, progress=not args.no_progress)
+        out = run_compare(settings, args.out, args.force, progress=not args.no_progress)
         print(f"adapter ablation: {out / 'compare.md'}")
     else:
-        out = run_demo(settings, args.out, progress=not args.no_progress)
+        out = run_demo(settings, args.out, args.force, progress=not args.no_progress)
         print(f"report: {out / 'report.md'}")
     return 0

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from ..backbones import BackboneSpec
 from ..prompts import PromptSet
 from ..worlds import WorldEval
@@ -36,14 +33,6 @@ def preset() -> dict:
     }
 
 
-def features(images: np.ndarray) -> np.ndarray:
-    """The shipped digits classifier's penultimate features of (N, 8, 8, C) uint8 images."""
-    from .metrics import classify, shipped_classifier
-
-    x = torch.from_numpy(np.asarray(images)).float().mean(dim=3, keepdim=True).permute(0, 3, 1, 2)
-    return classify(shipped_classifier(), x / 127.5 - 1)[0]
-
-
 def reference_folder(folder: Path) -> Path:
     """The train-split digits as 8x8 grey PNGs in `folder`, written once."""
     from ..images import save_png, to_uint8
@@ -68,7 +57,7 @@ def evaluation(num: int, cache_dir: Path) -> WorldEval:
     prompts = world.eval_prompts(num // 10)[0]
     return WorldEval(PromptSet(prompts, f"digits world: {num // 10} per class"),
                      reference_folder(cache_dir / "digits-train"), "wadi.digits.metrics:prompt_alignment",
-                     "wadi.digits.plugin:features", "fid,pr,alignment", teacher_spec())
+                     "wadi.digits.metrics:features", "fid,pr,alignment", teacher_spec())
 
 
 class DigitsWorld:
