@@ -7,7 +7,8 @@
   frozen W; cos and sin themselves are only saved where W requires grad.
 - install_hook_lorad: HookLoRaD on every target layer of a model (a wadi.targets preset).
 - AuthorsScheme: one WaDi iteration with those layers and four separate denoiser calls
-  for the guided scores. Losses, optimizer, clipping and order are wadi's (SPEC section 3).
+  for the guided scores, every network a full copy. Losses, optimizer, clipping and order are
+  wadi's (docs/method.md).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wadi.distill import WEIGHT_DTYPES, make_optimizer
-from wadi.losses import add_noise, fake_loss, guide, one_step_x0, vsd_loss
+from wadi.distill import Noise
+from wadi.losses import add_noise, fake_loss, guide, one_step_x0, score_difference, vsd_loss
 from wadi.targets import resolve_rule, select_linears
 
 
@@ -69,20 +70,21 @@ class AuthorsScheme:
 
     Built from the same torch.manual_seed as a wadi Distiller with the same config, and
     while the backbone is still on the CPU (where the Distiller draws its angles), it
-    holds the same initial adapters and draws the same noise (the generator of process
-    0), so both do the same work.
+    holds the same initial adapters and, given the same sample positions, draws the same
+    per-sample noise, so both do the same work.
     """
 
     def __init__(self, cfg, backbone, accelerator):
         self.cfg, self.bb, self.acc = cfg, backbone, accelerator
-        self.weight_dtype = WEIGHT_DTYPES[cfg.train.mixed_precision]
+        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            cfg.train.mixed_precision]
         self.student = self._hooked_copy(cfg.student)
         self.fake = self._hooked_copy(cfg.fake)
         tc = cfg.train
-        self.opt_s = make_optimizer(self._trainable(self.student), tc.lr_student, tc)
-        self.opt_f = make_optimizer(self._trainable(self.fake), tc.lr_fake, tc)
+        kwargs = dict(betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.opt_s = torch.optim.AdamW(self._trainable(self.student), lr=tc.lr_student, **kwargs)
+        self.opt_f = torch.optim.AdamW(self._trainable(self.fake), lr=tc.lr_fake, **kwargs)
         self.opt_s, self.opt_f = accelerator.prepare(self.opt_s, self.opt_f)
-        self.noise = torch.Generator(device=accelerator.device).manual_seed(tc.seed * 1000)
 
     def _hooked_copy(self, adapter_cfg) -> nn.Module:
         net = install_hook_lorad(copy.deepcopy(self.bb.net), adapter_cfg.targets, adapter_cfg.rank)
@@ -106,32 +108,31 @@ class AuthorsScheme:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def train_step(self, prompts: list[str]) -> dict:
-        # The same draws from self.noise, in the same order, as Distiller.micro_step.
+    def train_step(self, prompts: list[str], positions: list[int]) -> dict:
+        # The same per-sample draws, in the same order, as wadi.distill.Distiller.train_step.
         tc, bb, device, wd = self.cfg.train, self.bb, self.acc.device, self.weight_dtype
-        n = len(prompts)
+        n, noise = len(prompts), Noise(tc.seed, positions, device)
         cond = bb.encode_prompts(prompts).to(device, wd)
         uncond = bb.empty_cond().to(device, wd).expand(n)
         T = bb.num_train_timesteps - 1
         t_T = torch.full((n,), T, device=device, dtype=torch.long)
-        z = torch.randn((n, *bb.latent_shape), generator=self.noise, device=device)
-        alpha_T, sigma_T = bb.alpha_sigma(t_T)
+        z = noise.normal(bb.latent_shape)
         with self.acc.autocast():
             eps = bb.predict_eps(self.student, z.to(wd), t_T, cond)
-        x0 = one_step_x0(z, eps.float(), alpha_T, sigma_T)
-        t = torch.randint(tc.t_min, tc.t_max + 1, (n,), generator=self.noise, device=device)
+        x0 = one_step_x0(z, eps.float(), *bb.one_step_alpha_sigma(device))
+        t = noise.integers(tc.t_min, tc.t_max)
         alpha, sigma = bb.alpha_sigma(t)
-        x_t = add_noise(x0.detach(), torch.randn(x0.shape, generator=self.noise, device=device), alpha, sigma).to(wd)
+        x_t = add_noise(x0.detach(), noise.normal(x0.shape[1:]), alpha, sigma).to(wd)
         with torch.no_grad(), self.acc.autocast():
             e_real = self._scores(bb.net, x_t, t, cond, uncond)
             e_fake = self._scores(self.fake, x_t, t, cond, uncond)
-        loss_g = vsd_loss(x0, e_real, e_fake, sigma)
+        loss_g = vsd_loss(x0, score_difference(e_real, e_fake, sigma))
         self._update(loss_g, self.student, self.opt_s)
-        t_f = torch.randint(0, T + 1, (n,), generator=self.noise, device=device)
+        t_f = noise.integers(0, T)
         alpha_f, sigma_f = bb.alpha_sigma(t_f)
-        eps_f = torch.randn(x0.shape, generator=self.noise, device=device)
+        eps_f = noise.normal(x0.shape[1:])
         x_tf = add_noise(x0.detach(), eps_f, alpha_f, sigma_f).to(wd)
-        keep = torch.rand(n, generator=self.noise, device=device) >= tc.fake_uncond_prob
+        keep = noise.uniform() >= tc.fake_uncond_prob
         with self.acc.autocast():
             pred = bb.predict_eps(self.fake, x_tf, t_f, cond.where(keep, uncond))
         loss_f = fake_loss(pred, eps_f, alpha_f)

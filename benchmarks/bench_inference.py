@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from wadi.adapters import AdapterConfig, attach
-from wadi.backbones import Backbone
+from common import char_tokenizer
+from wadi.backbones import Backbone, BackboneSpec
 from wadi.sampling import multi_step, one_step
 
 SIZES = {
@@ -59,17 +60,6 @@ PROMPT = "a photo of a cat sitting on a windowsill"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def char_tokenizer(folder: Path):
-    """A CLIP tokenizer over single letters (no merges): SD's 77 tokens, no download."""
-    from transformers import CLIPTokenizer
-
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
 def build_backbone(size: dict, folder: Path) -> Backbone:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -84,7 +74,7 @@ def build_backbone(size: dict, folder: Path) -> Backbone:
                               beta_schedule="scaled_linear", clip_sample=False)
     for m in (unet, text, vae):
         m.requires_grad_(False)
-    return Backbone("sd", unet, text, char_tokenizer(folder), scheduler, vae=vae)
+    return Backbone(BackboneSpec(kind="sd"), unet, text, char_tokenizer(folder), scheduler, vae=vae)
 
 
 def merged_student(base: torch.nn.Module, rank: int) -> torch.nn.Module:

@@ -2,7 +2,7 @@
 
 Both train the same SD-1.5-shaped UNet (random weights; width and latent size scaled
 down by default) from the same seed, on the same prompts:
-- engine:  wadi.distill.Distiller.train_step (LoRaDLinear, teacher and fake scores each
+- engine:  wadi.distill.Distiller.train_step (LoRaDLinear on the teacher's shared weights, scores each
            one batched forward of [uncond; cond]);
 - authors: benchmarks/authors_scheme.AuthorsScheme (hooked LoRaD, four denoiser calls).
 Before timing, the first iterations of both must give the same losses (equal work).
@@ -30,78 +30,14 @@ from pathlib import Path
 import torch
 
 from authors_scheme import AuthorsScheme
+from common import SavedForBackward, sd_backbone
 from wadi.adapters import AdapterConfig
-from wadi.backbones import Backbone
 from wadi.config import DistillConfig, TrainConfig
 from wadi.distill import Distiller
 
 PROMPTS = ["a photo of a cat on a windowsill", "a red car on a mountain road", "a bowl of fruit",
            "an astronaut riding a horse", "a lighthouse at night", "a dog on the table"]
 SCHEMES = ("engine", "authors")
-
-
-def build_backbone(width: int, latent: int, text_layers: int, folder: Path) -> Backbone:
-    """SD 1.5's UNet block structure at block_out_channels (w, 2w, 4w, 4w), a CLIP-L-shaped
-    text encoder with `text_layers` layers, SD's noise schedule; random weights, no VAE
-    (training never decodes)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    # A letter-level BPE vocabulary written on the spot: nothing is downloaded.
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=768, intermediate_size=3072,
-                                       num_attention_heads=12, num_hidden_layers=text_layers,
-                                       max_position_embeddings=77))
-    unet = UNet2DConditionModel(
-        sample_size=latent, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(width, 2 * width, 4 * width, 4 * width),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768, attention_head_dim=8)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    for m in (unet, enc):
-        m.requires_grad_(False).eval()
-    return Backbone("sd", unet, enc, tok, sched)
-
-
-class SavedForBackward:
-    """Bytes autograd saves for backward, per graph, each storage counted once.
-
-    A graph's forward saves (pack) until its backward starts reading them back (unpack);
-    the next save after that starts a new graph. Storages in `exclude` (the models'
-    parameters and buffers, which live anyway) are not counted.
-    """
-
-    def __init__(self, exclude: set[int]):
-        self.exclude, self.graphs, self._open = exclude, [], False
-
-    def _pack(self, t):
-        if not self._open:
-            self.graphs.append({})
-            self._open = True
-        s = t.untyped_storage()
-        if s.data_ptr() not in self.exclude:
-            self.graphs[-1][s.data_ptr()] = s.nbytes()
-        return t
-
-    def _unpack(self, t):
-        self._open = False
-        return t
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-    def megabytes(self) -> list[float]:
-        return [sum(g.values()) / 2**20 for g in self.graphs]
 
 
 def parse_args() -> argparse.Namespace:
@@ -141,7 +77,7 @@ def main() -> None:
                         train=TrainConfig(batch_size=args.batch, mixed_precision=args.precision, seed=args.seed))
     tmp = tempfile.TemporaryDirectory()
     torch.manual_seed(args.seed)
-    bb = build_backbone(args.width, args.latent, args.text_layers, Path(tmp.name))
+    bb = sd_backbone(args.width, args.latent, args.text_layers, Path(tmp.name))
     # One Accelerator per scheme: under fp16 each keeps its own gradient scaler.
     accs = [Accelerator(mixed_precision=args.precision, cpu=args.device == "cpu") for _ in SCHEMES]
     # Same seed, same initial angles. The authors' scheme comes first: the Distiller moves
@@ -149,12 +85,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     authors = AuthorsScheme(cfg, bb, accs[1])
     torch.manual_seed(args.seed)
-    engine = Distiller(cfg, Path(tmp.name) / "run", bb, PROMPTS, accs[0])
+    engine = Distiller(cfg, bb, PROMPTS, accs[0])
     authors_steps = 0
 
-    def authors_step():
+    def authors_step():  # the same prompts and per-sample noise as the engine's step
         nonlocal authors_steps
-        out = authors.train_step(engine.prompts.take(authors_steps * args.batch, args.batch))
+        positions = list(range(authors_steps * args.batch, (authors_steps + 1) * args.batch))
+        out = authors.train_step(engine.prompts.take(positions[0], args.batch), positions)
         authors_steps += 1
         return out
 

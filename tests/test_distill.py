@@ -133,8 +133,10 @@ def _cli(*args):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(pipes, tmp_path):
     steps = 5
-    straight = make_cfg(pipes, tmp_path / "a", steps=steps)
-    reference = distill(straight, progress=False)
+    # The reference runs in a fresh process too: both start from the same process state.
+    straight = _write_cfg(make_cfg(pipes, tmp_path / "a", steps=steps), tmp_path / "a.yaml")
+    subprocess.run(_cli("--config", str(straight)), check=True, capture_output=True)
+    reference = next((tmp_path / "a" / "runs").iterdir())
 
     killed_cfg = _write_cfg(make_cfg(pipes, tmp_path / "b", steps=steps), tmp_path / "b.yaml")
     proc = subprocess.Popen(_cli("--config", str(killed_cfg)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -217,3 +219,44 @@ def test_missing_model_path_fails_fast(pipes, tmp_path, capsys):
     assert main(["distill", "--config", str(_write_cfg(cfg, tmp_path / "c.yaml"))]) == 2
     assert "could not load the scheduler" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("student", ["lorad", "dora", "full"])
+def test_student_and_fake_share_the_teachers_frozen_tensors(pipes, tmp_path, student):
+    """One copy of every frozen weight: the student's and the fake's frozen tensors are the
+    teacher's storage; full fine-tuning's trained weights are its own. Exporting the
+    student does not write into the shared weights."""
+    from accelerate import Accelerator
+
+    from wadi.distill import Distiller
+    from wadi.training import export, prepare
+    from wadi.run_folder import RunFolder
+
+    cfg = make_cfg(pipes, tmp_path, student=student, steps=1)
+    prompts, bb = prepare(cfg)
+    d = Distiller(cfg, bb, prompts, Accelerator(cpu=True))
+    teacher = {p.untyped_storage().data_ptr(): n for n, p in bb.net.named_parameters()}
+    before = {n: p.detach().clone() for n, p in bb.net.named_parameters()}
+
+    def frozen_storages(adapter):
+        return {p.untyped_storage().data_ptr() for p in adapter.model.parameters() if not p.requires_grad}
+
+    assert frozen_storages(d.fake) <= set(teacher)
+    if student == "full":
+        trained = {p.untyped_storage().data_ptr() for p in d.student.trainable_parameters().values()}
+        assert not trained & set(teacher) and len(trained) == len(teacher)
+    else:
+        assert frozen_storages(d.student) <= set(teacher)
+        assert len(frozen_storages(d.student)) >= len(teacher) - 2 * len(d.student.target_names)
+    d.train_step()
+    d.train_step()  # the first student step is zero: the fake model starts as the teacher
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    export(d, run)  # merges the student
+    for n, p in bb.net.named_parameters():
+        assert torch.equal(p, before[n]), f"the teacher's {n} changed"
+    from diffusers import UNet2DConditionModel
+
+    merged = UNet2DConditionModel.from_pretrained(run.student_model).state_dict()
+    changed = [n for n in merged if not torch.equal(merged[n], before[n])]
+    assert changed and (student == "full" or all(any(t in n for t in d.student.target_names) for n in changed))

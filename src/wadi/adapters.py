@@ -12,11 +12,12 @@ target rule and a fingerprint of the base model in their metadata.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,6 +73,7 @@ class Adapter:
     target_names: list[str]
     base_fingerprint: str
     merged: bool = False
+    _shared: dict = field(default_factory=dict, repr=False)  # target name -> the base weight merge set aside
 
     ranked = True  # has a rank and target layers (all but full fine-tuning)
 
@@ -107,6 +109,13 @@ class Adapter:
         """Put the adapter into the (frozen) model's target modules."""
         raise NotImplementedError
 
+    @classmethod
+    def base_copy(cls, model: nn.Module) -> nn.Module:
+        """A copy of `model` to attach this adapter to. Its frozen tensors are `model`'s own
+        (the same storage), so teacher, student and fake model hold one copy of them."""
+        memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        return copy.deepcopy(model, memo)
+
     # --- shared -----------------------------------------------------------------
     def layers(self) -> dict[str, nn.Module]:
         """The adapter layers by target name (LoRaDLinear or peft layers)."""
@@ -116,19 +125,30 @@ class Adapter:
         return sum(p.numel() for p in self.trainable_parameters().values())
 
     def merge(self) -> None:
-        """Fold the adapter into the base weights; the adapter stays attached (see unmerge)."""
-        for layer in self.layers().values():
-            if not layer.merged:
-                layer.merge()
+        """Fold the adapter into the base weights; the adapter stays attached (see unmerge).
+
+        Each merged base weight is a fresh tensor: the weight the model may share with
+        another (the teacher's) is set aside untouched, and unmerge puts it back.
+        """
+        for name, layer in self.layers().items():
+            if name in self._shared:
+                continue
+            base = layer.get_base_layer()
+            self._shared[name] = base.weight
+            base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+            layer.merge()
         self.merged = True
 
     def unmerge(self) -> None:
-        for layer in self.layers().values():
-            layer.unmerge()
+        for name, layer in self.layers().items():
+            if name in self._shared:
+                layer.unmerge()
+                layer.get_base_layer().weight = self._shared.pop(name)
         self.merged = False
 
     def merged_model(self) -> nn.Module:
-        """Merge and put the plain base layers back: a model of the base architecture.
+        """Merge and put the plain base layers back: a model of the base architecture,
+        whose untouched tensors are still those the adapter's model shares.
 
         The adapter is spent afterwards; save it first if it is still needed.
         """
@@ -235,6 +255,10 @@ class FullAdapter(Adapter):
     def inject(cls, model, config, names):
         model.requires_grad_(True)
 
+    @classmethod
+    def base_copy(cls, model):
+        return copy.deepcopy(model)  # every weight trains: none can be shared
+
     def layers(self):
         return {}
 
@@ -309,6 +333,12 @@ def _check_compatible(path, meta: dict, config: AdapterConfig, model: nn.Module,
         if ours != theirs:
             raise ValueError(f"{path}: adapter {key} is {theirs!r} but this model's is {ours!r}; "
                              "load it into the model and adapter it was trained with")
+
+
+def adapter_base_copy(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """The copy of `model` the adapter file at `path` attaches to (see Adapter.base_copy)."""
+    meta, _ = read_adapter_file(path)
+    return adapter_class(json.loads(meta["config"])["kind"]).base_copy(model)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> Adapter:

@@ -10,7 +10,6 @@ over processes. The run around it (folders, logs, checkpoints) is wadi.training.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 import warnings
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from .adapters import Adapter, attach
+from .adapters import Adapter, adapter_class, attach
 from .backbones import Backbone, Cond
 from .config import DistillConfig
 from .losses import add_noise, fake_loss, one_step_x0, score_difference, vsd_loss
@@ -108,11 +107,12 @@ def lr_lambda(warmup: int, schedule: str, total: int):
     return factor
 
 
-def adapted_copy(net: torch.nn.Module, adapter_cfg, weight_dtype, checkpointing: bool) -> Adapter:
-    """A copy of the teacher's net with an adapter; frozen weights in weight_dtype, trainable fp32."""
-    adapter = attach(copy.deepcopy(net), adapter_cfg)
-    for p in adapter.model.parameters():
-        p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
+def adapted_copy(net: torch.nn.Module, adapter_cfg, checkpointing: bool) -> Adapter:
+    """The teacher's net with an adapter, sharing the teacher's frozen tensors (all but
+    full fine-tuning's); the trainable parameters in float32 whatever the frozen dtype."""
+    adapter = attach(adapter_class(adapter_cfg.kind).base_copy(net), adapter_cfg)
+    for p in adapter.trainable_parameters().values():
+        p.data = p.data.float()
     if checkpointing:
         adapter.model.enable_gradient_checkpointing()
     adapter.model.train()
@@ -136,9 +136,9 @@ class Distiller:
         tc = cfg.train
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tc.mixed_precision]
         device = accelerator.device
-        self.student = adapted_copy(backbone.net, cfg.student, self.weight_dtype, tc.gradient_checkpointing)
-        self.fake = adapted_copy(backbone.net, cfg.fake, self.weight_dtype, tc.gradient_checkpointing)
-        backbone.to(device, self.weight_dtype)  # the teacher and the frozen encoders
+        backbone.to(device, self.weight_dtype)  # the teacher and the frozen encoders, shared below
+        self.student = adapted_copy(backbone.net, cfg.student, tc.gradient_checkpointing)
+        self.fake = adapted_copy(backbone.net, cfg.fake, tc.gradient_checkpointing)
         adamw = optimizer_class(tc)
         kwargs = dict(betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.opt_s = adamw(list(self.student.trainable_parameters().values()), lr=tc.lr_student, **kwargs)

@@ -17,7 +17,6 @@ gives wins over what a run or export records.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from .adapters import FORMAT as ADAPTER_FORMAT
-from .adapters import load_adapter
+from .adapters import adapter_base_copy, load_adapter
 from .backbones import Backbone, BackboneSpec, Kind, detect_kind, get_kind, load_backbone
 from .export import is_export, read_manifest
 from .run_folder import RunFolder
@@ -162,13 +161,18 @@ def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.
 
 def adapter_student(backbone: Backbone, path: Path) -> nn.Module:
     """The base net with the adapter file at `path` loaded and merged: a plain model."""
-    net = copy.deepcopy(backbone.net)
-    return load_adapter(net, path).merged_model().eval()
+    return load_adapter(adapter_base_copy(path, backbone.net), path).merged_model().eval()
 
 
 def _in_base(backbone: Backbone, state: dict, where: Path) -> nn.Module:
-    net = copy.deepcopy(backbone.net)
-    check_fits(state, net.state_dict(), f"{where} does not fit the base {type(net).__name__}",
+    """`state` (every tensor of a denoiser) in the base net's architecture and dtype."""
+    from accelerate import init_empty_weights
+
+    base = backbone.net
+    check_fits(state, base.state_dict(), f"{where} does not fit the base {type(base).__name__}",
                hint="; is --base/--kind the model it was distilled from?")
-    net.load_state_dict(state, strict=True)
-    return net.eval()
+    with init_empty_weights():  # no memory for weights the state replaces
+        net = type(base).from_config(base.config)
+    dtype = next(base.parameters()).dtype
+    net.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return net.to(next(base.parameters()).device).eval()
