@@ -1,4 +1,4 @@
-"""The weight-space analysis (SPEC section 1) on weights with known answers, and `wadi analyze`."""
+"""The weight-space analysis (docs/method.md) on weights with known answers, and `wadi analyze`."""
 
 import csv
 import json

@@ -1,4 +1,4 @@
-"""LoRaDLinear against the SPEC formula, autograd, and its invariants."""
+"""LoRaDLinear against the rotation written out pair by pair, autograd, and its invariants."""
 
 import math
 
@@ -9,8 +9,8 @@ import torch.nn as nn
 from wadi.lorad import LoRaDLinear, _LoRaDMatmul, wrap_angle
 
 
-def spec_rotated_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SPEC section 2, written column pair by column pair with plain loops."""
+def looped_rotated_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The rotation of docs/method.md, written column pair by column pair with plain loops."""
     theta = a @ b
     theta = ((theta + math.pi) % (2 * math.pi)) - math.pi
     out = w.clone()
@@ -45,7 +45,7 @@ def test_identity_at_initialisation():
 def test_output_equals_spec_formula():
     layer = make_layer()
     x = torch.randn(2, 3, 8)
-    w_spec = spec_rotated_weight(layer.base.weight.detach(), layer.theta_a.detach(), layer.theta_b.detach())
+    w_spec = looped_rotated_weight(layer.base.weight.detach(), layer.theta_a.detach(), layer.theta_b.detach())
     expected = x @ w_spec.T + layer.base.bias.detach()
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     layer.eval()
@@ -72,7 +72,7 @@ def test_backward_equals_autograd_through_formula():
     x2 = x.detach().clone().requires_grad_(True)
     a = layer.theta_a.detach().clone().requires_grad_(True)
     b = layer.theta_b.detach().clone().requires_grad_(True)
-    w_spec = spec_rotated_weight(layer.base.weight.detach(), a, b)
+    w_spec = looped_rotated_weight(layer.base.weight.detach(), a, b)
     (x2 @ w_spec.T + layer.base.bias.detach()).backward(grad_out)
     for got, want in zip(ours, [x2.grad, a.grad, b.grad]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -1,4 +1,4 @@
-"""`wadi params` reproduces the paper's trainable-parameter counts (SPEC section 2)."""
+"""`wadi params` reproduces the paper's trainable-parameter counts (docs/method.md)."""
 
 import json
 

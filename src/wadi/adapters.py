@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from .errors import CorruptFile, describe
 
 from .lorad import LoRaDLinear
 from .targets import TargetRule, resolve_rule, select_linears
@@ -64,6 +66,26 @@ def fingerprint(model: nn.Module, names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+SAMPLE_LAYERS, SAMPLE_PER_LAYER = 16, 4
+SAMPLE_RTOL = 2e-2  # a base stored in bf16 is the same base; a fine-tune of it is not
+
+
+def content_sample(model: nn.Module, names: list[str]) -> list[float] | None:
+    """A few base weights at fixed places of up to 16 adapted layers: enough to tell a base
+    from another of the same shapes, cheap on any size (None on the meta device)."""
+    picked = names[:: max(1, len(names) // SAMPLE_LAYERS)][:SAMPLE_LAYERS]
+    values = []
+    for name in picked:
+        w = getattr(model.get_submodule(name), "weight", None)
+        if w is None:
+            continue
+        if w.is_meta:
+            return None
+        flat = w.detach().reshape(-1)
+        values += flat[torch.linspace(0, flat.numel() - 1, SAMPLE_PER_LAYER).long()].float().tolist()
+    return values
+
+
 @dataclass
 class Adapter:
     """An adapter attached to `model`. Create with `attach`."""
@@ -72,6 +94,7 @@ class Adapter:
     config: AdapterConfig
     target_names: list[str]
     base_fingerprint: str
+    base_sample: list[float] | None = None  # content_sample of the base at attach time
     merged: bool = False
     _shared: dict = field(default_factory=dict, repr=False)  # target name -> the base weight merge set aside
 
@@ -163,6 +186,7 @@ class Adapter:
             "config": json.dumps(self.config.to_dict()),
             "base_class": type(self.model).__name__,
             "base_fingerprint": self.base_fingerprint,
+            "base_sample": json.dumps(self.base_sample),
             "base_model": str(getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""),
             "num_layers": str(len(self.target_names)),
         }
@@ -180,12 +204,13 @@ class Adapter:
         os.replace(tmp, path)
         return path
 
-    def load(self, path: str | os.PathLike) -> None:
+    def load(self, path: str | os.PathLike, allow_other_base: bool = False) -> None:
         """Load an adapter file saved for this base model, kind and rank; checks all before writing."""
         if self.merged:
             raise RuntimeError("adapter is merged; unmerge before loading another state")
         meta, tensors = read_adapter_file(path)
-        _check_compatible(path, meta, self.config, self.model, self.base_fingerprint)
+        _check_compatible(path, meta, self.config, self.model, self.base_fingerprint, self.base_sample,
+                          allow_other_base)
         current = self.state_dict()
         missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
         if missing or extra:
@@ -300,10 +325,10 @@ def attach(model: nn.Module, config: AdapterConfig) -> Adapter:
         config = dataclasses.replace(config, targets=kind_of(model).targets[0])
     cls = adapter_class(config.kind)
     names = cls.select(model, config)
-    fp = fingerprint(model, names)
+    fp, sample = fingerprint(model, names), content_sample(model, names)
     model.requires_grad_(False)
     cls.inject(model, config, names)
-    return cls(model, config, names, fp)
+    return cls(model, config, names, fp, sample)
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -315,15 +340,17 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    except (SafetensorError, OSError) as e:
+        raise CorruptFile(f"{path} is not a readable safetensors file ({describe(e)})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a wadi adapter file (metadata format {meta.get('format')!r})")
     return meta, tensors
 
 
-def _check_compatible(path, meta: dict, config: AdapterConfig, model: nn.Module, fp: str | None) -> None:
-    """Raise if the file's adapter does not fit `model`; the fingerprint is checked when given."""
+def _check_compatible(path, meta: dict, config: AdapterConfig, model: nn.Module, fp: str | None,
+                      sample: list[float] | None = None, allow_other_base: bool = False) -> None:
+    """Raise if the file's adapter does not fit `model`: class, kind, rank; the layers'
+    fingerprint and the base weights' sample when given."""
     saved = AdapterConfig(**json.loads(meta["config"]))
     checks = [("base model class", type(model).__name__, meta.get("base_class")),
               ("kind", config.kind, saved.kind), ("rank", config.rank, saved.rank)]
@@ -333,6 +360,14 @@ def _check_compatible(path, meta: dict, config: AdapterConfig, model: nn.Module,
         if ours != theirs:
             raise ValueError(f"{path}: adapter {key} is {theirs!r} but this model's is {ours!r}; "
                              "load it into the model and adapter it was trained with")
+    theirs = json.loads(meta.get("base_sample", "null"))
+    if allow_other_base or sample is None or theirs is None or not adapter_class(config.kind).ranked:
+        return
+    if len(theirs) != len(sample) or not torch.allclose(torch.tensor(theirs), torch.tensor(sample),
+                                                         rtol=SAMPLE_RTOL, atol=1e-6):
+        raise ValueError(f"{path} was trained on a base model with other weights (the same shapes, other "
+                         "values); load it on the model it was distilled from, or allow it explicitly "
+                         "(--allow-other-base)")
 
 
 def adapter_base_copy(path: str | os.PathLike, model: nn.Module) -> nn.Module:
@@ -341,17 +376,19 @@ def adapter_base_copy(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     return adapter_class(json.loads(meta["config"])["kind"]).base_copy(model)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> Adapter:
+def load_adapter(model: nn.Module, path: str | os.PathLike, allow_other_base: bool = False) -> Adapter:
     """Attach the adapter described by a saved file to `model` and load its tensors.
 
-    The file is checked against the model before anything is attached, so a mismatch
-    leaves the model as it was.
+    The file is checked against the model before anything is attached (class, layers,
+    and a sample of the base weights, unless `allow_other_base`), so a mismatch leaves the
+    model as it was.
     """
     meta, _ = read_adapter_file(path)
     config = AdapterConfig(**json.loads(meta["config"]))
     _check_compatible(path, meta, config, model, fp=None)
     names = adapter_class(config.kind).select(model, config)
-    _check_compatible(path, meta, config, model, fingerprint(model, names))
+    _check_compatible(path, meta, config, model, fingerprint(model, names), content_sample(model, names),
+                      allow_other_base)
     adapter = attach(model, config)
-    adapter.load(path)
+    adapter.load(path, allow_other_base)
     return adapter

@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .errors import describe
+
 
 @dataclass
 class Cond:
@@ -318,8 +320,7 @@ def _load(library: str, class_name: str, path: str, what: str, dtype: torch.dtyp
     try:
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"could not load the {what} from {path!r}: {first}") from None
+        raise FileNotFoundError(f"could not load the {what} from {path!r}: {describe(e)}") from None
 
 
 def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> Backbone:

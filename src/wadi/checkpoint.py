@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import CorruptFile, describe
 from .files import replace_dir
 
 
@@ -66,9 +67,12 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
-    with safe_open(str(path), framework="pt") as f:
-        rest = json.loads(f.metadata()["structure"])
-    return unflatten_state(load_file(str(path)), rest)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            rest = json.loads((f.metadata() or {})["structure"])
+        return unflatten_state(load_file(str(path)), rest)
+    except (SafetensorError, KeyError, json.JSONDecodeError) as e:
+        raise CorruptFile(f"{path} is not a readable state file ({describe(e)})") from None
 
 
 @dataclass
@@ -87,7 +91,14 @@ def stateful(name: str, obj) -> Piece:
 
 
 def json_piece(name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> Piece:
-    return Piece(f"{name}.json", lambda p: p.write_text(json.dumps(get())), lambda p: put(json.loads(p.read_text())))
+    def load(path: Path) -> None:
+        try:
+            state = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFile(f"{path} is not readable JSON ({describe(e)})") from None
+        put(state)
+
+    return Piece(f"{name}.json", lambda p: p.write_text(json.dumps(get())), load)
 
 
 def write_pieces(folder: Path, pieces: list[Piece]) -> None:
@@ -96,13 +107,15 @@ def write_pieces(folder: Path, pieces: list[Piece]) -> None:
 
 
 def read_pieces(folder: Path, pieces: list[Piece]) -> None:
-    """Read every piece; a missing or unreadable one raises CorruptCheckpoint naming it."""
+    """Read every piece. A missing or unreadable one raises CorruptCheckpoint naming it; a
+    piece that reads but does not fit (another model, another process count) raises its
+    own error: that is a refusal, not damage."""
     for piece in pieces:
         path = folder / piece.file
         try:
             piece.load(path)
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # safetensors and JSON errors
-            raise CorruptCheckpoint(f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        except (OSError, CorruptFile) as e:
+            raise CorruptCheckpoint(f"{path.name}: {describe(e)}") from e
 
 
 class CorruptCheckpoint(Exception):

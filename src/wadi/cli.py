@@ -9,6 +9,7 @@ import os
 import sys
 
 from . import __version__
+from .errors import describe
 
 # One line per tool, in the order `wadi --help` lists them.
 COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval", "demo", "digits_teacher",
@@ -34,16 +35,35 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+OUT_OF_MEMORY = ("out of memory: lower the batch (train.batch_size, with train.grad_accum to keep the "
+                 "effective batch; --batch-size for sampling and eval), or turn on train.gradient_checkpointing, "
+                 "train.adam_8bit and mixed precision")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Problems with what the user gave (settings, files, the disk) end as one
+    line on stderr and exit 2, running out of memory exits 3, an interrupt 130; anything else
+    is a bug and shows its traceback. WADI_DEBUG=1 shows the traceback of everything."""
+    import torch
+
+    from .training import TrainingStopped
+
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError, RuntimeError) as e:
-        # User errors end as one line and exit 2; WADI_DEBUG=1 shows the traceback.
+    except KeyboardInterrupt:
+        print(f"wadi {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (torch.cuda.OutOfMemoryError, MemoryError):
         if os.environ.get("WADI_DEBUG"):
             raise
-        print(f"wadi {args.command}: error: {e}", file=sys.stderr)
+        print(f"wadi {args.command}: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError, TrainingStopped) as e:
+        if os.environ.get("WADI_DEBUG"):
+            raise
+        print(f"wadi {args.command}: error: {describe(e)}", file=sys.stderr)
         return 2
 
 

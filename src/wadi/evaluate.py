@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import describe
 from .files import atomic_path, check_out, write_text
 from .images import read_images, save_png, to_uint8
 from .prompts import PromptSet
@@ -115,7 +116,7 @@ class Extractor:
         try:
             weights_path()
         except ModuleNotFoundError as e:
-            raise RuntimeError(str(e)) from None
+            raise ValueError(str(e)) from None
 
     @property
     def tag(self) -> str:
@@ -138,6 +139,19 @@ class Reference:
 
     path: Path
     cache_dir: Path
+
+    def check(self, folder_needed: bool) -> None:
+        """A folder with images (or, for FID alone, a stats .npz), before any image is made."""
+        from .metrics import list_images
+
+        if not self.path.exists():
+            raise FileNotFoundError(f"--ref {self.path} does not exist")
+        if self.path.is_file():
+            if folder_needed or self.path.suffix != ".npz":
+                raise ValueError(f"--ref {self.path} must be a folder of reference images"
+                                 + ("" if folder_needed else " or a stats .npz"))
+            return
+        list_images(self.path)
 
     def _cache(self, what: str, extractor: Extractor) -> Path:
         name = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
@@ -209,8 +223,16 @@ class MetricSettings:
             load_function(self.alignment, "--alignment")  # fail before any image is generated
         if "clip" in self.metrics and not self.clip_model:
             raise ValueError("the CLIP score needs --clip-model")
+        if "clip" in self.metrics:
+            from transformers import AutoConfig
+
+            try:  # its config only: a model that cannot load fails before any image is made
+                AutoConfig.from_pretrained(self.clip_model)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot load the CLIP model {self.clip_model!r} ({describe(e)})") from None
         if {"fid", "pr"} & set(self.metrics):
             self.features.check()
+            self.reference.check("pr" in self.metrics)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -119,11 +119,14 @@ def coco_prompts(path: str | Path, n: int, seed: int = 0) -> PromptSet:
         raise ValueError(f"cannot read the COCO caption file {path} ({e})") from None
     data = _coco_data(text, path)
     captions: dict[int, list[tuple[int, str]]] = {}
-    for a in data["annotations"]:
+    for i, a in enumerate(data["annotations"]):
+        if not (isinstance(a, dict) and isinstance(a.get("caption"), str) and "image_id" in a and "id" in a):
+            raise ValueError(f"{path}: annotation {i} lacks an id, image_id or caption; is it a COCO caption file?")
         captions.setdefault(a["image_id"], []).append((a["id"], a["caption"].strip()))
     if n > len(captions):
         raise ValueError(f"{path} has captions for {len(captions)} images, fewer than the {n} asked for")
-    files = {im["id"]: im.get("file_name", str(im["id"])) for im in data.get("images", [])}
+    files = {im["id"]: im.get("file_name", str(im["id"])) for im in data.get("images", [])
+             if isinstance(im, dict) and "id" in im}
     rng = np.random.default_rng(seed)
     images = sorted(captions)
     chosen = [images[i] for i in sorted(rng.choice(len(images), n, replace=False))]

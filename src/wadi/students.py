@@ -77,8 +77,10 @@ def is_adapter_file(path: Path) -> bool:
 
 
 def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: torch.dtype = torch.float32,
-                 allow_bin: bool = False) -> Loaded:
-    """The one-step student that `source` holds (see the module doc for what it can be)."""
+                 allow_bin: bool = False, allow_other_base: bool = False) -> Loaded:
+    """The one-step student that `source` holds (see the module doc for what it can be).
+    `allow_bin` reads torch state dicts (without running code); `allow_other_base` loads an
+    adapter file on a base whose weights differ from its own."""
     spec = spec or BackboneSpec()
     path = Path(source).expanduser()
     if RunFolder.is_run(path):
@@ -88,7 +90,7 @@ def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: to
         if (run.student_model / "config.json").is_file():
             net = type(backbone.net).from_pretrained(run.student_model, torch_dtype=dtype, use_safetensors=True)
         elif run.student_adapter.is_file():
-            net = adapter_student(backbone, run.student_adapter)
+            net = adapter_student(backbone, run.student_adapter, allow_other_base)
         else:
             raise FileNotFoundError(f"run {path} has no student yet (no student/ or student.safetensors); "
                                     "pass a checkpoint's student.safetensors with --base to sample from it")
@@ -105,7 +107,7 @@ def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: to
             raise ValueError(f"{path}: pass --allow-bin to read a torch state dict (plain tensors only, no code runs)")
         if is_adapter_file(path):
             backbone = spec.load(dtype, allow_bin)
-            net = adapter_student(backbone, path)
+            net = adapter_student(backbone, path, allow_other_base)
         else:
             state = load_weights(path).state_dict  # read (and refused) before minutes of loading the base
             backbone = spec.load(dtype, allow_bin)
@@ -159,9 +161,9 @@ def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.
     return load_teacher(None, wanted, dtype)
 
 
-def adapter_student(backbone: Backbone, path: Path) -> nn.Module:
+def adapter_student(backbone: Backbone, path: Path, allow_other_base: bool = False) -> nn.Module:
     """The base net with the adapter file at `path` loaded and merged: a plain model."""
-    return load_adapter(adapter_base_copy(path, backbone.net), path).merged_model().eval()
+    return load_adapter(adapter_base_copy(path, backbone.net), path, allow_other_base).merged_model().eval()
 
 
 def _in_base(backbone: Backbone, state: dict, where: Path) -> nn.Module:

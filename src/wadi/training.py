@@ -29,6 +29,10 @@ from .run_folder import RunFolder
 from .tracking import Tracker, trackers_for
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (a streak of non-finite losses); its last good checkpoint stays."""
+
+
 def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
     """Everything that can fail on bad input and needs files or models, before any run
     folder is written: prompts, model folders, the precision, the timestep range."""
@@ -143,7 +147,7 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
             warnings.warn(f"step {distiller.step}: non-finite loss or scores, update skipped")
         if distiller.nonfinite_streak >= tc.max_nonfinite:
             last = run.complete_checkpoints()
-            raise RuntimeError(f"stopped: {distiller.nonfinite_streak} non-finite losses in a row at step "
+            raise TrainingStopped(f"stopped: {distiller.nonfinite_streak} non-finite losses in a row at step "
                                f"{distiller.step}; last good checkpoint: {last[-1] if last else 'none'}")
         step = distiller.step
         bar.update(1)

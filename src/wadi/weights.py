@@ -21,6 +21,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import CorruptFile, describe
 from .files import atomic_path
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -49,7 +50,7 @@ def read_file(path: Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path} holds objects other than tensors: it is not a plain state dict that loads "
                              "without running code, so it is not read") from None
         except Exception as e:  # truncated or foreign files come as many types
-            raise ValueError(f"{path} is not a readable torch state dict ({type(e).__name__})") from None
+            raise CorruptFile(f"{path} is not a readable torch state dict ({type(e).__name__})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]  # the common {"state_dict": ...} wrapping
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
@@ -62,7 +63,7 @@ def read_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+        raise CorruptFile(f"{path} is not a readable safetensors file ({describe(e)})") from None
 
 
 def model_dir(path: Path) -> Path:

@@ -19,8 +19,11 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..digits.teacher import train_teacher
 
-    if args.out.exists() and any(args.out.iterdir()):
-        raise FileExistsError(f"--out {args.out} exists and is not empty; give a new folder")
+    from ..files import check_out
+
+    check_out(args.out, force=False)
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
     out = train_teacher(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         progress=not args.no_progress)
     print(f"teacher: {out}")

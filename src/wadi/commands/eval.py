@@ -14,7 +14,8 @@ from ..metrics import DEFAULT_CLIP
 from ..sampling import Sampling
 from ..students import load_student, load_teacher, teacher_for
 from ..worlds import get_world, worlds
-from .model_args import DTYPES, add_base_args, add_device_args, base_spec
+from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, positive,
+                         student_options)
 
 
 def register(sub) -> None:
@@ -86,6 +87,12 @@ def named_sources(models: list[str]) -> list[tuple[str, str]]:
 
 
 def run(args) -> int:
+    for value, option in ((args.batch_size, "--batch-size"), (args.metric_batch_size, "--metric-batch-size"),
+                          (args.pr_k, "--pr-k"), (args.teacher_steps, "--teacher-steps")):
+        positive(value, option)
+    if args.num is not None:
+        positive(args.num, "--num")
+    check_device(args.device)
     cache_dir = args.ref_cache or default_cache_dir()
     world = get_world(args.world).evaluation(args.num or 200, cache_dir) if args.world else None
     metric_names = [x.strip() for x in (args.metrics or (world.metrics if world else "fid,clip,pr")).split(",")]
@@ -103,7 +110,7 @@ def run(args) -> int:
     dtype, spec = DTYPES[args.dtype], base_spec(args)
     if world is not None and not args.base:
         spec = spec.filled(**world.teacher.to_dict())
-    entries = [Entry(name, load_student(src, spec, dtype, allow_bin=args.allow_bin), Sampling())
+    entries = [Entry(name, load_student(src, spec, dtype, **student_options(args)), Sampling())
                for name, src in sources]
     if args.teacher:
         teacher = teacher_for(entries[0].model, spec, dtype) if entries else load_teacher(None, spec, dtype)

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..export import export_adapter, export_pipeline
 from ..files import check_out
 from ..students import load_student
-from .model_args import DTYPES, add_base_args, base_spec
+from .model_args import DTYPES, add_base_args, base_spec, student_options
 
 
 def register(sub) -> None:
@@ -31,7 +31,7 @@ def run(args) -> int:
     if args.fake:
         raise ValueError("--fake goes with --adapter-only")
     check_out(args.out, args.force)  # before minutes of loading
-    model = load_student(args.model, base_spec(args), DTYPES[args.dtype], allow_bin=args.allow_bin)
+    model = load_student(args.model, base_spec(args), DTYPES[args.dtype], **student_options(args))
     out = export_pipeline(model, args.out, args.force)
     print(f"wrote {out}; run it with {model.backbone.kind.usage()}")
     return 0

@@ -21,6 +21,8 @@ def add_base_args(p) -> None:
                         "T-1 (default: what the run or export records, else the authors' 0.0047)")
     g.add_argument("--allow-bin", action="store_true",
                    help="read .bin/.pth/.pt state dicts (plain tensors only: no code in them runs)")
+    g.add_argument("--allow-other-base", action="store_true",
+                   help="load an adapter file on a base whose weights differ from the one it was trained on")
 
 
 def add_device_args(p) -> None:
@@ -30,8 +32,40 @@ def add_device_args(p) -> None:
 
 def base_spec(args) -> BackboneSpec:
     """The base model as far as the options describe it; the rest comes from the source."""
+    for option in ("resolution", "max_length"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be positive, got {value}")
     return BackboneSpec(args.kind, args.base or "", args.text_encoder, args.resolution, args.max_length,
                         args.one_step_abar)
+
+
+def student_options(args) -> dict:
+    """What load_student takes from the options besides the base."""
+    return {"allow_bin": args.allow_bin, "allow_other_base": args.allow_other_base}
+
+
+def check_device(name: str) -> str:
+    """A device this machine has, or a one-line refusal."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
+    return name
+
+
+def positive(value: int, option: str) -> int:
+    if value < 1:
+        raise ValueError(f"{option} must be at least 1, got {value}")
+    return value
 
 
 def one_step_abar(text: str) -> float | str:

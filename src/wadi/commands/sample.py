@@ -10,7 +10,8 @@ from ..files import check_out
 from ..students import load_student, load_teacher
 from ..prompts import FORMATS, read_prompts
 from ..sampling import Sampling, sample_to_folder
-from .model_args import DTYPES, add_base_args, add_device_args, base_spec, parse_seeds
+from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, parse_seeds, positive,
+                         student_options)
 
 
 def register(sub) -> None:
@@ -38,15 +39,18 @@ def register(sub) -> None:
 
 def run(args) -> int:
     seeds = parse_seeds(args.seeds)
+    positive(args.batch_size, "--batch-size")
+    positive(args.steps, "--steps")
+    check_device(args.device)
     prompts = args.prompt if args.prompt else read_prompts(args.prompts, args.format)
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+    if any(not p.strip() for p in prompts):
+        raise ValueError("--prompt must not be empty")
     check_out(args.out, args.force)
     dtype = DTYPES[args.dtype]
     if args.teacher:
         model = load_teacher(args.model, base_spec(args), dtype)
     else:
-        model = load_student(args.model, base_spec(args), dtype, allow_bin=args.allow_bin)
+        model = load_student(args.model, base_spec(args), dtype, **student_options(args))
     model.to(args.device, dtype)
     # The student samples without guidance; --guidance and --steps are the teacher's.
     sampling = Sampling(not args.teacher, args.steps, args.guidance if args.teacher else None, args.scheduler)

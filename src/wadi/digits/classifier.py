@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..files import atomic_path, write_text
 from . import paths, world
 
 
@@ -79,13 +80,14 @@ def train_classifier(out: str | Path, epochs: int = 40, batch_size: int = 64, lr
             sched.step()
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     record = {"config": model.config, "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
               "train_accuracy": accuracy(model, images, labels),
               "heldout_accuracy": accuracy(model, *world.load("heldout")),
               "wall_time_s": round(time.time() - t0, 1),
               "command": f"wadi digits-classifier --out {out} --epochs {epochs} --seed {seed}"}
-    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    write_text(out.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     return out
 
 
