@@ -102,7 +102,7 @@ def tiny_run(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"run-{kind}")
             (root / "prompts.txt").write_text("a cat\na red car\n")
             pipes = {kind: savers[kind](root / kind), "prompts": root / "prompts.txt"}
-            cfg = tiny_pipes.make_cfg(pipes, root, kind=kind, steps=1)
+            cfg = tiny_pipes.make_cfg(pipes, root, kind=kind, steps=2)  # step 1 is zero: the fake starts as the teacher
             cfg.run.checkpoint_every = 0
             made[kind] = (pipes[kind], distill(cfg, progress=False))
         return made[kind]

@@ -63,7 +63,7 @@ def test_outputs_are_not_overwritten(world, tmp_path, capsys):
     run = world["run"]
     refused(capsys, ["sample", run, "--prompt", "a cat", "--out", taken], "--force", taken)
     refused(capsys, ["export", run, "--out", taken], "--force", taken)
-    refused(capsys, ["export", run, "--adapter-only", "--out", taken], "--force", taken)
+    refused(capsys, ["export", run, "--format", "adapter", "--out", taken], "--force", taken)
     refused(capsys, ["analyze", world["base"], run / "student", "--out", taken], "--force", taken)
     refused(capsys, ["convert", world["base"], "--angles", run / "student.safetensors", "--out", taken],
             "--force", taken)

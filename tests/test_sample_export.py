@@ -105,7 +105,7 @@ def test_released_state_dict_and_adapter_only_files(runs, tmp_path):
     # A diffusers model folder (what `wadi analyze --hybrids` writes) of the same weights.
     student.net.save_pretrained(tmp_path / "unet-folder")
     from_folder = cli_sample(tmp_path / "unet-folder", tmp_path / "folder-samples", "--base", base)
-    assert main(["export", str(run), "--adapter-only", "--fake", "--out", str(tmp_path / "adapter")]) == 0
+    assert main(["export", str(run), "--format", "adapter", "--fake", "--out", str(tmp_path / "adapter")]) == 0
     from_adapter = cli_sample(tmp_path / "adapter" / "student.safetensors", tmp_path / "adapter-samples", "--base", base)
     for key in ours:
         np.testing.assert_array_equal(ours[key], got[key])

@@ -241,7 +241,9 @@ class LoRaDAdapter(Adapter):
 
 
 class PeftAdapter(Adapter):
-    """LoRA, DoRA and DoRA with frozen magnitude, through peft."""
+    """LoRA, DoRA and DoRA with frozen magnitude, through peft. Files name the tensors as
+    diffusers' LoRA files do (`unet.<layer>.lora_A.weight`, or `transformer.`), so that
+    `load_lora_weights` of a stock pipeline reads them too."""
 
     @classmethod
     def inject(cls, model, config, names):
@@ -255,15 +257,21 @@ class PeftAdapter(Adapter):
                 if "lora_magnitude_vector" in n:
                     p.requires_grad_(False)
 
+    def _prefix(self) -> str:
+        from .backbones import kind_of
+
+        return f"{kind_of(self.model).subfolder}."
+
     def state_dict(self):
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model)
+        return {self._prefix() + k: v for k, v in get_peft_model_state_dict(self.model).items()}
 
     def _assign(self, tensors):
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.model, tensors)
+        n = len(self._prefix())
+        set_peft_model_state_dict(self.model, {k[n:]: v for k, v in tensors.items()})
 
 
 class FullAdapter(Adapter):

@@ -1,4 +1,5 @@
-"""Export: the merged student as a complete diffusers pipeline folder, or its adapter alone.
+"""Export: the merged student as a complete diffusers pipeline folder, its adapter alone, or
+its weight change as a LoRA (diffusers' or kohya's layout); every export carries a model card.
 
 The folder is what `StableDiffusionPipeline.save_pretrained` (or PixArt-alpha's) writes,
 with the student as its UNet / transformer and a scheduler under which the stock
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from .backbones import BackboneSpec
 from .files import atomic_path, check_out
+from .model_card import write_card
 from .run_folder import RunFolder
 
 if TYPE_CHECKING:
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
 
 MANIFEST = "wadi.json"
 FORMAT = "wadi-export/2"
+FORMATS = ("pipeline", "adapter", "lora", "lora-kohya")
 
 
 def is_export(path: Path) -> bool:
@@ -90,9 +93,11 @@ def build_pipeline(loaded: "Loaded"):
 
 
 def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> Path:
-    """Write the student as a complete pipeline folder; returns it."""
+    """Write the student as a complete pipeline folder with its card; returns it."""
     out = check_out(out, force)
     bb = loaded.backbone
+    base = (loaded.base or BackboneSpec(kind=bb.kind.name)).filled(resolution=bb.resolution, max_length=bb.max_length)
+    base.one_step_abar = bb.one_step_abar  # the value the exported scheduler encodes
     with atomic_path(out) as tmp:
         if bb.kind.pipeline is None:
             loaded.net.save_pretrained(tmp / bb.kind.subfolder)
@@ -101,13 +106,42 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
             one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
-        base = loaded.base or BackboneSpec(kind=bb.kind.name)
-        base = base.filled(resolution=bb.resolution, max_length=bb.max_length)
-        base.one_step_abar = bb.one_step_abar  # the value the exported scheduler encodes
-        info = {"format": FORMAT, "base": base.to_dict(),
-                "source": loaded.source, "usage": bb.kind.usage()}
+        info = {"format": FORMAT, "base": base.to_dict(), "source": loaded.source, "usage": bb.kind.usage()}
         (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
+        write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source, bb.kind.usage())
     return out  # with --force the new folder replaced the old one whole
+
+
+def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int, kohya: bool = False,
+                force: bool = False) -> tuple[Path, dict]:
+    """The student's change of the teacher's linear layers as a LoRA of `rank` (with the
+    one-step scheduler beside it and a card); returns the file and what the rank keeps."""
+    import diffusers
+
+    from .lora_export import delta_lora, save_lora
+
+    out = check_out(out, force)
+    bb = student.backbone
+    pipeline = getattr(diffusers, bb.kind.pipeline or "", None)
+    if pipeline is None or not hasattr(pipeline, "save_lora_weights"):
+        raise ValueError(f"the {bb.kind.name} kind's pipeline does not load LoRA files; export a pipeline instead")
+    tensors, report = delta_lora(student.net, teacher.net, rank)
+    base = teacher.backbone.spec
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        path = save_lora(tensors, tmp, pipeline, kohya)
+        one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
+        (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        usage = ("the LoRA in A1111 / ComfyUI on the base model, 1 sampling step from the last timestep, "
+                 "no guidance (CFG 1)" if kohya else
+                 f"pipe = {bb.kind.pipeline}.from_pretrained(BASE)\n"
+                 f"pipe.load_lora_weights(FOLDER)\n"
+                 f"pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
+                 f"image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")
+        fmt = (f"a LoRA of rank {rank} in {'kohya' if kohya else 'diffusers'}' layout (the student's weight change, "
+               f"{report.layers} layers; energy kept: median {report.to_dict()['energy_median']:.4f})")
+        write_card(tmp, fmt, base, student.source, usage)
+    return out / path.name, report.to_dict()
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: bool = False) -> list[Path]:
@@ -116,18 +150,25 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: 
     They load with `wadi sample OUT/student.safetensors --base BASE` or `wadi.load_adapter`.
     """
     if not RunFolder.is_run(run):
-        raise ValueError(f"{run}: adapter-only export needs a run folder (config.yaml and student.safetensors)")
+        raise ValueError(f"{run}: --format adapter needs a run folder (config.yaml and student.safetensors)")
     folder = RunFolder(run)
     files = [folder.student_adapter] + ([folder.fake_adapter] if fake else [])
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"run {run} has no {missing[0].name} (the run has not finished)")
     out = check_out(out, force)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for f in files:
-        with atomic_path(out / f.name) as tmp:
-            shutil.copy2(f, tmp)
-        written.append(out / f.name)
-    return written
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        base = _run_base(folder)
+        write_card(tmp, "wadi adapter files (LoRaD angles or peft tensors, with their base's fingerprint)", base,
+                   str(folder.path), f"wadi sample {out}/student.safetensors --base {base.path} --prompt ...")
+    return [out / f.name for f in files]
+
+
+def _run_base(run: RunFolder) -> BackboneSpec:
+    from .config import resolve
+
+    return resolve(str(run.config)).model
 

@@ -3,7 +3,7 @@
 A student can be
 - a run folder (runs/NNNNN-name/): its final student on the run's base model;
 - an exported folder (`wadi export`): a complete pipeline whose denoiser is the student;
-- a wadi adapter file (`student.safetensors`, a checkpoint's, or an adapter-only export)
+- a wadi adapter file (`student.safetensors`, a checkpoint's, or `wadi export --format adapter`)
   on a base model;
 - a released merged state dict (the authors' `rotated_unet-*.safetensors` /
   `rotated_transformer.safetensors`, DMD2's `.bin`): every tensor of the base model's

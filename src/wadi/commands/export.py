@@ -1,37 +1,55 @@
-"""`wadi export`: the merged student as a complete diffusers pipeline folder that the stock
-pipeline runs in one step, or (--adapter-only) a run's adapter files alone."""
+"""`wadi export`: the student as a stock diffusers pipeline folder that runs in one step, a
+run's adapter files, or its weight change as a LoRA for diffusers, A1111 or ComfyUI; every
+export carries a model card (README.md)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from ..export import export_adapter, export_pipeline
+from ..export import FORMATS, export_adapter, export_lora, export_pipeline
 from ..files import check_out
-from ..students import load_student
+from ..students import load_student, teacher_for
 from .model_args import DTYPES, add_base_args, base_spec, student_options
 
 
 def register(sub) -> None:
-    p = sub.add_parser("export", help="write the student as a stock diffusers pipeline folder (or adapter files)")
+    p = sub.add_parser("export", help="write the student as a stock diffusers pipeline, adapter files or a LoRA")
     p.add_argument("model", help="run folder, exported folder, adapter or released .safetensors file")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
-    p.add_argument("--adapter-only", action="store_true", help="copy the run's student adapter file only")
-    p.add_argument("--fake", action="store_true", help="with --adapter-only: the fake score model's adapter too")
+    p.add_argument("--format", choices=FORMATS, default="pipeline",
+                   help="pipeline (default): a complete stock pipeline folder; adapter: the run's adapter files; "
+                        "lora / lora-kohya: the student's weight change as a LoRA for load_lora_weights / "
+                        "A1111 and ComfyUI")
+    p.add_argument("--rank", type=int, help="with --format lora / lora-kohya: the LoRA's rank (exact once it reaches "
+                                             "the widest adapted layer's; the energy each layer keeps is reported)")
+    p.add_argument("--fake", action="store_true", help="with --format adapter: the fake score model's adapter too")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)")
     add_base_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if args.adapter_only:
+    if args.fake and args.format != "adapter":
+        raise ValueError("--fake goes with --format adapter")
+    if (args.rank is not None) != args.format.startswith("lora"):
+        raise ValueError("--rank goes with --format lora or lora-kohya, and they need it")
+    if args.format == "adapter":
         for path in export_adapter(args.model, args.out, args.force, args.fake):
             print(f"wrote {path}")
         return 0
-    if args.fake:
-        raise ValueError("--fake goes with --adapter-only")
     check_out(args.out, args.force)  # before minutes of loading
     model = load_student(args.model, base_spec(args), DTYPES[args.dtype], **student_options(args))
-    out = export_pipeline(model, args.out, args.force)
-    print(f"wrote {out}; run it with {model.backbone.kind.usage()}")
+    if args.format == "pipeline":
+        out = export_pipeline(model, args.out, args.force)
+        print(f"wrote {out}; run it with {model.backbone.kind.usage()}")
+        return 0
+    teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype])
+    path, report = export_lora(model, teacher, args.out, args.rank, kohya=args.format == "lora-kohya",
+                               force=args.force)
+    print(f"wrote {path}: {json.dumps({k: v for k, v in report.items() if k != 'left_out'})}")
+    if report["left_out"]:
+        print(f"note: {len(report['left_out'])} changed tensors are not linear weights and are not in the LoRA "
+              f"(largest change {max(report['left_out'].values()):.3g})")
     return 0

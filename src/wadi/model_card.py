@@ -1,0 +1,98 @@
+"""Model cards: the README.md every export carries (huggingface_hub's ModelCard): the base
+model and its licence, the method, the settings and metrics when known, and how to run the
+student with stock diffusers in one step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .backbones import BackboneSpec, get_kind
+from .run_folder import RunFolder
+
+PAPER = "https://arxiv.org/abs/2603.08258"
+AUTHORS_CODE = "https://github.com/gudaochangsheng/WaDi"
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A one-step text-to-image student of [{{ base }}]({{ base_link }}), distilled with WaDi
+(Weight Direction-aware Distillation, CVPR 2026; [paper]({{ paper }}), [authors' code]({{ code }}))
+by [wadi](https://github.com/): variational score distillation in which the student and the
+fake score model are adapted by LoRaD, a low-rank rotation of weight directions.
+
+- format: {{ format }}
+- base model: `{{ base }}` (licence: {{ license }}; the student inherits it)
+{% for line in settings %}- {{ line }}
+{% endfor %}
+{% if metrics %}## Metrics
+
+{% for line in metrics %}- {{ line }}
+{% endfor %}{% endif %}
+## Use
+
+One network evaluation, no guidance:
+
+```python
+{{ usage }}
+```
+"""
+
+
+def base_license(spec: BackboneSpec) -> str:
+    """The licence the base model's own card declares (a local folder), else a pointer to it."""
+    readme = Path(spec.path) / "README.md"
+    if readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            found = ModelCard.load(readme).data.license
+        except Exception:  # a README without card metadata says nothing about the licence
+            found = None
+        if found:
+            return found
+    return "other"
+
+
+def run_settings(source: str) -> tuple[list[str], list[str]]:
+    """What a run folder says about how the student was made, and any metrics beside it."""
+    if not RunFolder.is_run(source):
+        return [f"source: `{source}`"], []
+    from .config import resolve
+
+    cfg = resolve(str(RunFolder(source).config))
+    s, t = cfg.student, cfg.train
+    settings = [f"student adapter: {s.kind}" + (f" rank {s.rank}" if s.kind != "full" else ""),
+                f"fake score model: {cfg.fake.kind} rank {cfg.fake.rank}",
+                f"{t.steps} steps of {t.batch_size} prompts per process, guidance {t.guidance}, learning rates "
+                f"{t.lr_student:g} / {t.lr_fake:g}" + (f", EMA {t.ema_decay}" if t.ema_decay else ""),
+                f"generator abar_T: {cfg.model.one_step_abar}"]
+    metrics = []
+    results = Path(source) / "eval" / "results.json"
+    if results.is_file():
+        for name, r in json.loads(results.read_text()).get("models", {}).items():
+            scores = ", ".join(f"{k} {r[k]:.4g}" for k in ("fid", "clip_score", "precision", "recall", "alignment")
+                               if isinstance(r.get(k), (int, float)))
+            metrics.append(f"{name}: {scores} ({r.get('num_images')} images)")
+    return settings, metrics
+
+
+def write_card(folder: Path, fmt: str, base: BackboneSpec, source: str, usage: str) -> Path:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    kind = get_kind(base.kind) if base.kind else None
+    license_ = base_license(base)
+    hub_id = base.path if base.path.count("/") == 1 and not Path(base.path).exists() else None
+    data = ModelCardData(license=license_, base_model=hub_id, library_name="diffusers" if kind and kind.pipeline
+                         else None, pipeline_tag="text-to-image", tags=["wadi", "lorad", "one-step", "distillation"])
+    settings, metrics = run_settings(source)
+    card = ModelCard.from_template(
+        data, template_str=TEMPLATE, title=f"One-step WaDi student of {Path(base.path).name or 'its base'}",
+        base=base.path or "unknown", base_link=f"https://huggingface.co/{hub_id}" if hub_id else base.path,
+        paper=PAPER, code=AUTHORS_CODE, format=fmt, license=license_, settings=settings, metrics=metrics, usage=usage)
+    path = folder / "README.md"
+    card.save(path)
+    return path
