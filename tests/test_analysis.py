@@ -10,7 +10,7 @@ from conftest import tiny_unet
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from wadi.analysis import (HYBRIDS, analyse, analyse_layer, as_rows, cumulative_energy, make_hybrid,
+from wadi.analysis import (HYBRIDS, analyze, analyze_layer, as_rows, cumulative_energy, make_hybrid,
                            rank_for_energy, row_changes, squared_singular_values, unit_rows)
 from wadi.analysis_report import format_summary
 from wadi.cli import main
@@ -43,7 +43,7 @@ def test_pure_rotation_changes_direction_only():
     torch.testing.assert_close(norm_change, torch.zeros(12, dtype=torch.float64), atol=1e-12, rtol=0)
     torch.testing.assert_close(dir_change, 1 - torch.cos(angles), atol=1e-12, rtol=0)
 
-    layer = analyse_layer("l", w, rotated(w, angles))
+    layer = analyze_layer("l", w, rotated(w, angles))
     expected = 1 - torch.cos(angles)
     assert layer.norm_mean < 1e-12 and layer.rows == 12
     assert layer.dir_mean == pytest.approx(expected.mean().item(), abs=1e-12)
@@ -53,7 +53,7 @@ def test_pure_rotation_changes_direction_only():
 def test_pure_rescale_changes_norm_only_also_for_convs():
     w = torch.randn(6, 3, 3, 3, generator=gen(1), dtype=torch.float64)  # conv: rows of 3*3*3
     scale = torch.tensor([0.5, 0.9, 1.0, 1.1, 2.0, 3.0], dtype=torch.float64)
-    layer = analyse_layer("conv", w, w * scale[:, None, None, None])
+    layer = analyze_layer("conv", w, w * scale[:, None, None, None])
     expected = (scale - 1).abs()
     assert layer.dir_mean < 1e-12 and layer.dir_std < 1e-12
     assert layer.norm_mean == pytest.approx(expected.mean().item(), abs=1e-12)
@@ -66,11 +66,11 @@ def test_zero_rows_are_safe():
     s = t.clone()
     t[0] = 0  # no teacher direction: left out of the statistics
     s[1] = 0  # vanished student row: orthogonal, norm change 1
-    layer = analyse_layer("l", t, s)
+    layer = analyze_layer("l", t, s)
     assert (layer.rows, layer.zero_rows) == (3, 1)
     assert layer.norm_mean == pytest.approx(1 / 3) and layer.dir_mean == pytest.approx(1 / 3)
     assert all(math.isfinite(x) for x in (layer.norm_std, layer.dir_std))
-    all_zero = analyse_layer("z", torch.zeros(3, 4), torch.zeros(3, 4))
+    all_zero = analyze_layer("z", torch.zeros(3, 4), torch.zeros(3, 4))
     assert all_zero.rows == 0 and all_zero.rank_needed == 0 and all_zero.to_dict()["norm_change_mean"] is None
 
 
@@ -87,7 +87,7 @@ def test_rank_k_residual_needs_exactly_rank_k(k):
     student = s_dirs * torch.rand(out, 1, generator=gen(7), dtype=torch.float64).add(0.5)
     assert torch.linalg.matrix_rank(unit_rows(student) - unit_rows(teacher)) == k
 
-    layer = analyse_layer("l", teacher, student, threshold=1.0)
+    layer = analyze_layer("l", teacher, student, threshold=1.0)
     assert layer.rank_needed == k and layer.rank_fraction == k / 24
     assert layer.energy[k - 1] == pytest.approx(1.0, abs=1e-9)
     if k > 1:
@@ -119,7 +119,7 @@ def test_summary_layer_averaged_and_pooled():
     student = {"a.weight": wa * torch.tensor([[1.1], [0.7]], dtype=torch.float64),
                "b.weight": torch.tensor([[0.0, 1.0]], dtype=torch.float64),
                "b.bias": torch.zeros(1)}
-    result = analyse({"a.weight": wa, "b.weight": wb, "b.bias": torch.ones(1)}, student)
+    result = analyze({"a.weight": wa, "b.weight": wb, "b.bias": torch.ones(1)}, student)
     assert [l.name for l in result.layers] == ["a.weight", "b.weight"]  # 1-D tensors skipped
     s = result.summary()
     avg, pooled = s["layer_averaged"], s["pooled"]
@@ -141,12 +141,12 @@ def test_summary_text_of_a_pure_rotation_and_of_no_change():
     w = torch.randint(1, 6, (8, 6), generator=gen(10)).to(torch.float64)
     quarter_turn = torch.empty_like(w)
     quarter_turn[:, 0::2], quarter_turn[:, 1::2] = -w[:, 1::2], w[:, 0::2]
-    s = analyse({"w.weight": w}, {"w.weight": quarter_turn}).summary()
+    s = analyze({"w.weight": w}, {"w.weight": quarter_turn}).summary()
     assert s["layer_averaged"]["mean_ratio"] is None  # infinite: JSON has no infinity
     text = format_summary(s)
     assert "layer-averaged: mean inf" in text and "over 1 changed layers" in text
 
-    same = analyse({"w.weight": w}, {"w.weight": w.clone()})
+    same = analyze({"w.weight": w}, {"w.weight": w.clone()})
     assert same.layers[0].dir_mean == 0 and same.layers[0].rank_needed == 0  # exactly, no rounding
     assert "no layer changed direction" in format_summary(same.summary())
 
@@ -154,11 +154,11 @@ def test_summary_text_of_a_pure_rotation_and_of_no_change():
 def test_mismatched_architectures_name_the_parameter():
     a = {"x.weight": torch.ones(2, 2), "y.weight": torch.ones(3, 2)}
     with pytest.raises(ValueError, match=r"'y.weight' has shape \(2, 3\), expected \(3, 2\)"):
-        analyse(a, {"x.weight": torch.ones(2, 2), "y.weight": torch.ones(2, 3)})
+        analyze(a, {"x.weight": torch.ones(2, 2), "y.weight": torch.ones(2, 3)})
     with pytest.raises(ValueError, match="1 missing, 0 unexpected keys; first missing 'y.weight'"):
-        analyse(a, {"x.weight": torch.ones(2, 2)})
+        analyze(a, {"x.weight": torch.ones(2, 2)})
     with pytest.raises(ValueError, match="0 missing, 1 unexpected keys; first unexpected 'z.weight'"):
-        analyse(a, {**a, "z.weight": torch.ones(1, 1)})
+        analyze(a, {**a, "z.weight": torch.ones(1, 1)})
 
 
 # --- swap hybrids -----------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_cli_round_trip(pair, tmp_path, capsys):
     assert "layer-averaged: mean" in stdout and "median rank fraction" in stdout
 
     report = json.loads((out / "analysis.json").read_text())
-    expected = analyse(teacher, student).summary()
+    expected = analyze(teacher, student).summary()
     assert report["summary"]["layer_averaged"] == pytest.approx(expected["layer_averaged"])
     assert report["summary"]["energy_threshold"] == 0.93
     with open(out / "layers.csv") as f:

@@ -94,3 +94,97 @@ def test_every_export_carries_a_model_card(lorad_run, tmp_path):
         assert card.startswith("---") and "license:" in card and "2603.08258" in card
         assert str(base) in card and "guidance" in card  # the run's settings
     assert "num_inference_steps=1" in (tmp_path / "pipeline" / "README.md").read_text()
+
+
+def test_hub_references_resolve_through_the_cache(lorad_run, tmp_path, monkeypatch):
+    """`hub:OWNER/REPO/FILE` through huggingface_hub, against a cache laid out as it lays
+    one out (refs/main -> snapshots/COMMIT/FILE), offline."""
+    import huggingface_hub.constants as hc
+
+    from wadi.hub import resolve
+
+    base, run, student = lorad_run
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--authors--wadi-sd15"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(snapshot / "rotated_unet.safetensors"))
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    assert resolve("hub:authors/wadi-sd15/rotated_unet.safetensors") == str(snapshot / "rotated_unet.safetensors")
+    out = tmp_path / "s"
+    assert main(["sample", "hub:authors/wadi-sd15/rotated_unet.safetensors", "--base", str(base), "--resolution",
+                 "16", "--prompt", "a cat", "--out", str(out)]) == 0
+    assert main(["sample", "hub:authors/wadi-sd15/missing.safetensors", "--base", str(base), "--prompt", "a cat",
+                 "--out", str(tmp_path / "t")]) == 2
+    with pytest.raises(ValueError, match="hub:OWNER/REPO/PATH"):
+        resolve("hub:authors/wadi-sd15")
+
+
+def test_push_to_hub_uploads_the_export_with_its_card(lorad_run, tmp_path, monkeypatch):
+    """The hub mocked at the HTTP boundary: every request huggingface_hub makes is answered
+    here, and the uploaded files are read back from the commit it sends."""
+    import base64
+
+    import huggingface_hub
+    httpx = pytest.importorskip("httpx2")  # the HTTP client huggingface_hub 2 uses
+
+    base, run, _ = lorad_run
+    uploaded, calls = {}, []
+
+    def hub(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        calls.append(f"{request.method} {path}")
+        if path == "/api/repos/create":
+            return httpx.Response(200, json={"url": "https://huggingface.co/me/student", "name": "me/student"})
+        if path.endswith("/preupload/main"):
+            files = json.loads(request.content)["files"]
+            return httpx.Response(200, json={"files": [{"path": f["path"], "uploadMode": "regular",
+                                                        "shouldIgnore": False} for f in files]})
+        if "/commit/main" in path:
+            for line in request.content.decode().splitlines():
+                item = json.loads(line)
+                if item.get("key") == "file":
+                    uploaded[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return httpx.Response(200, json={"commitUrl": "https://huggingface.co/me/student/commit/abc",
+                                             "commitOid": "a" * 40})
+        return httpx.Response(200, json={})
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(hub)))
+    try:
+        assert main(["export", str(run), "--format", "adapter", "--out", str(tmp_path / "a"),
+                     "--push-to-hub", "me/student"]) == 0
+    finally:
+        huggingface_hub.set_client_factory(lambda: httpx.Client())
+    assert "POST /api/repos/create" in calls
+    assert set(uploaded) == {"README.md", "student.safetensors"}
+    assert uploaded["student.safetensors"] == (tmp_path / "a" / "student.safetensors").read_bytes()
+    assert b"2603.08258" in uploaded["README.md"]
+
+
+def test_trackers_get_scalars_and_sample_grids(tmp_path, monkeypatch):
+    """run.report_to=all: TensorBoard events with the losses and the sample grid as an image,
+    and an offline wandb run folder."""
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "prompts.txt").write_text("a cat\na red car\n")
+    pipes = {"sd": tiny_pipes.save_tiny_sd(tmp_path / "sd"), "prompts": tmp_path / "prompts.txt"}
+    cfg = tiny_pipes.make_cfg(pipes, tmp_path, steps=2)
+    cfg.run.report_to, cfg.run.sample_every, cfg.run.checkpoint_every = "all", 2, 0
+    run = distill(cfg, progress=False)
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss_student", "loss_fake", "grad_norm_student"} <= set(tags["scalars"])
+    assert "samples" in tags["images"]
+    assert [e.step for e in events.Scalars("loss_fake")] == [1, 2]
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # wandb's files live in the run folder

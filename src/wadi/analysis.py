@@ -1,10 +1,10 @@
 """Weight-space analysis of a one-step student against its teacher (docs/method.md).
 
 Works on state dicts, so no model class is needed: a released merged student (a plain
-safetensors state dict) is analysed as it is. Analysed tensors: every floating tensor
+safetensors state dict) is analyzed as it is. Analysed tensors: every floating tensor
 with 2 or more dimensions whose name ends in "weight", viewed as rows, one per output
 unit: a Linear weight (out x in) as it is, a conv weight (out x in x kh x kw) as
-out x (in*kh*kw). Embedding tables are 2-D too and are analysed alike (one row per
+out x (in*kh*kw). Embedding tables are 2-D too and are analyzed alike (one row per
 entry). 1-D tensors (biases, norm scales) have no rows and are skipped.
 
 Per row, with t the teacher row and s the student row:
@@ -27,7 +27,7 @@ rank fraction for a threshold (the paper's 0.93) is the smallest k with E(k) >= 
 divided by the full rank min(out, in*kh*kw). Layers whose D is zero up to rounding
 (unchanged or only rescaled rows) need rank 0 and are left out of the rank-fraction median.
 
-Swap hybrids: the student with every analysed row rebuilt as
+Swap hybrids: the student with every analyzed row rebuilt as
 w = ||w_norm_source|| * w_dir_source / ||w_dir_source||; everything else is the student's.
 """
 
@@ -149,7 +149,7 @@ class LayerStats:
                 "full_rank": self.full_rank, "rank_needed": self.rank_needed, "rank_fraction": self.rank_fraction}
 
 
-def analyse_layer(name: str, teacher_weight: torch.Tensor, student_weight: torch.Tensor,
+def analyze_layer(name: str, teacher_weight: torch.Tensor, student_weight: torch.Tensor,
                   threshold: float = DEFAULT_ENERGY) -> LayerStats:
     t, s = as_rows(teacher_weight), as_rows(student_weight)
     norm_change, dir_change = row_changes(t, s)
@@ -180,17 +180,17 @@ class Analysis:
         return {"summary": self.summary(), "layers": [l.to_dict() for l in self.layers]}
 
 
-def analyse(teacher: nn.Module | StateDict, student: nn.Module | StateDict,
+def analyze(teacher: nn.Module | StateDict, student: nn.Module | StateDict,
             threshold: float = DEFAULT_ENERGY, progress: bool = False) -> Analysis:
-    """Analyse every weight of two models (or state dicts) of one architecture."""
+    """Analyze every weight of two models (or state dicts) of one architecture."""
     check_threshold(threshold)
     teacher, student = state_dict_of(teacher), state_dict_of(student)
     check_fits(student, teacher, "the student does not fit the teacher")
     names = analysed_names(teacher)
     if not names:
-        raise ValueError("nothing to analyse: no floating tensor of 2+ dimensions named '*weight'")
-    layers = [analyse_layer(n, teacher[n], student[n], threshold)
-              for n in tqdm(names, desc="analyse", unit="layer", disable=not progress)]
+        raise ValueError("nothing to analyze: no floating tensor of 2+ dimensions named '*weight'")
+    layers = [analyze_layer(n, teacher[n], student[n], threshold)
+              for n in tqdm(names, desc="analyze", unit="layer", disable=not progress)]
     return Analysis(layers, threshold)
 
 
@@ -241,7 +241,7 @@ def swap_rows(norm_source: torch.Tensor, direction_source: torch.Tensor) -> torc
 
 def make_hybrid(teacher: nn.Module | StateDict, student: nn.Module | StateDict,
                 norms_from: str, directions_from: str) -> dict[str, torch.Tensor]:
-    """The student's state dict with every analysed weight rebuilt from the norms of
+    """The student's state dict with every analyzed weight rebuilt from the norms of
     `norms_from` and the directions of `directions_from` ("teacher" or "student")."""
     models = {"teacher": state_dict_of(teacher), "student": state_dict_of(student)}
     if {norms_from, directions_from} - models.keys():

@@ -7,7 +7,7 @@ A student can be
   on a base model;
 - a released merged state dict (the authors' `rotated_unet-*.safetensors` /
   `rotated_transformer.safetensors`, DMD2's `.bin`): every tensor of the base model's
-  denoiser, loaded strict into its architecture;
+  denoiser, loaded strict into its architecture; also on the hub as `hub:OWNER/REPO/FILE`;
 - a diffusers model folder (config.json and weights, e.g. `wadi analyze --hybrids`' swap
   models) of the base model's denoiser class, on a base model.
 The teacher is the base model itself: a diffusers folder or hub id, or the base that a
@@ -28,6 +28,7 @@ from safetensors import safe_open
 from .adapters import FORMAT as ADAPTER_FORMAT
 from .adapters import adapter_base_copy, load_adapter
 from .backbones import Backbone, BackboneSpec, Kind, detect_kind, get_kind, load_backbone
+from . import hub
 from .export import is_export, read_manifest
 from .run_folder import RunFolder
 from .weights import TORCH_SUFFIXES, check_fits, load_weights
@@ -82,7 +83,7 @@ def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: to
     `allow_bin` reads torch state dicts (without running code); `allow_other_base` loads an
     adapter file on a base whose weights differ from its own."""
     spec = spec or BackboneSpec()
-    path = Path(source).expanduser()
+    path = Path(hub.resolve(source)).expanduser()
     if RunFolder.is_run(path):
         run = RunFolder(path)
         base = spec.filled(**run_spec(run).to_dict())

@@ -45,7 +45,7 @@ def hyperparameters(config: dict) -> dict:
 class Tracker:
     """Scalars to log.jsonl and the trackers, images to the trackers (main process only)."""
 
-    def __init__(self, log_file: Path, accelerator, start_step: int, config: dict):
+    def __init__(self, log_file: Path, accelerator, start_step: int, config: dict, name: str = "wadi"):
         self.acc = accelerator
         self.file = None
         if accelerator.is_main_process:
@@ -53,8 +53,9 @@ class Tracker:
             log_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self.file = log_file.open("a")
         if accelerator.log_with:
-            tb = {"tensorboard": {"purge_step": start_step or None}}
-            accelerator.init_trackers("tb", config=hyperparameters(config), init_kwargs=tb)
+            kwargs = {"tensorboard": {"purge_step": start_step or None},  # a resumed run rewrites what follows
+                      "wandb": {"dir": str(log_file.parent), "name": name}}
+            accelerator.init_trackers("tb", config=hyperparameters(config), init_kwargs=kwargs)
 
     def log(self, record: dict) -> None:
         if self.file is None:

@@ -136,7 +136,7 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
         write_text(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     acc.wait_for_everyone()
 
-    tracker = Tracker(run.log, acc, distiller.step, cfg.to_dict())
+    tracker = Tracker(run.log, acc, distiller.step, cfg.to_dict(), run.name)
     bar = tqdm(total=tc.steps, initial=distiller.step, disable=not (progress and acc.is_main_process),
                desc=run.name, dynamic_ncols=True)
     t0 = time.time()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..analysis import DEFAULT_ENERGY, HYBRIDS, analyse, check_threshold, make_hybrid
+from ..analysis import DEFAULT_ENERGY, HYBRIDS, analyze, check_threshold, make_hybrid
 from ..analysis_report import dtype_note, format_summary, plot_changes, plot_energy, write_csv, write_json
 from ..files import check_out
 from ..weights import load_weights, save_weights
@@ -32,11 +32,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    # Cheap checks first: loading and analysing a real UNet takes minutes.
+    # Cheap checks first: loading and analyzing a real UNet takes minutes.
     check_threshold(args.energy)
     check_out(args.out, args.force)
     teacher, student = load_weights(args.teacher), load_weights(args.student)
-    result = analyse(teacher.state_dict, student.state_dict, args.energy, progress=True)
+    result = analyze(teacher.state_dict, student.state_dict, args.energy, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
     written = [write_json(result, args.out / "analysis.json", args.teacher, args.student),
                write_csv(result, args.out / "layers.csv"),

