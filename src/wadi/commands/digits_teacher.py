@@ -8,7 +8,7 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("digits-teacher", help="train the handwritten-digits teacher UNet (wadi demo's teacher)")
     p.add_argument("--out", required=True, type=Path, help="diffusers folder to write (unet/, scheduler/)")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
