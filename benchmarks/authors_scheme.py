@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wadi.backbones import dtype_of
 from wadi.distill import Noise
 from wadi.losses import add_noise, fake_loss, guide, one_step_x0, score_difference, vsd_loss
 from wadi.targets import resolve_rule, select_linears
@@ -76,8 +77,7 @@ class AuthorsScheme:
 
     def __init__(self, cfg, backbone, accelerator):
         self.cfg, self.bb, self.acc = cfg, backbone, accelerator
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-            cfg.train.mixed_precision]
+        self.weight_dtype = dtype_of(cfg.train.mixed_precision)
         self.student = self._hooked_copy(cfg.student)
         self.fake = self._hooked_copy(cfg.fake)
         tc = cfg.train

@@ -38,7 +38,7 @@ import torch
 
 from wadi.adapters import AdapterConfig, attach
 from common import char_tokenizer
-from wadi.backbones import Backbone, BackboneSpec
+from wadi.backbones import DTYPES, Backbone, BackboneSpec
 from wadi.sampling import multi_step, one_step
 
 SIZES = {
@@ -57,7 +57,6 @@ SIZES = {
         rank=256),
 }
 PROMPT = "a photo of a cat sitting on a windowsill"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_backbone(size: dict, folder: Path) -> Backbone:

@@ -76,6 +76,7 @@ def worker(args) -> dict:
     from authors_scheme import AuthorsScheme
     from common import SavedForBackward, sd_backbone
     from wadi.adapters import AdapterConfig
+    from wadi.backbones import dtype_of
     from wadi.config import DistillConfig, TrainConfig
     from wadi.distill import Distiller
 
@@ -89,7 +90,7 @@ def worker(args) -> dict:
                         train=TrainConfig(batch_size=args.batch, mixed_precision=args.precision,
                                           gradient_checkpointing=args.checkpointing))
     acc = Accelerator(mixed_precision=args.precision, cpu=args.device == "cpu")
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+    dtype = dtype_of(args.precision)
     bb.to(acc.device, dtype)
     net_bytes = sum(p.numel() * p.element_size() for p in bb.net.parameters())
     cuda = acc.device.type == "cuda"

@@ -115,6 +115,14 @@ KINDS: dict[str, Kind] = {
 }
 
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """The torch dtype a precision name means; accelerate's mixed precision "no" is fp32."""
+    return DTYPES["fp32" if name == "no" else name]
+
+
 def get_kind(name: str) -> Kind:
     if name not in KINDS:
         raise ValueError(f"unknown backbone kind {name!r}; choose one of {', '.join(KINDS)}")

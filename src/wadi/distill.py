@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .adapters import Adapter, adapter_class, attach
-from .backbones import Backbone, Cond
+from .backbones import Backbone, Cond, dtype_of
 from .config import DistillConfig
 from .losses import add_noise, fake_loss, one_step_x0, score_difference, vsd_loss
 from .sampling import one_step
@@ -134,7 +134,7 @@ class Distiller:
     def __init__(self, cfg: DistillConfig, backbone: Backbone, prompts: list[str], accelerator):
         self.cfg, self.bb, self.acc = cfg, backbone, accelerator
         tc = cfg.train
-        self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[tc.mixed_precision]
+        self.weight_dtype = dtype_of(tc.mixed_precision)
         device = accelerator.device
         backbone.to(device, self.weight_dtype)  # the teacher and the frozen encoders, shared below
         self.student = adapted_copy(backbone.net, cfg.student, tc.gradient_checkpointing)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backbones import KINDS, SCHEDULER, BackboneSpec
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ..backbones import DTYPES, KINDS, SCHEDULER, BackboneSpec
 
 
 def add_base_args(p) -> None:

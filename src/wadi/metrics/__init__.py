@@ -4,13 +4,13 @@ feature extractor with clean-fid resizing, and CLIP score."""
 from .clip_score import DEFAULT_CLIP, ClipScorer, clip_score
 from .frechet import frechet_distance, frechet_distance_features, gaussian_stats, load_stats, save_stats
 from .images import list_images, to_rgb_uint8
-from .inception import (EXTRACTOR, clean_resize, extract_features, folder_features, load_inception,
+from .inception import (EXTRACTOR, clean_resize, extract_features, load_inception,
                         reference_stats, weights_path)
 from .prdc import PrecisionRecall, kth_nn_radii, precision_recall
 
 __all__ = [
     "DEFAULT_CLIP", "EXTRACTOR", "ClipScorer", "PrecisionRecall", "clean_resize", "clip_score",
-    "extract_features", "folder_features", "frechet_distance", "frechet_distance_features",
+    "extract_features", "frechet_distance", "frechet_distance_features",
     "gaussian_stats", "kth_nn_radii", "list_images", "load_inception", "load_stats", "precision_recall",
     "reference_stats", "save_stats", "to_rgb_uint8", "weights_path",
 ]

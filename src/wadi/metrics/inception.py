@@ -104,12 +104,6 @@ def extract_features(images: Sequence[ImageLike], batch_size: int = 50, device: 
     return torch.cat(features).numpy()
 
 
-def folder_features(folder: str | os.PathLike, batch_size: int = 50, device: str | None = None,
-                    num_workers: int = 0, progress: bool = True) -> np.ndarray:
-    """Inception features of every image under `folder` (sorted, recursive)."""
-    return extract_features(list_images(folder), batch_size, device, num_workers, progress)
-
-
 def folder_key(folder: Path, files: list[Path]) -> str:
     """Hash of the extractor, the folder and each file's name, size and mtime."""
     h = hashlib.sha256(f"{EXTRACTOR}\n{folder.resolve()}\n".encode())
