@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import save_file
 
@@ -283,3 +284,21 @@ def test_log_lines_are_strict_json(world, tmp_path, monkeypatch):
     for line in (run / "log.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl"))
     assert time.time()  # the run finished despite skipped steps
+
+
+def test_a_run_whose_only_checkpoint_is_damaged_starts_over_cleanly(world, tmp_path):
+    """The state read in part before the damage showed is dropped: the run ends as an
+    uninterrupted one does."""
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    for f in ("student.safetensors", "fake.safetensors"):
+        (run / f).unlink()
+    shutil.rmtree(run / "checkpoints" / "step-0000002")
+    (run / "checkpoints" / "step-0000001" / "optim-fake.safetensors").write_bytes(b"")  # after the adapters
+    with pytest.warns(UserWarning, match="cannot be read"):
+        distill(resume=str(run), progress=False)
+    from safetensors.torch import load_file
+
+    for which in ("student", "fake"):
+        ours, ref = load_file(str(run / f"{which}.safetensors")), load_file(str(world["run"] / f"{which}.safetensors"))
+        assert all(torch.equal(ours[k], ref[k]) for k in ref)

@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
-from .backbones import Backbone, check_model_path
 from .adapters import check_attach
+from .backbones import Backbone, check_model_path
 from .config import DistillConfig, resolve, resume_config
 from .distill import Distiller
 from .files import atomic_path, write_text
@@ -46,7 +46,7 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU (on the CPU it is emulated and very slow); "
                          "use train.mixed_precision=bf16 or no")
     if cfg.run.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
-        raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: pip install wandb")
+        raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: pip install 'wadi-distill[wandb]'")
     backbone = cfg.model.load()
     cfg.model.kind = backbone.kind.name
     last = backbone.num_train_timesteps - 1
@@ -65,16 +65,17 @@ def _run_name(cfg: DistillConfig) -> str:
     return "-".join(x for x in (cfg.preset or "custom", cfg.run.desc) if x)
 
 
-def _resume(distiller: Distiller, run: RunFolder) -> None:
-    """Load the newest complete checkpoint; one that cannot be read falls back to the one before."""
+def _resume(distiller: Distiller, run: RunFolder) -> bool:
+    """Load the newest complete checkpoint; one that cannot be read falls back to the one
+    before. False when none could be read (the run starts over)."""
     ckpt.remove_partial(run.checkpoints)
     for folder in reversed(run.complete_checkpoints()):
         try:
             ckpt.read_pieces(folder, distiller.state_pieces())
-            return
+            return True
         except ckpt.CorruptCheckpoint as e:
             warnings.warn(f"checkpoint {folder.name} cannot be read ({e}); trying the one before")
-    distiller.step = 0  # nothing to resume from: the run starts over in its own folder
+    return False
 
 
 def save_checkpoint(distiller: Distiller, run: RunFolder) -> None:
@@ -130,8 +131,9 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
                       log_with=trackers_for(rc.report_to) or None)
     torch.manual_seed(tc.seed)
     distiller = Distiller(cfg, backbone, prompts, acc)
-    if resume:
-        _resume(distiller, run)
+    if resume and not _resume(distiller, run) and run.complete_checkpoints():
+        torch.manual_seed(tc.seed)  # a checkpoint read in part: start over from a fresh state
+        distiller = Distiller(cfg, backbone, prompts, acc)
     if acc.is_main_process:
         write_text(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     acc.wait_for_everyone()
