@@ -188,3 +188,33 @@ def test_trackers_get_scalars_and_sample_grids(tmp_path, monkeypatch):
     assert "samples" in tags["images"]
     assert [e.step for e in events.Scalars("loss_fake")] == [1, 2]
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # wandb's files live in the run folder
+
+
+def test_single_file_export_loads_with_from_single_file(lorad_run, tmp_path):
+    """The original layout, through diffusers' own conversion: from_single_file of the
+    export gives the student's image."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from safetensors.torch import save_file
+
+    base, run, student = lorad_run
+    teacher = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    template = tiny_pipes.original_layout(teacher)
+    back = convert_ldm_unet_checkpoint(template, dict(teacher.config))  # the test's layout is diffusers' own
+    assert all(torch.equal(back[k], v) for k, v in teacher.state_dict().items()) and len(back) == len(template)
+    save_file(template, str(tmp_path / "base.safetensors"))
+
+    assert main(["export", str(run), "--format", "single-file", "--template", str(tmp_path / "base.safetensors"),
+                 "--out", str(tmp_path / "single")]) == 0
+    reference = pipe(base)
+    reference.save_pretrained(tmp_path / "base-pipeline")  # from_single_file reads its configs from here
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "single" / "student.safetensors"), config=str(tmp_path / "base-pipeline"),
+        vae=reference.vae, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer,
+        safety_checker=None, requires_safety_checker=False)
+    torch.testing.assert_close(unet_out(loaded.unet), unet_out(student), rtol=0, atol=1e-6)
+    assert (tmp_path / "single" / "README.md").is_file() and (tmp_path / "single" / "scheduler").is_dir()
+    other = tiny_pipes.original_layout(UNet2DConditionModel.from_pretrained(
+        tiny_pipes.save_tiny_sd(tmp_path / "other", seed=4), subfolder="unet"))
+    save_file(other, str(tmp_path / "other.safetensors"))
+    assert main(["export", str(run), "--format", "single-file", "--template", str(tmp_path / "other.safetensors"),
+                 "--out", str(tmp_path / "wrong")]) == 2  # another base's file is refused

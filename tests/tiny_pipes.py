@@ -105,3 +105,44 @@ def make_cfg(pipes: dict, tmp_path: Path, kind: str = "sd", student: str = "lora
         train=TrainConfig(**{"steps": steps, "batch_size": 2, **train}),
         run=RunConfig(root=str(tmp_path / "runs"), checkpoint_every=1, keep_checkpoints=10, sample_every=0,
                       log_every=1, sample_seeds=[0]))
+
+
+def original_layout(unet) -> dict:
+    """A UNet's tensors under the original Stable Diffusion checkpoint's keys
+    (model.diffusion_model.*), for tests of the single-file export's template. Written
+    out here, and checked by diffusers' own conversion back (see test_ecosystem)."""
+    cfg, per = unet.config, unet.config.layers_per_block
+    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+              "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+    top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    out = {}
+    for name, tensor in unet.state_dict().items():
+        parts = name.split(".")
+        if ".".join(parts[:-1]) in top:
+            new = f"{top['.'.join(parts[:-1])]}.{parts[-1]}"
+        elif parts[0] in ("down_blocks", "up_blocks"):
+            b, kind, i, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+            width = per + 1
+            if parts[0] == "down_blocks":
+                index = 1 + b * width + (per if kind == "downsamplers" else i)
+                block = f"input_blocks.{index}"
+                new = {"resnets": f"{block}.0", "attentions": f"{block}.1", "downsamplers": f"{block}.0.op"}[kind]
+                rest = rest[1:] if kind == "downsamplers" else rest
+            else:
+                index = b * width + (per if kind == "upsamplers" else i)
+                block = f"output_blocks.{index}"
+                has_attention = "CrossAttn" in cfg.up_block_types[b]
+                new = {"resnets": f"{block}.0", "attentions": f"{block}.1",
+                       "upsamplers": f"{block}.{2 if has_attention else 1}"}[kind]
+            if kind == "resnets":
+                rest = [resnet.get(rest[0], rest[0]), *rest[1:]]
+            new = ".".join([new, *rest])
+        else:  # mid_block.resnets.0 / attentions.0 / resnets.1
+            index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[".".join(parts[1:3])]
+            rest = parts[3:]
+            if parts[1] == "resnets":
+                rest = [resnet.get(rest[0], rest[0]), *rest[1:]]
+            new = ".".join([f"middle_block.{index}", *rest])
+        out[f"model.diffusion_model.{new}"] = tensor.clone()
+    return out

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 MANIFEST = "wadi.json"
 FORMAT = "wadi-export/2"
-FORMATS = ("pipeline", "adapter", "lora", "lora-kohya")
+FORMATS = ("pipeline", "adapter", "lora", "lora-kohya", "single-file")
+SINGLE_FILE = "student.safetensors"
 
 
 def is_export(path: Path) -> bool:
@@ -142,6 +143,33 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
                f"{report.layers} layers; energy kept: median {report.to_dict()['energy_median']:.4f})")
         write_card(tmp, fmt, base, student.source, usage)
     return out / path.name, report.to_dict()
+
+
+def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Path, out: str | Path,
+                       force: bool = False) -> Path:
+    """The student as one checkpoint in the original layout, built on the base model's own
+    single file `template` (its VAE and text encoder kept), with the one-step scheduler
+    beside it and a card."""
+    from safetensors.torch import save_file
+
+    from .single_file import student_checkpoint
+    from .weights import read_file
+
+    out = check_out(out, force)
+    bb = student.backbone
+    if bb.kind.name != "sd":
+        raise ValueError(f"single-file checkpoints are Stable Diffusion's layout; the {bb.kind.name} kind has none")
+    state = student_checkpoint(read_file(Path(template)), student.net, teacher.net)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        save_file(state, str(tmp / SINGLE_FILE))
+        one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
+        usage = (f"pipe = StableDiffusionPipeline.from_single_file(\"FOLDER/{SINGLE_FILE}\")\n"
+                 "pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
+                 "image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")
+        write_card(tmp, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, from_single_file)",
+                   teacher.backbone.spec, student.source, usage)
+    return out / SINGLE_FILE
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: bool = False) -> list[Path]:

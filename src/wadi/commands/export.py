@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..export import FORMATS, export_adapter, export_lora, export_pipeline
+from ..export import FORMATS, export_adapter, export_lora, export_pipeline, export_single_file
 from ..files import check_out
-from ..hub import push
+from ..hub import push, resolve
 from ..students import load_student, teacher_for
 from .model_args import DTYPES, add_base_args, base_spec, student_options
 
@@ -21,7 +21,9 @@ def register(sub) -> None:
     p.add_argument("--format", choices=FORMATS, default="pipeline",
                    help="pipeline (default): a complete stock pipeline folder; adapter: the run's adapter files; "
                         "lora / lora-kohya: the student's weight change as a LoRA for load_lora_weights / "
-                        "A1111 and ComfyUI")
+                        "A1111 and ComfyUI; single-file: one checkpoint in the original SD layout")
+    p.add_argument("--template", help="with --format single-file: the base model's own single-file checkpoint "
+                                      "(e.g. v1-5-pruned-emaonly.safetensors; a path or hub:OWNER/REPO/FILE)")
     p.add_argument("--rank", type=int, help="with --format lora / lora-kohya: the LoRA's rank (exact once it reaches "
                                              "the widest adapted layer's; the energy each layer keeps is reported)")
     p.add_argument("--fake", action="store_true", help="with --format adapter: the fake score model's adapter too")
@@ -49,6 +51,8 @@ def export(args) -> int:
         raise ValueError("--fake goes with --format adapter")
     if (args.rank is not None) != args.format.startswith("lora"):
         raise ValueError("--rank goes with --format lora or lora-kohya, and they need it")
+    if (args.template is not None) != (args.format == "single-file"):
+        raise ValueError("--template goes with --format single-file, and it needs one")
     if args.format == "adapter":
         for path in export_adapter(args.model, args.out, args.force, args.fake):
             print(f"wrote {path}")
@@ -60,6 +64,10 @@ def export(args) -> int:
         print(f"wrote {out}; run it with {model.backbone.kind.usage()}")
         return 0
     teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype])
+    if args.format == "single-file":
+        path = export_single_file(model, teacher, resolve(args.template), args.out, args.force)
+        print(f"wrote {path}; load it with StableDiffusionPipeline.from_single_file")
+        return 0
     path, report = export_lora(model, teacher, args.out, args.rank, kohya=args.format == "lora-kohya",
                                force=args.force)
     print(f"wrote {path}: {json.dumps({k: v for k, v in report.items() if k != 'left_out'})}")
