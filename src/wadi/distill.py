@@ -63,9 +63,6 @@ class Noise:
         self.device = device
         self.generators = [torch.Generator().manual_seed(_mix(seed, p)) for p in positions]
 
-    def __len__(self) -> int:
-        return len(self.generators)
-
     def normal(self, shape) -> torch.Tensor:
         return torch.stack([torch.randn(shape, generator=g) for g in self.generators]).to(self.device)
 
