@@ -21,8 +21,8 @@ TEMPLATE = """---
 
 A one-step text-to-image student of [{{ base }}]({{ base_link }}), distilled with WaDi
 (Weight Direction-aware Distillation, CVPR 2026; [paper]({{ paper }}), [authors' code]({{ code }}))
-by [wadi](https://github.com/): variational score distillation in which the student and the
-fake score model are adapted by LoRaD, a low-rank rotation of weight directions.
+by wadi (`pip install wadi-distill`): variational score distillation in which the student
+and the fake score model are adapted by LoRaD, a low-rank rotation of weight directions.
 
 - format: {{ format }}
 - base model: `{{ base }}` (licence: {{ license }}; the student inherits it)
