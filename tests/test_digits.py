@@ -192,6 +192,8 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
                           (["--seeds", "1,1"], "--seeds must be distinct"),
                           (["--seeds", "x"], "bad --seeds"),
                           (["train.seed=3"], "use --seeds"),
+                          (["--compare", "--seeds", "1,2"], "--compare runs every adapter at one seed"),
+                          (["--compare", "--adapter", "dora"], "--compare runs every adapter at one seed"),
                           (["train.batch_size=0"], "train.batch_size must be at least 1")]:
         assert main(["demo", "--root", str(tmp_path / "runs"), *args]) == 2
         err = capsys.readouterr().err

@@ -81,6 +81,8 @@ def distill_config(s: DemoSettings, root: Path, seed: int, adapter: str | None =
 def check(s: DemoSettings, compare: bool = False) -> list[DistillConfig]:
     """Every distillation the demo will run, resolved and checked (nothing is written)."""
     if compare:
+        if len(s.seeds) > 1 or s.adapter != DemoSettings.adapter:
+            raise ValueError("--compare runs every adapter at one seed: give it neither --adapter nor several --seeds")
         return [distill_config(s, Path("."), s.seeds[0], kind) for kind in KINDS]
     return [distill_config(s, Path("."), seed) for seed in s.seeds]
 
