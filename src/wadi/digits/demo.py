@@ -39,7 +39,7 @@ BAR = {"alignment": 0.95,  # every seed: at least this share of the teacher's al
 # The student's learning rate per adapter, each in its own units (angles, low-rank factors,
 # weights), from short sweeps in this world (docs/digits.md).
 STUDENT_LR = {"lorad": preset_values(PRESET)["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4,
-              "full": 3e-6}
+              "full": 3e-5}
 
 
 @dataclass
