@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from wadi.backbones import dtype_of
 from wadi.distill import Noise
-from wadi.losses import add_noise, fake_loss, guide, one_step_x0, score_difference, vsd_loss
+from wadi.losses import guide, vsd_loss
 from wadi.targets import resolve_rule, select_linears
 
 
@@ -98,8 +98,8 @@ class AuthorsScheme:
 
     def _scores(self, net, x_t, t, cond, uncond) -> torch.Tensor:
         """Guided eps of `net`: two separate calls, as the authors' script makes them."""
-        e_c = self.bb.predict_eps(net, x_t, t, cond).float()
-        e_u = self.bb.predict_eps(net, x_t, t, uncond).float()
+        e_c = self.bb.predict(net, x_t, t, cond).float()
+        e_u = self.bb.predict(net, x_t, t, uncond).float()
         return guide(e_u, e_c, self.cfg.train.guidance)
 
     def _update(self, loss, net, opt) -> None:
@@ -114,27 +114,26 @@ class AuthorsScheme:
         n, noise = len(prompts), Noise(tc.seed, positions, device)
         cond = bb.encode_prompts(prompts).to(device, wd)
         uncond = bb.empty_cond().to(device, wd).expand(n)
+        proc = bb.process
         T = bb.num_train_timesteps - 1
-        t_T = torch.full((n,), T, device=device, dtype=torch.long)
+        t_T = proc.time(torch.full((n,), proc.generator_index, device=device, dtype=torch.long))
         z = noise.normal(bb.latent_shape)
         with self.acc.autocast():
-            eps = bb.predict_eps(self.student, z.to(wd), t_T, cond)
-        x0 = one_step_x0(z, eps.float(), *bb.one_step_alpha_sigma(device))
-        t = noise.integers(tc.t_min, tc.t_max)
-        alpha, sigma = bb.alpha_sigma(t)
-        x_t = add_noise(x0.detach(), noise.normal(x0.shape[1:]), alpha, sigma).to(wd)
+            eps = bb.predict(self.student, z.to(wd), t_T, cond)
+        x0 = proc.generate(eps, z)
+        t = proc.time(noise.integers(tc.t_min, tc.t_max))
+        x_t = proc.add_noise(x0.detach(), noise.normal(x0.shape[1:]), t).to(wd)
         with torch.no_grad(), self.acc.autocast():
             e_real = self._scores(bb.net, x_t, t, cond, uncond)
             e_fake = self._scores(self.fake, x_t, t, cond, uncond)
-        loss_g = vsd_loss(x0, score_difference(e_real, e_fake, sigma))
+        loss_g = vsd_loss(x0, proc.score_difference(e_real, e_fake, t))
         self._update(loss_g, self.student, self.opt_s)
-        t_f = noise.integers(0, T)
-        alpha_f, sigma_f = bb.alpha_sigma(t_f)
+        t_f = proc.time(noise.integers(0, T))
         eps_f = noise.normal(x0.shape[1:])
-        x_tf = add_noise(x0.detach(), eps_f, alpha_f, sigma_f).to(wd)
+        x_tf = proc.add_noise(x0.detach(), eps_f, t_f).to(wd)
         keep = noise.uniform() >= tc.fake_uncond_prob
         with self.acc.autocast():
-            pred = bb.predict_eps(self.fake, x_tf, t_f, cond.where(keep, uncond))
-        loss_f = fake_loss(pred, eps_f, alpha_f)
+            pred = bb.predict(self.fake, x_tf, t_f, cond.where(keep, uncond))
+        loss_f = proc.fake_loss(pred, x0.detach(), eps_f, t_f)
         self._update(loss_f, self.fake, self.opt_f)
         return {"loss_student": loss_g.item(), "loss_fake": loss_f.item()}

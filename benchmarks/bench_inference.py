@@ -73,7 +73,7 @@ def build_backbone(size: dict, folder: Path) -> Backbone:
                               beta_schedule="scaled_linear", clip_sample=False)
     for m in (unet, text, vae):
         m.requires_grad_(False)
-    return Backbone(BackboneSpec(kind="sd"), unet, text, char_tokenizer(folder), scheduler, vae=vae)
+    return Backbone(BackboneSpec(kind="sd"), unet, text, char_tokenizer(folder), dict(scheduler.config), vae=vae)
 
 
 def merged_student(base: torch.nn.Module, rank: int) -> torch.nn.Module:

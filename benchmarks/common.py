@@ -56,7 +56,7 @@ def sd_backbone(width: int, latent: int, text_layers: int, folder: Path, vae=Non
     for m in (unet, enc, vae):
         if m is not None:
             m.requires_grad_(False).eval()
-    return Backbone(BackboneSpec(kind="sd"), unet, enc, tok, sd_scheduler(), vae=vae)
+    return Backbone(BackboneSpec(kind="sd"), unet, enc, tok, dict(sd_scheduler().config), vae=vae)
 
 
 class SavedForBackward:

@@ -275,10 +275,10 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(world, tmp_path,
 # --- 8. logs stay valid JSON ---------------------------------------------------------------
 
 def test_log_lines_are_strict_json(world, tmp_path, monkeypatch):
-    import wadi.distill as engine
+    from wadi.process import VP
 
-    real = engine.score_difference
-    monkeypatch.setattr(engine, "score_difference", lambda *a: real(*a) * float("inf"))
+    real = VP.score_difference
+    monkeypatch.setattr(VP, "score_difference", lambda *a: real(*a) * float("inf"))
     cfg = tiny_pipes.make_cfg(world["pipes"], tmp_path, steps=3, max_nonfinite=5)
     run = distill(cfg, progress=False)
     for line in (run / "log.jsonl").read_text().splitlines():

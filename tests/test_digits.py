@@ -112,11 +112,11 @@ def test_prompt_alignment_for_wadi_eval(classifier):
 
 def test_shipped_teacher_loads_and_predicts(teacher):
     assert teacher.kind.name == "pixel" and teacher.latent_shape == (1, 8, 8) and teacher.vae is None
-    assert teacher.num_train_timesteps == 1000 and abs(teacher.alphas_cumprod[999].item() - 0.0047) < 1e-4
+    assert teacher.num_train_timesteps == 1000 and abs(teacher.process.alphas_cumprod[999].item() - 0.0047) < 1e-4
     cond = teacher.encode_prompts(["a handwritten seven", ""])
     assert cond.embeds.shape == (2, paths.MAX_LENGTH, 384)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    eps = teacher.predict_eps(teacher.net, x, torch.tensor([999, 10]), cond)
+    eps = teacher.predict(teacher.net, x, torch.tensor([999, 10]), cond)
     assert eps.shape == x.shape and torch.isfinite(eps).all()
 
 

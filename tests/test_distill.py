@@ -72,10 +72,10 @@ def test_v_prediction_is_converted_to_eps(pipes):
     from wadi.backbones import BackboneSpec
 
     bb = BackboneSpec(kind="sd", path=str(pipes["sd21"]), resolution=16).load()
-    assert bb.prediction_type == "v_prediction"
+    assert bb.process.prediction_type == "v_prediction"
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([999, 300])
-    alpha, sigma = bb.alpha_sigma(t)
+    alpha, sigma = bb.process.coefficients(t)
     x_t = alpha * x0 + sigma * eps
     v = alpha * eps - sigma * x0
 
@@ -84,7 +84,7 @@ def test_v_prediction_is_converted_to_eps(pipes):
             return type("Out", (), {"sample": v})()
 
     cond = bb.encode_prompts(["a cat", "a dog"])
-    torch.testing.assert_close(bb.predict_eps(Oracle(), x_t, t, cond), eps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bb.predict(Oracle(), x_t, t, cond), eps, rtol=1e-4, atol=1e-4)
 
 
 def test_run_folder_contents(pipes, tmp_path):
@@ -101,16 +101,16 @@ def test_run_folder_contents(pipes, tmp_path):
 
 
 def test_nonfinite_losses_skip_then_stop(pipes, tmp_path, monkeypatch):
-    import wadi.distill as engine
+    from wadi.process import VP
 
     calls = {"n": 0}
-    real = engine.fake_loss
+    real = VP.fake_loss
 
     def poisoned(*args):
         calls["n"] += 1
         return real(*args) * (float("nan") if calls["n"] > 2 else 1.0)
 
-    monkeypatch.setattr(engine, "fake_loss", poisoned)
+    monkeypatch.setattr(VP, "fake_loss", poisoned)
     cfg = make_cfg(pipes, tmp_path, steps=6, max_nonfinite=2)
     with pytest.raises(RuntimeError, match="2 non-finite losses in a row at step 4"):
         distill(cfg, progress=False)

@@ -150,9 +150,9 @@ def test_guided_one_step_is_one_trailing_ddim_step(runs):
     teacher = load_teacher(run)
     bb = teacher.backbone
     guided = one_step(bb, teacher.net, PROMPTS, SEEDS, guidance=3.0)
-    from wadi.export import one_step_scheduler  # DDIM, trailing, its last alpha the generator's 0.0047
+    from wadi.process import VP  # the export's DDIM, trailing, its last alpha the generator's 0.0047
 
-    bb.scheduler_config = dict(one_step_scheduler(bb.scheduler_config, bb.one_step_abar).config)
+    bb.process = VP(dict(bb.process.one_step_scheduler().config), bb.process.one_step_abar)
     ddim = multi_step(bb, teacher.net, PROMPTS, SEEDS, steps=1, guidance=3.0)
     assert (guided - ddim).abs().max().item() < 1e-5
     assert (guided - one_step(bb, teacher.net, PROMPTS, SEEDS)).abs().max().item() > 1e-3

@@ -160,16 +160,16 @@ def test_non_finite_scores_are_counted_then_skip_the_step(pipes, tmp_path, monke
     """nan_to_num keeps isolated non-finite score elements from the loss (the authors'
     guard); a step whose scores are non-finite beyond a small share is skipped, and a
     streak of them stops the run (train.max_nonfinite)."""
-    import wadi.distill as engine
+    from wadi.process import VP
 
-    real, poison = engine.score_difference, {"share": 0.0}
+    real, poison = VP.score_difference, {"share": 0.0}
 
-    def poisoned(e_real, e_fake, sigma):
-        g = real(e_real, e_fake, sigma)
+    def poisoned(*args):
+        g = real(*args)
         g.view(-1)[:max(1, int(poison["share"] * g.numel()))] = float("nan")
         return g
 
-    monkeypatch.setattr(engine, "score_difference", poisoned)
+    monkeypatch.setattr(VP, "score_difference", poisoned)
     poison["share"] = 0.0  # one element of 512 per step: counted, zeroed, not skipped
     few = run(pipes, tmp_path / "few", steps=2)
     assert [(r["skipped"], r["nonfinite_scores"]) for r in log(few)] == [(0, 1), (0, 1)]

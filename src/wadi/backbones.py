@@ -9,7 +9,8 @@ Adding a backbone is one entry here plus tests.
 
 A `Backbone` holds the frozen pieces shared by teacher, student and fake model (text
 encoder, tokenizer, VAE, noise schedule) and the teacher's denoiser `net`; student and
-fake model are the same net with adapters, and `predict_eps` runs any of the three.
+fake model are the same net with adapters, and `predict` runs any of the three. The noise
+process (schedule, prediction, generator, stock schedulers) is `Backbone.process` (wadi.process).
 """
 
 from __future__ import annotations
@@ -25,34 +26,53 @@ import torch
 import torch.nn as nn
 
 from .errors import describe
+from .process import process_of
 
 
 @dataclass
 class Cond:
-    """Text conditioning for a batch: token states and, for T5/BERT encoders, their mask."""
+    """Text conditioning for a batch: token states, their mask where the denoiser attends
+    with one (T5, Gemma, BERT), and whatever else a kind's denoiser takes (pooled
+    embeddings, SDXL's time ids), each batch-first. Every operation treats all of them
+    alike, so extra tensors travel through CFG batching, prompt dropout and caching."""
 
     embeds: torch.Tensor  # (B, L, D)
     mask: torch.Tensor | None = None  # (B, L), 1 for real tokens
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, ...) each
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def _map(self, fn, *others: "Cond") -> "Cond":
+        """fn applied to each tensor of self and the same tensor of `others`."""
+        mask = None if self.mask is None else fn(self.mask, *(o.mask for o in others))
+        return Cond(fn(self.embeds, *(o.embeds for o in others)), mask,
+                    {k: fn(v, *(o.extra[k] for o in others)) for k, v in self.extra.items()})
+
     def cat(self, other: "Cond") -> "Cond":
-        mask = None if self.mask is None else torch.cat([self.mask, other.mask])
-        return Cond(torch.cat([self.embeds, other.embeds]), mask)
+        return self._map(lambda a, b: torch.cat([a, b]), other)
 
     def where(self, keep: torch.Tensor, other: "Cond") -> "Cond":
         """Rows of self where keep is True, else rows of other (other may have batch 1)."""
-        k = keep.view(-1, 1, 1)
-        embeds = torch.where(k, self.embeds, other.embeds.expand_as(self.embeds))
-        mask = None if self.mask is None else torch.where(keep.view(-1, 1), self.mask, other.mask.expand_as(self.mask))
-        return Cond(embeds, mask)
+        def pick(a, b):
+            return torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b.expand_as(a))
+
+        return self._map(pick, other)
 
     def expand(self, n: int) -> "Cond":
-        return Cond(self.embeds.expand(n, -1, -1), None if self.mask is None else self.mask.expand(n, -1))
+        return self._map(lambda a: a.expand(n, *a.shape[1:]))
+
+    def __getitem__(self, rows) -> "Cond":
+        return self._map(lambda a: a[rows])
+
+    @staticmethod
+    def stack(rows: list["Cond"]) -> "Cond":
+        """One batch from single rows (as `cond[i]` gives them)."""
+        return rows[0]._map(lambda *a: torch.stack(a), *rows[1:])
 
     def to(self, device, dtype=None) -> "Cond":
-        return Cond(self.embeds.to(device, dtype), None if self.mask is None else self.mask.to(device))
+        """Floating tensors to `dtype`; masks and ids keep theirs."""
+        return self._map(lambda a: a.to(device, dtype if a.is_floating_point() else None))
 
 
 # --- the registry ----------------------------------------------------------------------
@@ -149,13 +169,6 @@ def detect_kind(path: str) -> str:
     return found[0]
 
 
-# abar_T of the one-step generator in the authors' training and inference scripts, for every
-# backbone (docs/method.md). Stable Diffusion's own abar_999 is 0.00466; PixArt-alpha's
-# linear schedule ends at 4.0e-5, a different generator that their students are not.
-AUTHORS_ONE_STEP_ABAR = 0.0047
-SCHEDULER = "scheduler"  # one_step_abar: the scheduler's own abar at T-1
-
-
 @dataclass
 class BackboneSpec:
     """Which model to load. None fields are unknown yet (`filled` completes them) or take
@@ -166,7 +179,7 @@ class BackboneSpec:
     text_encoder: str | None = None  # another folder for text encoder + tokenizer
     resolution: int | None = None  # pixels; None: the net's sample size
     max_length: int | None = None  # tokenizer length; None: the kind's default
-    one_step_abar: float | str | None = None  # the generator's abar_T; None: 0.0047; "scheduler": abar at T-1
+    one_step_abar: float | str | None = None  # VP only: the generator's abar_T; None: 0.0047; "scheduler": abar at T-1
 
     def filled(self, **known) -> "BackboneSpec":
         """A copy whose unset fields take the values `known` gives."""
@@ -193,7 +206,7 @@ class BackboneSpec:
 # --- the backbone ------------------------------------------------------------------------
 
 class Backbone:
-    def __init__(self, spec: BackboneSpec, net: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
+    def __init__(self, spec: BackboneSpec, net: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: dict,
                  vae: nn.Module | None = None):
         self.spec = spec
         self.kind = get_kind(spec.kind)
@@ -202,13 +215,7 @@ class Backbone:
         self.tokenizer = tokenizer
         self.vae = vae
         self.max_length = spec.max_length or self.kind.max_length or tokenizer.model_max_length
-        self.num_train_timesteps = scheduler.config.num_train_timesteps
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction type {self.prediction_type!r} is not supported; "
-                             "use an epsilon or v_prediction checkpoint")
-        self.alphas_cumprod = scheduler.alphas_cumprod.float()
-        self.scheduler_config = dict(scheduler.config)
+        self.process = process_of(dict(scheduler_config), spec.one_step_abar)
         self.channels = net.config.in_channels
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else net.config.sample_size
@@ -223,23 +230,9 @@ class Backbone:
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.latent_size, self.latent_size)
 
-    # --- the noise schedule --------------------------------------------------------
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), shaped (B, 1, 1, 1)."""
-        abar = self.alphas_cumprod.to(t.device)[t].view(-1, 1, 1, 1)
-        return abar.sqrt(), (1 - abar).sqrt()
-
     @property
-    def one_step_abar(self) -> float:
-        """abar_T of the one-step generator x0 = (z - sqrt(1 - abar_T) eps) / sqrt(abar_T)."""
-        value = self.spec.one_step_abar
-        if value == SCHEDULER:
-            return float(self.alphas_cumprod[self.num_train_timesteps - 1])
-        return AUTHORS_ONE_STEP_ABAR if value is None else float(value)
-
-    def one_step_alpha_sigma(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        abar = torch.tensor(self.one_step_abar, dtype=torch.float32, device=device)
-        return abar.sqrt(), (1 - abar).sqrt()
+    def num_train_timesteps(self) -> int:
+        return self.process.num_train_timesteps
 
     # --- text -----------------------------------------------------------------------
     @torch.no_grad()
@@ -263,25 +256,22 @@ class Backbone:
         return self._empty
 
     # --- the denoiser -------------------------------------------------------------
-    def predict_eps(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The noise prediction of `net` (teacher, student or fake) at (x_t, t)."""
-        dtype = x_t.dtype
-        out = self.kind.call(self, net, x_t, t, cond).to(dtype)
-        if self.prediction_type == "v_prediction":  # v = alpha eps - sigma x0  =>  eps = sigma x_t + alpha v
-            alpha, sigma = self.alpha_sigma(t)
-            return sigma.to(dtype) * x_t + alpha.to(dtype) * out
-        return out
+    def predict(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """What `net` (teacher, student or fake) predicts at (x_t, process time t), in the
+        prediction the process works in (eps for VP, the velocity for flow)."""
+        out = self.kind.call(self, net, x_t, t, cond).to(x_t.dtype)
+        return self.process.to_work(out, x_t, t)
 
-    def guided_eps(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond,
-                   guidance: float) -> torch.Tensor:
-        """eps of `net` in float32 with classifier-free guidance, from one batched
-        [uncond; cond] pass; at guidance 1 the conditional pass alone."""
+    def guided(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+        """`predict` in float32 with classifier-free guidance, from one batched [uncond; cond]
+        pass; at guidance 1 the conditional pass alone. (Guidance is affine, so guiding eps
+        or v is the same.)"""
         from .losses import guide
 
         if guidance == 1:
-            return self.predict_eps(net, x, t, cond).float()
+            return self.predict(net, x, t, cond).float()
         uncond = self.empty_cond().to(x.device, x.dtype).expand(len(x))
-        e_u, e_c = self.predict_eps(net, torch.cat([x, x]), t.repeat(2), uncond.cat(cond)).float().chunk(2)
+        e_u, e_c = self.predict(net, torch.cat([x, x]), t.repeat(2), uncond.cat(cond)).float().chunk(2)
         return guide(e_u, e_c, guidance)
 
     # --- images ---------------------------------------------------------------------
@@ -331,6 +321,17 @@ def _load(library: str, class_name: str, path: str, what: str, dtype: torch.dtyp
         raise FileNotFoundError(f"could not load the {what} from {path!r}: {describe(e)}") from None
 
 
+def scheduler_config(path: str) -> dict:
+    """The scheduler config of a pipeline folder or hub id (whatever its class: it says
+    which noise process the model was trained with)."""
+    from diffusers import DDPMScheduler
+
+    try:  # any scheduler class reads any scheduler's scheduler_config.json
+        return dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load the scheduler from {path!r}: {describe(e)}") from None
+
+
 def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> Backbone:
     """Load a backbone the way diffusers does: the kind's denoiser subfolder, text_encoder,
     tokenizer, vae and scheduler of a local folder or a hub repository (`spec.text_encoder`
@@ -346,7 +347,7 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
         check_model_path(spec.text_encoder)
     te_path, te_sub, tok_sub = ((spec.text_encoder, None, None) if spec.text_encoder
                                 else (spec.path, "text_encoder", "tokenizer"))
-    scheduler = _load("diffusers", "DDPMScheduler", spec.path, "scheduler", subfolder="scheduler")
+    scheduler = scheduler_config(spec.path)
     net = _load("diffusers", kind.denoiser, spec.path, kind.subfolder, dtype=dtype, subfolder=kind.subfolder, **weights)
     encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **weights)
     tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub)

@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from .adapters import AdapterConfig, adapter_class
-from .backbones import AUTHORS_ONE_STEP_ABAR, KINDS, SCHEDULER, BackboneSpec, get_kind
+from .backbones import KINDS, BackboneSpec, get_kind
+from .process import SCHEDULER
 from .targets import resolve_rule
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
@@ -282,8 +283,6 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
     values["preset"] = preset
     # Start from the defaults so a section that sets one key keeps the others.
     cfg = _build(DistillConfig, _deep_update(DistillConfig().to_dict(), values), "")
-    if cfg.model.one_step_abar is None:  # recorded, so a run's config says which generator it trained
-        cfg.model.one_step_abar = AUTHORS_ONE_STEP_ABAR
     kind = get_kind(cfg.model.kind) if cfg.model.kind else None
     for role, adapter in (("student", cfg.student), ("fake", cfg.fake)):
         if adapter.targets is None and kind is not None:  # the backbone's preset for this role

@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from .adapters import Adapter, adapter_class, attach
 from .backbones import Backbone, Cond, dtype_of
 from .config import DistillConfig
-from .losses import add_noise, fake_loss, one_step_x0, score_difference, vsd_loss
+from .losses import vsd_loss
 from .sampling import one_step
 
 # A step whose scores are non-finite beyond this share of their elements is skipped; below
@@ -159,59 +159,57 @@ class Distiller:
         return list(self.student.trainable_parameters().values())
 
     # --- conditioning --------------------------------------------------------------
-    def _encode_all(self, prompts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    def _encode_all(self, prompts: list[str]) -> dict[str, Cond]:
         cache = {}
         for i in range(0, len(prompts), 64):
             chunk = prompts[i:i + 64]
             c = self.bb.encode_prompts(chunk, self.cfg.data.mask_prompts)
-            for j, p in enumerate(chunk):
-                cache[p] = (c.embeds[j], None if c.mask is None else c.mask[j])
+            cache.update({p: c[j] for j, p in enumerate(chunk)})
         return cache
 
     def _cond(self, prompts: list[str]) -> Cond:
         if self.embed_cache is None:
             cond = self.bb.encode_prompts(prompts, self.cfg.data.mask_prompts)
         else:
-            rows = [self.embed_cache[p] for p in prompts]
-            mask = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
-            cond = Cond(torch.stack([r[0] for r in rows]), mask)
+            cond = Cond.stack([self.embed_cache[p] for p in prompts])
         return cond.to(self.acc.device, self.weight_dtype)
 
     # --- one iteration ---------------------------------------------------------------
+    def _time(self, noise: Noise, low: int, high: int) -> torch.Tensor:
+        """Each sample's process time, from an index drawn uniformly in [low, high]."""
+        return self.bb.process.time(noise.integers(low, high))
+
     def _generate(self, cond: Cond, noise: Noise) -> torch.Tensor:
         """x0 of the student from fresh noise, in float32 (graph kept when grad is on)."""
-        n, bb = len(cond), self.bb
-        z = noise.normal(bb.latent_shape)
-        t_T = torch.full((n,), bb.num_train_timesteps - 1, device=self.acc.device, dtype=torch.long)
+        n, proc = len(cond), self.bb.process
+        z = noise.normal(self.bb.latent_shape)
+        t_T = proc.time(torch.full((n,), proc.generator_index, device=self.acc.device, dtype=torch.long))
         with self.acc.autocast():
-            eps = bb.predict_eps(self.student_net, z.to(self.weight_dtype), t_T, cond)
-        alpha_T, sigma_T = bb.one_step_alpha_sigma(self.acc.device)
-        return one_step_x0(z, eps.float(), alpha_T, sigma_T)
+            pred = self.bb.predict(self.student_net, z.to(self.weight_dtype), t_T, cond)
+        return proc.generate(pred, z)
 
     def _student_loss(self, x0: torch.Tensor, cond: Cond, noise: Noise) -> tuple[torch.Tensor, int]:
         """The VSD loss of x0, and how many elements of its score difference were non-finite."""
         tc, bb = self.cfg.train, self.bb
-        t = noise.integers(tc.t_min, tc.t_max)
-        alpha, sigma = bb.alpha_sigma(t)
-        x_t = add_noise(x0.detach(), noise.normal(x0.shape[1:]), alpha, sigma).to(self.weight_dtype)
+        t = self._time(noise, tc.t_min, tc.t_max)
+        x_t = bb.process.add_noise(x0.detach(), noise.normal(x0.shape[1:]), t).to(self.weight_dtype)
         with torch.no_grad(), self.acc.autocast():
-            e_real = bb.guided_eps(bb.net, x_t, t, cond, tc.guidance)
-            e_fake = bb.guided_eps(self.acc.unwrap_model(self.fake_net), x_t, t, cond, tc.guidance)
-        g = score_difference(e_real, e_fake, sigma)
+            real = bb.guided(bb.net, x_t, t, cond, tc.guidance)
+            fake = bb.guided(self.acc.unwrap_model(self.fake_net), x_t, t, cond, tc.guidance)
+        g = bb.process.score_difference(real, fake, t)
         return vsd_loss(x0, g), int((~torch.isfinite(g)).sum())
 
     def _fake_loss(self, x0: torch.Tensor, cond: Cond, noise: Noise) -> torch.Tensor:
         """Denoising loss of the fake model on the student's (detached) x0, some prompts empty."""
         tc, bb = self.cfg.train, self.bb
-        t = noise.integers(0, bb.num_train_timesteps - 1)
-        alpha, sigma = bb.alpha_sigma(t)
+        t = self._time(noise, 0, bb.num_train_timesteps - 1)
         eps = noise.normal(x0.shape[1:])
-        x_t = add_noise(x0, eps, alpha, sigma).to(self.weight_dtype)
+        x_t = bb.process.add_noise(x0, eps, t).to(self.weight_dtype)
         keep = noise.uniform() >= tc.fake_uncond_prob
         uncond = bb.empty_cond().to(self.acc.device, self.weight_dtype)
         with self.acc.autocast():
-            pred = bb.predict_eps(self.fake_net, x_t, t, cond.where(keep, uncond))
-        return fake_loss(pred, eps, alpha)
+            pred = bb.predict(self.fake_net, x_t, t, cond.where(keep, uncond))
+        return bb.process.fake_loss(pred, x0, eps, t)
 
     def _agreed_ok(self, loss: torch.Tensor, nonfinite_fraction: float = 0.0) -> bool:
         """Whether every process's loss is finite (all skip together, or DDP would hang)."""

@@ -2,12 +2,10 @@
 its weight change as a LoRA (diffusers' or kohya's layout); every export carries a model card.
 
 The folder is what `StableDiffusionPipeline.save_pretrained` (or PixArt-alpha's) writes,
-with the student as its UNet / transformer and a scheduler under which the stock
-pipeline, called with `num_inference_steps=1` and no guidance, does exactly WaDi's one
-step: DDIM with "trailing" spacing puts its only timestep at T-1, and with
-`set_alpha_to_one` the step to the final alpha (1) returns
-x0 = (x - sqrt(1 - abar_T) eps) / sqrt(abar_T) and adds nothing (eta = 0). Its
-arithmetic is our sampler's, so images agree to the last bit in float32.
+with the student as its UNet / transformer and the scheduler of its noise process
+(`Process.one_step_scheduler`) under which the stock pipeline, called with
+`num_inference_steps=1` and no guidance, does exactly WaDi's one step; its arithmetic is
+our sampler's, so images agree to the last bit in float32.
 
 Every export carries `wadi.json` (this module owns its format): the base model's
 BackboneSpec, where the student came from, and how to run it. Kinds without a stock
@@ -51,36 +49,6 @@ def read_manifest(folder: Path) -> dict:
     return {**info, "base": BackboneSpec.from_dict(info["base"])}
 
 
-def one_step_scheduler(scheduler_config: dict, abar: float):
-    """The stock scheduler that makes one pipeline step the one-step student's sampling.
-
-    Its cumulative alpha at T-1 must be the generator's abar_T, which is not the schedule's
-    own (0.0047 against 0.00466 for Stable Diffusion, 4.0e-5 for PixArt-alpha): the last
-    beta is set (a stock `trained_betas` setting) so that the float32 product of the
-    alphas lands exactly on abar_T; every earlier timestep keeps its value.
-    """
-    import numpy as np
-    import torch
-    from diffusers import DDIMScheduler
-
-    options = dict(timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False, thresholding=False,
-                   steps_offset=1)
-    plain = DDIMScheduler.from_config(scheduler_config, **options)
-    target = torch.tensor(abar, dtype=torch.float32)
-    if plain.alphas_cumprod[-1] == target:
-        return plain
-    betas = plain.betas.clone()
-    before = plain.alphas_cumprod[-2]
-    beta = np.float32(1 - abar / float(before))
-    for _ in range(64):  # a few float32 neighbours of the exact value
-        betas[-1] = float(beta)
-        last = before * (1 - betas[-1])
-        if last == target:
-            return DDIMScheduler.from_config(scheduler_config, trained_betas=betas.tolist(), **options)
-        beta = np.nextafter(beta, np.float32(np.inf) if last > target else np.float32(-np.inf))
-    raise ValueError(f"no float32 beta gives abar_T = {abar} after {float(before)}")
-
-
 def build_pipeline(loaded: "Loaded"):
     """The stock diffusers pipeline of the student, built from its components in memory."""
     import diffusers
@@ -89,7 +57,7 @@ def build_pipeline(loaded: "Loaded"):
     if bb.kind.pipeline is None:
         raise ValueError(f"the {bb.kind.name} kind has no stock diffusers pipeline")
     components = {"vae": bb.vae, "text_encoder": bb.text_encoder, "tokenizer": bb.tokenizer,
-                  bb.kind.subfolder: loaded.net, "scheduler": one_step_scheduler(bb.scheduler_config, bb.one_step_abar)}
+                  bb.kind.subfolder: loaded.net, "scheduler": bb.process.one_step_scheduler()}
     return getattr(diffusers, bb.kind.pipeline)(**components, **bb.kind.pipeline_extras)
 
 
@@ -98,13 +66,13 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
     out = check_out(out, force)
     bb = loaded.backbone
     base = (loaded.base or BackboneSpec(kind=bb.kind.name)).filled(resolution=bb.resolution, max_length=bb.max_length)
-    base.one_step_abar = bb.one_step_abar  # the value the exported scheduler encodes
+    base.one_step_abar = bb.process.recorded_abar()  # the value the exported scheduler encodes (VP)
     with atomic_path(out) as tmp:
         if bb.kind.pipeline is None:
             loaded.net.save_pretrained(tmp / bb.kind.subfolder)
             bb.text_encoder.save_pretrained(tmp / "text_encoder")
             bb.tokenizer.save_pretrained(tmp / "tokenizer")
-            one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
+            bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
         info = {"format": FORMAT, "base": base.to_dict(), "source": loaded.source, "usage": bb.kind.usage()}
@@ -131,13 +99,13 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
     with atomic_path(out) as tmp:
         tmp.mkdir()
         path = save_lora(tensors, tmp, pipeline, kohya)
-        one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
+        bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         usage = ("the LoRA in A1111 / ComfyUI on the base model, 1 sampling step from the last timestep, "
                  "no guidance (CFG 1)" if kohya else
                  f"pipe = {bb.kind.pipeline}.from_pretrained(BASE)\n"
                  f"pipe.load_lora_weights(FOLDER)\n"
-                 f"pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
+                 f"pipe.scheduler = {type(bb.process.one_step_scheduler()).__name__}.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
                  f"image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")
         fmt = (f"a LoRA of rank {rank} in {'kohya' if kohya else 'diffusers'}' layout (the student's weight change, "
                f"{report.layers} layers; energy kept: median {report.to_dict()['energy_median']:.4f})")
@@ -163,7 +131,7 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
     with atomic_path(out) as tmp:
         tmp.mkdir()
         save_file(state, str(tmp / SINGLE_FILE))
-        one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
+        bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
         usage = (f"pipe = StableDiffusionPipeline.from_single_file(\"FOLDER/{SINGLE_FILE}\")\n"
                  "pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
                  "image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")

@@ -17,7 +17,6 @@ import torch
 
 from .backbones import Backbone
 from .images import save_grid, save_png, to_uint8
-from .losses import one_step_x0
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tensor:
@@ -28,11 +27,12 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tens
 @torch.no_grad()
 def one_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds: list[int],
              batch_size: int = 16, guidance: float = 1.0) -> torch.Tensor:
-    """Images in [-1, 1] from the one-step student: x0 = (z - sigma_T eps(z, T-1)) / alpha_T.
+    """Images in [-1, 1] from the one-step student: one evaluation at the generator's time
+    (T-1), x0 by the process's generator (VP: (z - sigma_T eps) / alpha_T; flow: z - v).
 
     The student samples without guidance (1.0: the conditional pass alone). Another scale
-    guides eps from one batched [uncond; cond] pass: a teacher sampled in one step, which
-    is what a DDIM sampler with trailing spacing does in its single step.
+    guides the prediction from one batched [uncond; cond] pass: a teacher sampled in one
+    step, which is what the exported scheduler does in its single step.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -43,41 +43,38 @@ def one_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds
     for i in range(0, len(prompts), batch_size):
         cond = backbone.encode_prompts(prompts[i:i + batch_size]).to(device, dtype)
         z = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device).to(dtype)
-        t = torch.full((len(z),), backbone.num_train_timesteps - 1, device=device, dtype=torch.long)
-        eps = backbone.guided_eps(net, z, t, cond, guidance)
-        x0 = one_step_x0(z.float(), eps, *backbone.one_step_alpha_sigma(device))
+        proc = backbone.process
+        t = proc.time(torch.full((len(z),), proc.generator_index, device=device, dtype=torch.long))
+        x0 = proc.generate(backbone.guided(net, z, t, cond, guidance), z)
         images.append(backbone.decode(x0).float().cpu())
     return torch.cat(images)
 
 
 @torch.no_grad()
 def multi_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds: list[int], steps: int = 25,
-               guidance: float = 3.0, scheduler: str = "ddim", batch_size: int = 16) -> torch.Tensor:
+               guidance: float = 3.0, scheduler: str | None = None, batch_size: int = 16) -> torch.Tensor:
     """Images in [-1, 1] from the multi-step teacher with classifier-free guidance.
 
-    `scheduler` is a diffusers scheduler built from the backbone's noise schedule:
-    "ddim" (deterministic), "dpm" (DPM-Solver++ multistep) or "euler".
+    `scheduler` names a diffusers scheduler of the backbone's process (wadi.process): VP
+    "ddim" (deterministic, the default), "dpm" (DPM-Solver++) or "euler"; flow "euler"
+    (flow-matching Euler, the default) or "dpm".
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-
-    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-    if scheduler not in classes:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(classes)}")
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
-    # predict_eps always returns eps (v-prediction nets are converted), so the scheduler takes eps.
-    sched = classes[scheduler].from_config(backbone.scheduler_config, prediction_type="epsilon")
+    proc = backbone.process
+    sched = proc.sampler(scheduler)
     device = next(net.parameters()).device
     dtype = next(net.parameters()).dtype
     images = []
     for i in range(0, len(prompts), batch_size):
         cond = backbone.encode_prompts(prompts[i:i + batch_size]).to(device, dtype)
-        x = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device) * sched.init_noise_sigma
+        # Flow-matching schedulers neither scale the noise nor the model input.
+        x = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device) * getattr(sched, "init_noise_sigma", 1)
         sched.set_timesteps(steps, device=device)
         for t in sched.timesteps:
-            x_in = sched.scale_model_input(x, t).to(dtype)
-            tt = torch.full((len(x_in),), int(t), device=device, dtype=torch.long)
-            x = sched.step(backbone.guided_eps(net, x_in, tt, cond, guidance), t, x).prev_sample
+            x_in = (sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x).to(dtype)
+            tt = proc.time_tensor(t, len(x_in), device)
+            x = sched.step(backbone.guided(net, x_in, tt, cond, guidance), t, x).prev_sample
         images.append(backbone.decode(x).float().cpu())
     return torch.cat(images)
 
@@ -89,7 +86,7 @@ class Sampling:
     one_step: bool = True
     steps: int = 25  # multi-step only
     guidance: float | None = None  # None: 3.0 for the multi-step teacher, none (1.0) in one step
-    scheduler: str = "ddim"  # multi-step only: ddim | dpm | euler
+    scheduler: str | None = None  # multi-step only: ddim | dpm | euler; None: the process's default
 
     @property
     def scale(self) -> float:

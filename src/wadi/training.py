@@ -49,6 +49,7 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: pip install 'wadi-distill[wandb]'")
     backbone = cfg.model.load()
     cfg.model.kind = backbone.kind.name
+    cfg.model.one_step_abar = backbone.process.recorded_abar()  # recorded: which generator the run trains
     last = backbone.num_train_timesteps - 1
     if cfg.train.t_max > last:
         raise ValueError(f"setting train.t_max must be at most {last} (the schedule's last timestep), "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backbones import DTYPES, KINDS, SCHEDULER, BackboneSpec
+from ..backbones import DTYPES, KINDS, BackboneSpec
+from ..process import SCHEDULER
 
 
 def add_base_args(p) -> None:

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..backbones import Backbone, BackboneSpec, Cond, load_backbone
+from ..backbones import Backbone, BackboneSpec, load_backbone
 from ..distill import lr_lambda
 from ..files import atomic_path
-from ..losses import add_noise
 from . import paths, world
 
 UNET_CONFIG = dict(
@@ -60,7 +59,7 @@ def _fresh_backbone(seed: int) -> Backbone:
     folder = paths.minilm_dir()
     encoder = AutoModel.from_pretrained(folder).requires_grad_(False).eval()
     spec = BackboneSpec(kind="pixel", path="", text_encoder=str(folder), max_length=paths.MAX_LENGTH)
-    return Backbone(spec, net, encoder, AutoTokenizer.from_pretrained(folder), DDPMScheduler(**SCHEDULER_CONFIG))
+    return Backbone(spec, net, encoder, AutoTokenizer.from_pretrained(folder), dict(DDPMScheduler(**SCHEDULER_CONFIG).config))
 
 
 def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
@@ -89,14 +88,12 @@ def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 64, lr: 
         # Each image gets a random phrasing of its class; uncond_prob of them the empty prompt.
         which = labels[b] * per_class + torch.randint(per_class, (batch_size,), generator=g)
         keep = torch.rand(batch_size, generator=g) >= uncond_prob
-        cond = Cond(table.embeds[which], table.mask[which]).where(keep, empty)
-        t = torch.randint(bb.num_train_timesteps, (batch_size,), generator=g)
+        cond = table[which].where(keep, empty)
+        t = bb.process.time(torch.randint(bb.num_train_timesteps, (batch_size,), generator=g))
         eps = torch.randn(images[b].shape, generator=g)
-        alpha, sigma = bb.alpha_sigma(t)
-        x_t = add_noise(images[b], eps, alpha, sigma)
+        x_t = bb.process.add_noise(images[b], eps, t)
         # The loss on what the net predicts: v = alpha eps - sigma x0 (or eps).
-        target = eps if bb.prediction_type == "epsilon" else alpha * eps - sigma * images[b]
-        loss = F.mse_loss(bb.kind.call(bb, net, x_t, t, cond), target)
+        loss = F.mse_loss(bb.kind.call(bb, net, x_t, t, cond), bb.process.target(images[b], eps, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
