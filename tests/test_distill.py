@@ -29,7 +29,9 @@ def pipes(tmp_path_factory):
     (root / "prompts.txt").write_text(PROMPTS)
     return {"sd": tiny_pipes.save_tiny_sd(root / "sd"), "pixart": tiny_pipes.save_tiny_pixart(root / "pixart"),
             "sd21": tiny_pipes.save_tiny_sd(root / "sd21", prediction_type="v_prediction", **tiny_pipes.SD21_UNET),
-            "pixel": tiny_pipes.save_tiny_pixel(root / "pixel"), "prompts": root / "prompts.txt"}
+            "pixel": tiny_pipes.save_tiny_pixel(root / "pixel"),
+            "pixel-mmdit": tiny_pipes.save_tiny_pixel_mmdit(root / "pixel-mmdit", shift=3.0),
+            "prompts": root / "prompts.txt"}
 
 
 def log_of(run_dir: Path) -> list[dict]:
@@ -61,8 +63,8 @@ def test_every_adapter_trains_on_tiny_sd(pipes, tmp_path, student):
     UNet2DConditionModel.from_pretrained(run / "student")  # the export is a stock model
 
 
-@pytest.mark.parametrize("kind", ["sd21", "pixart", "pixel"])
-def test_lorad_trains_on_sd21_pixart_and_pixel(pipes, tmp_path, kind):
+@pytest.mark.parametrize("kind", ["sd21", "pixart", "pixel", "pixel-mmdit"])
+def test_lorad_trains_on_every_kind(pipes, tmp_path, kind):
     run = distill(make_cfg(pipes, tmp_path, kind=kind), progress=False)
     assert all(r["skipped"] == 0 for r in log_of(run))
     assert moved(adapter_at(run, 1), adapter_at(run, 3))

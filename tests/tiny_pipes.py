@@ -93,13 +93,29 @@ def save_tiny_pixel(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def save_tiny_pixel_mmdit(folder: Path, seed: int = 0, shift: float = 1.0) -> Path:
+    """A rectified-flow SD3-class transformer over 8x8 one-channel pixels (the flow world's shape)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    tok = _bert_tokenizer(folder / "tokenizer", max_length=8)
+    tok.save_pretrained(folder / "tokenizer")
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=37, max_position_embeddings=16)).save_pretrained(folder / "text_encoder")
+    SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=1, out_channels=1, num_layers=2,
+                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                          pooled_projection_dim=32, pos_embed_max_size=8).save_pretrained(folder / "transformer")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift).save_pretrained(folder / "scheduler")
+    return folder
+
+
 def make_cfg(pipes: dict, tmp_path: Path, kind: str = "sd", student: str = "lorad", steps: int = 3,
              **train) -> DistillConfig:
-    """A tiny run of `kind` (sd, sd21, pixart, pixel) on the pipelines in `pipes`."""
-    family = "dit" if kind == "pixart" else "unet"
+    """A tiny run of `kind` (sd, sd21, pixart, pixel, pixel-mmdit) on the pipelines in `pipes`."""
+    family = {"pixart": "dit", "pixel-mmdit": "mmdit"}.get(kind, "unet")
     return DistillConfig(
         model=BackboneSpec(kind="sd" if kind == "sd21" else kind, path=str(pipes[kind]),
-                           resolution=None if kind == "pixel" else 16),
+                           resolution=None if kind.startswith("pixel") else 16),
         student=AdapterConfig(student, 4, f"{family}-student"), fake=AdapterConfig("lorad", 2, f"{family}-fake"),
         data=DataConfig(prompts=str(pipes["prompts"]), sample_prompts=["a cat"]),
         train=TrainConfig(**{"steps": steps, "batch_size": 2, **train}),

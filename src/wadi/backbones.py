@@ -94,6 +94,40 @@ def _call_pixart(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> to
     return out[:, : backbone.channels]
 
 
+def _tokens(backbone: "Backbone", prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask of `prompts`, padded to max_length, on the encoder's device."""
+    device = next(backbone.text_encoder.parameters()).device
+    tok = backbone.tokenizer(list(prompts), padding="max_length", max_length=backbone.max_length,
+                             truncation=True, return_tensors="pt")
+    return tok.input_ids.to(device), tok.attention_mask.to(device)
+
+
+def _encode_states(backbone: "Backbone", prompts: list[str], mask_encoder: bool) -> Cond:
+    """One encoder's token states. Kinds whose denoiser attends with the mask (T5, BERT)
+    pass it to both; CLIP kinds pass none, as the stock pipelines do, unless
+    `mask_encoder` (the authors' training loader): then the encoder masks padding, which
+    changes the states at padded positions."""
+    ids, mask = _tokens(backbone, prompts)
+    if backbone.kind.masked:
+        return Cond(backbone.text_encoder(ids, attention_mask=mask)[0], mask)
+    return Cond(backbone.text_encoder(ids, attention_mask=mask if mask_encoder else None)[0])
+
+
+def _encode_states_pooled(backbone: "Backbone", prompts: list[str], mask_encoder: bool) -> Cond:
+    """A sentence encoder's token states and their mean over the real tokens (the pooling
+    sentence-transformers trains MiniLM with) as the pooled embedding an MMDiT takes."""
+    ids, mask = _tokens(backbone, prompts)
+    states = backbone.text_encoder(ids, attention_mask=mask)[0]
+    m = mask.unsqueeze(-1).to(states.dtype)
+    return Cond(states, None, {"pooled": (states * m).sum(1) / m.sum(1).clamp(min=1)})
+
+
+def _call_mmdit(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> torch.Tensor:
+    """SD3-class MMDiT: token states and the pooled embedding; time as sigma * 1000."""
+    return net(hidden_states=x_t, encoder_hidden_states=cond.embeds, pooled_projections=cond.extra["pooled"],
+               timestep=t).sample
+
+
 @dataclass(frozen=True)
 class Kind:
     """Everything that differs between backbone families."""
@@ -108,7 +142,8 @@ class Kind:
     pipeline: str | None  # stock diffusers pipeline; None: loaded by wadi only
     targets: tuple[str, str]  # adapter target presets of (student, fake)
     max_length: int | None  # tokenizer length; None: the tokenizer's own
-    call: Callable = _call_unet  # (backbone, net, x_t, t, cond) -> eps (or v), kind-shaped
+    call: Callable = _call_unet  # (backbone, net, x_t, t, cond) -> what the net predicts, kind-shaped
+    encode: Callable = _encode_states  # (backbone, prompts, mask_encoder) -> Cond
     pipeline_kwargs: str = ""  # what a one-step call of the stock pipeline needs besides the prompt
     pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
 
@@ -132,6 +167,11 @@ KINDS: dict[str, Kind] = {
     # A pixel-space UNet with any transformers encoder and no VAE (the embedded worlds).
     "pixel": Kind("pixel", "UNet2DConditionModel", "unet", "AutoModel", "AutoTokenizer", masked=True, vae=False,
                   pipeline=None, targets=("unet-student", "unet-fake"), max_length=None),
+    # A pixel-space SD3-class MMDiT with a sentence encoder (token states + their mean as the
+    # pooled embedding) and no VAE: the flow-matching world.
+    "pixel-mmdit": Kind("pixel-mmdit", "SD3Transformer2DModel", "transformer", "AutoModel", "AutoTokenizer",
+                        masked=False, vae=False, pipeline=None, targets=("mmdit-student", "mmdit-fake"),
+                        max_length=None, call=_call_mmdit, encode=_encode_states_pooled),
 }
 
 
@@ -237,17 +277,8 @@ class Backbone:
     # --- text -----------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], mask_encoder: bool = False) -> Cond:
-        """Token states of `prompts` padded to max_length. Kinds whose denoiser attends with
-        the mask (T5, BERT) always pass it to both; CLIP kinds pass none, as the stock
-        pipelines do, unless `mask_encoder` (the authors' training loader): then the
-        encoder masks padding, which changes the states at padded positions."""
-        device = next(self.text_encoder.parameters()).device
-        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
-                             truncation=True, return_tensors="pt")
-        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-        if self.kind.masked:
-            return Cond(self.text_encoder(ids, attention_mask=mask)[0], mask)
-        return Cond(self.text_encoder(ids, attention_mask=mask if mask_encoder else None)[0])
+        """The conditioning of `prompts` as the kind encodes it (`Kind.encode`)."""
+        return self.kind.encode(self, prompts, mask_encoder)
 
     def empty_cond(self) -> Cond:
         """The empty prompt's conditioning (batch 1), computed once."""

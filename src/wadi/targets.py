@@ -37,6 +37,13 @@ PRESETS: dict[str, TargetRule] = {
     # reproduces the paper's 81.22M (the authors' script also hooks it: 82.56M).
     "dit-student": TargetRule(exclude=("adaln_single",)),
     "dit-fake": TargetRule(include=("transformer_blocks",), exclude=_FAKE_EXCLUDE),
+    # Student MMDiT (SD3-class): every Linear of both streams (attention, feed-forward, the
+    # per-block adaLN modulations), the context embedder and the output, but the timestep /
+    # pooled-text embedder: the counterpart of PixArt's rule (docs/method.md).
+    "mmdit-student": TargetRule(exclude=("time_text_embed",)),
+    # Fake MMDiT: the blocks' attention and feed-forward, without the modulations (the
+    # counterpart of the UNet fake's time_emb_proj).
+    "mmdit-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1",)),
 }
 
 
