@@ -109,13 +109,81 @@ def save_tiny_pixel_mmdit(folder: Path, seed: int = 0, shift: float = 1.0) -> Pa
     return folder
 
 
+def _flow_scheduler(shift: float, sana: bool = False):
+    """The stock schedulers of the flow families: SD3's flow-matching Euler, Sana's DPM-Solver
+    in flow mode (both shift 3.0)."""
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    if sana:
+        return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def save_tiny_sd3(folder: Path, seed: int = 0) -> Path:
+    """Two CLIPs with projections, T5 (length 8), a 16-channel VAE with shift and scale."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    for i, name in enumerate(("", "_2")):
+        tok = _clip_tokenizer(folder / f"tokenizer{name}")
+        tok.save_pretrained(folder / f"tokenizer{name}")
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=16 + 8 * i, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=16, projection_dim=16 + 8 * i)).save_pretrained(folder / f"text_encoder{name}")
+    tok = _bert_tokenizer(folder / "tokenizer_3", max_length=8)
+    tok.save_pretrained(folder / "tokenizer_3")
+    T5EncoderModel(T5Config(vocab_size=len(tok), d_model=48, d_kv=8, d_ff=37, num_layers=2, num_heads=4)) \
+        .save_pretrained(folder / "text_encoder_3")
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
+                          pooled_projection_dim=40, pos_embed_max_size=8).save_pretrained(folder / "transformer")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  norm_num_groups=8, sample_size=16, shift_factor=0.0609, scaling_factor=1.5305,
+                  use_quant_conv=False, use_post_quant_conv=False).save_pretrained(folder / "vae")
+    _flow_scheduler(3.0).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def save_tiny_sana(folder: Path, seed: int = 0) -> Path:
+    """Gemma-2 (a word-level tokenizer, length 8), a linear-attention Sana transformer, a
+    deep-compression autoencoder; 32 px (SanaPipeline takes multiples of 32)."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma2Config, Gemma2Model, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    words = ["<pad>", "<unk>", "<bos>", "<eos>"] + WORDS + ["user", "prompt", "enhanced", "the", "and", "a", "cat"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                  eos_token="<eos>", model_max_length=8)
+    tok.save_pretrained(folder / "tokenizer")
+    Gemma2Model(Gemma2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                             pad_token_id=0)).save_pretrained(folder / "text_encoder")
+    SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                           num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                           caption_channels=32, sample_size=16, patch_size=1).save_pretrained(folder / "transformer")
+    AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=("ResBlock", "ResBlock"),
+                  decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 16),
+                  decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+                  encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), upsample_block_type="interpolate",
+                  downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                  scaling_factor=0.41407).save_pretrained(folder / "vae")
+    _flow_scheduler(3.0, sana=True).save_pretrained(folder / "scheduler")
+    return folder
+
+
 def make_cfg(pipes: dict, tmp_path: Path, kind: str = "sd", student: str = "lorad", steps: int = 3,
              **train) -> DistillConfig:
     """A tiny run of `kind` (sd, sd21, pixart, pixel, pixel-mmdit) on the pipelines in `pipes`."""
-    family = {"pixart": "dit", "pixel-mmdit": "mmdit"}.get(kind, "unet")
+    family = {"pixart": "dit", "pixel-mmdit": "mmdit", "sd3": "mmdit", "sana": "sana"}.get(kind, "unet")
     return DistillConfig(
         model=BackboneSpec(kind="sd" if kind == "sd21" else kind, path=str(pipes[kind]),
-                           resolution=None if kind.startswith("pixel") else 16),
+                           resolution=None if kind.startswith("pixel") else 32 if kind == "sana" else 16),
         student=AdapterConfig(student, 4, f"{family}-student"), fake=AdapterConfig("lorad", 2, f"{family}-fake"),
         data=DataConfig(prompts=str(pipes["prompts"]), sample_prompts=["a cat"]),
         train=TrainConfig(**{"steps": steps, "batch_size": 2, **train}),

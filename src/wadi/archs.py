@@ -1,7 +1,7 @@
 """Built-in architecture configs of the paper's backbones, buildable without weights.
 
-The configs are those of the public SD 1.5 / SD 2.1 UNets and the PixArt-alpha
-transformer. Built on the meta device they cost no memory, so adapter parameter counts
+The configs are those of the public SD 1.5 / SD 2.1 UNets, the PixArt-alpha transformer,
+the SD3.5 medium / large MMDiTs and the Sana 0.6B / 1.6B (1024 px) transformers. Built on the meta device they cost no memory, so adapter parameter counts
 need no download.
 """
 
@@ -40,6 +40,29 @@ ARCHS: dict[str, Arch] = {
                         norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000,
                         activation_fn="gelu-approximate", attention_bias=True,
                         use_additional_conditions=False)),
+    # SD3.5 medium: 24 MMDiT blocks of width 1536, the first 13 with a second (image-only)
+    # attention; SD3.5 large: 38 blocks of width 2432, QK-normalised.
+    "sd35-medium": Arch("sd35-medium", "sd3",
+                        dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                             attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                             caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")),
+    "sd35-large": Arch("sd35-large", "sd3",
+                       dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                            attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                            caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                            qk_norm="rms_norm")),
+    # Sana at 1024 px (32x32 DC-AE latents): 0.6B is 28 blocks of width 1152, 1.6B 20 of 2240.
+    "sana-0.6b": Arch("sana-0.6b", "sana",
+                      dict(sample_size=32, patch_size=1, in_channels=32, out_channels=32, num_layers=28,
+                           num_attention_heads=36, attention_head_dim=32, num_cross_attention_heads=16,
+                           cross_attention_head_dim=72, cross_attention_dim=1152, caption_channels=2304,
+                           mlp_ratio=2.5, norm_elementwise_affine=False, norm_eps=1e-6)),
+    "sana-1.6b": Arch("sana-1.6b", "sana",
+                      dict(sample_size=32, patch_size=1, in_channels=32, out_channels=32, num_layers=20,
+                           num_attention_heads=70, attention_head_dim=32, num_cross_attention_heads=20,
+                           cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+                           mlp_ratio=2.5, norm_elementwise_affine=False, norm_eps=1e-6)),
 }
 
 

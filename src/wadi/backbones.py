@@ -94,11 +94,13 @@ def _call_pixart(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> to
     return out[:, : backbone.channels]
 
 
-def _tokens(backbone: "Backbone", prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and mask of `prompts`, padded to max_length, on the encoder's device."""
-    device = next(backbone.text_encoder.parameters()).device
-    tok = backbone.tokenizer(list(prompts), padding="max_length", max_length=backbone.max_length,
-                             truncation=True, return_tensors="pt")
+def _tokens(backbone: "Backbone", prompts: list[str], which: str = "", max_length: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask of `prompts` by tokenizer{which}, padded to `max_length` (default
+    the backbone's), on its encoder's device."""
+    device = next(backbone.text[f"text_encoder{which}"].parameters()).device
+    tok = backbone.text[f"tokenizer{which}"](list(prompts), padding="max_length", truncation=True,
+                                              max_length=max_length or backbone.max_length, return_tensors="pt")
     return tok.input_ids.to(device), tok.attention_mask.to(device)
 
 
@@ -122,6 +124,66 @@ def _encode_states_pooled(backbone: "Backbone", prompts: list[str], mask_encoder
     return Cond(states, None, {"pooled": (states * m).sum(1) / m.sum(1).clamp(min=1)})
 
 
+def _encode_sd3(backbone: "Backbone", prompts: list[str], mask_encoder: bool) -> Cond:
+    """As StableDiffusion3Pipeline.encode_prompt by default: each CLIP's penultimate states
+    (77 tokens, no mask) side by side and zero-padded to T5's width, followed by T5's
+    states (max_length tokens, no mask); the two CLIPs' projected pooled outputs side by side."""
+    states, pooled = [], []
+    for which in ("", "_2"):
+        ids, _ = _tokens(backbone, prompts, which, backbone.text[f"tokenizer{which}"].model_max_length)
+        out = backbone.text[f"text_encoder{which}"](ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    ids, _ = _tokens(backbone, prompts, "_3")
+    t5 = backbone.text["text_encoder_3"](ids)[0]
+    clip = torch.cat(states, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return Cond(torch.cat([clip, t5.to(clip.dtype)], dim=-2), None, {"pooled": torch.cat(pooled, dim=-1)})
+
+
+# The instruction SanaPipeline puts before every prompt by default (not before the empty
+# negative prompt), so that Gemma's states describe an enhanced prompt.
+SANA_INSTRUCTION = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",  # noqa: E501
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",  # noqa: E501
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",  # noqa: E501
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",  # noqa: E501
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",  # noqa: E501
+    "User Prompt: ",
+)
+
+
+def _encode_sana(backbone: "Backbone", prompts: list[str], mask_encoder: bool) -> Cond:
+    """As SanaPipeline.encode_prompt by default: prompts lower-cased and stripped, the
+    instruction before each, Gemma's states under its mask padded on the right, and of
+    the instructed sequence its first token and last max_length - 1."""
+    backbone.text["tokenizer"].padding_side = "right"
+    prompts = [p.lower().strip() for p in prompts]
+    n = backbone.max_length
+    instruction = "\n".join(SANA_INSTRUCTION)
+    length = len(backbone.tokenizer.encode(instruction)) + n - 2
+    ids, mask = _tokens(backbone, [instruction + p for p in prompts], max_length=length)
+    keep = [0, *range(-n + 1, 0)]
+    return Cond(backbone.text_encoder(ids, attention_mask=mask)[0][:, keep], mask[:, keep])
+
+
+def _empty_sana(backbone: "Backbone") -> Cond:
+    """Sana's negative prompt: "" without the instruction, max_length tokens."""
+    backbone.text["tokenizer"].padding_side = "right"
+    ids, mask = _tokens(backbone, [""])
+    return Cond(backbone.text_encoder(ids, attention_mask=mask)[0], mask)
+
+
+def _call_sana(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> torch.Tensor:
+    """Sana: Gemma's states under their mask; time scaled as SanaPipeline scales it; a
+    learned variance, where the net has one, dropped."""
+    out = net(x_t, encoder_hidden_states=cond.embeds, encoder_attention_mask=cond.mask,
+              timestep=t * net.config.timestep_scale).sample
+    return out[:, : backbone.channels]
+
+
 def _call_mmdit(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> torch.Tensor:
     """SD3-class MMDiT: token states and the pooled embedding; time as sigma * 1000."""
     return net(hidden_states=x_t, encoder_hidden_states=cond.embeds, pooled_projections=cond.extra["pooled"],
@@ -138,12 +200,14 @@ class Kind:
     encoder: str  # transformers class of the text encoder
     tokenizer: str  # transformers class of the tokenizer
     masked: bool  # the denoiser attends with the tokenizer's mask (T5 / BERT); CLIP kinds attend to all tokens
-    vae: bool  # latent space (decoded by the pipeline's VAE) or pixels
+    vae: str | None  # the diffusers class of the VAE of a latent kind; None: pixels
     pipeline: str | None  # stock diffusers pipeline; None: loaded by wadi only
     targets: tuple[str, str]  # adapter target presets of (student, fake)
     max_length: int | None  # tokenizer length; None: the tokenizer's own
     call: Callable = _call_unet  # (backbone, net, x_t, t, cond) -> what the net predicts, kind-shaped
     encode: Callable = _encode_states  # (backbone, prompts, mask_encoder) -> Cond
+    empty: Callable | None = None  # (backbone) -> the empty prompt's Cond, where not encode([""])
+    text: tuple[tuple[str, str], ...] = ()  # more text components (pipeline name, transformers class)
     pipeline_kwargs: str = ""  # what a one-step call of the stock pipeline needs besides the prompt
     pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
 
@@ -157,21 +221,33 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     # Stable Diffusion 1.5 / 2.1: CLIP text states, the UNet attends to all 77 of them.
-    "sd": Kind("sd", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", masked=False, vae=True,
+    "sd": Kind("sd", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", masked=False, vae="AutoencoderKL",
                pipeline="StableDiffusionPipeline", targets=("unet-student", "unet-fake"), max_length=None,
                pipeline_extras=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)),
     # PixArt-alpha: T5 with its attention mask, length 120; eps and variance out.
     "pixart": Kind("pixart", "PixArtTransformer2DModel", "transformer", "T5EncoderModel", "AutoTokenizer",
-                   masked=True, vae=True, pipeline="PixArtAlphaPipeline", targets=("dit-student", "dit-fake"),
+                   masked=True, vae="AutoencoderKL", pipeline="PixArtAlphaPipeline", targets=("dit-student", "dit-fake"),
                    max_length=120, call=_call_pixart, pipeline_kwargs="clean_caption=False"),
     # A pixel-space UNet with any transformers encoder and no VAE (the embedded worlds).
-    "pixel": Kind("pixel", "UNet2DConditionModel", "unet", "AutoModel", "AutoTokenizer", masked=True, vae=False,
+    "pixel": Kind("pixel", "UNet2DConditionModel", "unet", "AutoModel", "AutoTokenizer", masked=True, vae=None,
                   pipeline=None, targets=("unet-student", "unet-fake"), max_length=None),
     # A pixel-space SD3-class MMDiT with a sentence encoder (token states + their mean as the
     # pooled embedding) and no VAE: the flow-matching world.
     "pixel-mmdit": Kind("pixel-mmdit", "SD3Transformer2DModel", "transformer", "AutoModel", "AutoTokenizer",
-                        masked=False, vae=False, pipeline=None, targets=("mmdit-student", "mmdit-fake"),
+                        masked=False, vae=None, pipeline=None, targets=("mmdit-student", "mmdit-fake"),
                         max_length=None, call=_call_mmdit, encode=_encode_states_pooled),
+    # SD3 / SD3.5: an MMDiT on two CLIPs' penultimate states and T5's (length 256), the CLIPs'
+    # pooled outputs, a 16-channel VAE with a shift; rectified flow.
+    "sd3": Kind("sd3", "SD3Transformer2DModel", "transformer", "CLIPTextModelWithProjection", "CLIPTokenizer",
+                masked=False, vae="AutoencoderKL", pipeline="StableDiffusion3Pipeline",
+                targets=("mmdit-student", "mmdit-fake"), max_length=256, call=_call_mmdit, encode=_encode_sd3,
+                text=(("text_encoder_2", "CLIPTextModelWithProjection"), ("tokenizer_2", "CLIPTokenizer"),
+                      ("text_encoder_3", "T5EncoderModel"), ("tokenizer_3", "AutoTokenizer"))),
+    # Sana: a linear-attention DiT on Gemma-2's states under their mask (length 300, after
+    # the pipeline's instruction), the deep-compression autoencoder; rectified flow.
+    "sana": Kind("sana", "SanaTransformer2DModel", "transformer", "AutoModel", "AutoTokenizer", masked=True,
+                 vae="AutoencoderDC", pipeline="SanaPipeline", targets=("sana-student", "sana-fake"), max_length=300,
+                 call=_call_sana, encode=_encode_sana, empty=_empty_sana),
 }
 
 
@@ -197,16 +273,34 @@ def kind_of(model: nn.Module) -> Kind:
     raise ValueError(f"no backbone kind has a {type(model).__name__} denoiser; give the adapter explicit targets")
 
 
+# Hub ids are recognised by name (a folder by its contents): the first word that matches.
+HUB_NAMES = (("pixart", "pixart"), ("sana", "sana"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"))
+
+
+def _denoiser_class(folder: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def detect_kind(path: str) -> str:
-    """The kind of a diffusers pipeline folder, by its subfolders (a VAE or not); hub ids
-    by name (PixArt when the name says so, else Stable Diffusion)."""
+    """The kind of a diffusers pipeline folder, by its contents: the denoiser's subfolder
+    and class, a VAE or not, the kind's further text components. Hub ids by name."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        return "pixart" if "pixart" in path.lower() else "sd"
-    found = [k.name for k in KINDS.values() if (p / k.subfolder).is_dir() and (p / "vae").is_dir() == k.vae]
+        return next((kind for word, kind in HUB_NAMES if word in path.lower()), "sd")
+    found = [k.name for k in KINDS.values()
+             if (p / k.subfolder).is_dir() and (p / "vae").is_dir() == bool(k.vae)
+             and _denoiser_class(p / k.subfolder) in (k.denoiser, None)
+             and all((p / name).is_dir() for name, _ in k.text)]
     if not found:
-        raise ValueError(f"{path}: not a diffusers pipeline folder (no {' or '.join(sorted({k.subfolder for k in KINDS.values()}))}/)")
-    return found[0]
+        raise ValueError(f"{path}: not a diffusers pipeline folder of a known kind "
+                         f"({', '.join(KINDS)}): no matching {' or '.join(sorted({k.subfolder for k in KINDS.values()}))}/")
+    # A kind that asks for more components is the better match (sd3 over a plain MMDiT).
+    return max(found, key=lambda name: len(KINDS[name].text))
 
 
 @dataclass
@@ -247,17 +341,19 @@ class BackboneSpec:
 
 class Backbone:
     def __init__(self, spec: BackboneSpec, net: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: dict,
-                 vae: nn.Module | None = None):
+                 vae: nn.Module | None = None, more_text: dict | None = None):
         self.spec = spec
         self.kind = get_kind(spec.kind)
         self.net = net
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        # Every text component under its pipeline name (text_encoder, tokenizer, text_encoder_2, ...).
+        self.text = {"text_encoder": text_encoder, "tokenizer": tokenizer, **(more_text or {})}
         self.vae = vae
         self.max_length = spec.max_length or self.kind.max_length or tokenizer.model_max_length
         self.process = process_of(dict(scheduler_config), spec.one_step_abar)
         self.channels = net.config.in_channels
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        # AutoencoderKL names its widths block_out_channels, AutoencoderDC encoder_block_out_channels.
+        widths = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels if vae else ()
+        self.vae_scale = 2 ** (len(widths) - 1) if vae is not None else 1
         self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else net.config.sample_size
         self._empty: Cond | None = None
 
@@ -269,6 +365,14 @@ class Backbone:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.latent_size, self.latent_size)
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.text["text_encoder"]
+
+    @property
+    def tokenizer(self):
+        return self.text["tokenizer"]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -283,7 +387,7 @@ class Backbone:
     def empty_cond(self) -> Cond:
         """The empty prompt's conditioning (batch 1), computed once."""
         if self._empty is None:
-            self._empty = self.encode_prompts([""])
+            self._empty = self.kind.empty(self) if self.kind.empty else self.encode_prompts([""])
         return self._empty
 
     # --- the denoiser -------------------------------------------------------------
@@ -312,12 +416,16 @@ class Backbone:
         if self.vae is None:
             return x0.clamp(-1, 1)
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(x0.to(vae_dtype) / self.vae.config.scaling_factor).sample.float().clamp(-1, 1)
+        latents = x0.to(vae_dtype) / self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None)  # SD3's VAE is shifted as well as scaled
+        if shift is not None:
+            latents = latents + shift
+        return self.vae.decode(latents).sample.float().clamp(-1, 1)
 
     def to(self, device, dtype=None) -> "Backbone":
-        """Move the frozen parts (teacher net, text encoder, VAE)."""
-        for m in (self.net, self.text_encoder, self.vae):
-            if m is not None:
+        """Move the frozen parts (teacher net, text encoders, VAE)."""
+        for m in (self.net, self.vae, *self.text.values()):
+            if isinstance(m, nn.Module):
                 m.to(device)
                 if dtype is not None and next(m.parameters()).dtype != dtype:
                     m.to(dtype)
@@ -382,8 +490,11 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
     net = _load("diffusers", kind.denoiser, spec.path, kind.subfolder, dtype=dtype, subfolder=kind.subfolder, **weights)
     encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **weights)
     tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub)
-    vae = _load("diffusers", "AutoencoderKL", spec.path, "VAE", dtype=dtype, subfolder="vae", **weights) if kind.vae else None
-    for m in (net, encoder, vae):
-        if m is not None:
+    vae = _load("diffusers", kind.vae, spec.path, "VAE", dtype=dtype, subfolder="vae", **weights) if kind.vae else None
+    more = {name: _load("transformers", cls, spec.path, name.replace("_", " "), subfolder=name,
+                        **({} if name.startswith("tokenizer") else dict(dtype=dtype, **weights)))
+            for name, cls in kind.text}
+    for m in (net, encoder, vae, *more.values()):
+        if isinstance(m, nn.Module):
             m.requires_grad_(False).eval()
-    return Backbone(spec, net, encoder, tokenizer, scheduler, vae=vae)
+    return Backbone(spec, net, encoder, tokenizer, scheduler, vae=vae, more_text=more)

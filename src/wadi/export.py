@@ -56,8 +56,7 @@ def build_pipeline(loaded: "Loaded"):
     bb = loaded.backbone
     if bb.kind.pipeline is None:
         raise ValueError(f"the {bb.kind.name} kind has no stock diffusers pipeline")
-    components = {"vae": bb.vae, "text_encoder": bb.text_encoder, "tokenizer": bb.tokenizer,
-                  bb.kind.subfolder: loaded.net, "scheduler": bb.process.one_step_scheduler()}
+    components = {"vae": bb.vae, **bb.text, bb.kind.subfolder: loaded.net, "scheduler": bb.process.one_step_scheduler()}
     return getattr(diffusers, bb.kind.pipeline)(**components, **bb.kind.pipeline_extras)
 
 
@@ -70,8 +69,8 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
     with atomic_path(out) as tmp:
         if bb.kind.pipeline is None:
             loaded.net.save_pretrained(tmp / bb.kind.subfolder)
-            bb.text_encoder.save_pretrained(tmp / "text_encoder")
-            bb.tokenizer.save_pretrained(tmp / "tokenizer")
+            for name, component in bb.text.items():
+                component.save_pretrained(tmp / name)
             bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
@@ -98,7 +97,7 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
     base = teacher.backbone.spec
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        path = save_lora(tensors, tmp, pipeline, kohya)
+        path = save_lora(tensors, tmp, pipeline, bb.kind.subfolder, kohya)
         bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         usage = ("the LoRA in A1111 / ComfyUI on the base model, 1 sampling step from the last timestep, "

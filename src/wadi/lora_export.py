@@ -69,11 +69,14 @@ def delta_lora(student: nn.Module, teacher: nn.Module, rank: int) -> tuple[dict[
     return tensors, report
 
 
-def save_lora(tensors: dict[str, torch.Tensor], out: Path, pipeline_class, kohya: bool) -> Path:
-    """Write the LoRA into the folder `out` in diffusers' layout or kohya's; returns the file."""
+def save_lora(tensors: dict[str, torch.Tensor], out: Path, pipeline_class, denoiser: str, kohya: bool) -> Path:
+    """Write the LoRA of the pipeline's `denoiser` (unet or transformer) into the folder
+    `out` in diffusers' layout or kohya's (UNets only); returns the file."""
     if not hasattr(pipeline_class, "save_lora_weights"):
         raise ValueError(f"{pipeline_class.__name__} does not load LoRA files; export a pipeline instead")
     if kohya:
+        if denoiser != "unet":
+            raise ValueError("kohya's LoRA layout is written for UNet models; export --format lora instead")
         from diffusers.utils import convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
@@ -82,6 +85,6 @@ def save_lora(tensors: dict[str, torch.Tensor], out: Path, pipeline_class, kohya
         return out / KOHYA_FILE
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    pipeline_class.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(tensors),
-                                     safe_serialization=True)
+    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(tensors)}
+    pipeline_class.save_lora_weights(out, **layers, safe_serialization=True)
     return out / LORA_FILE

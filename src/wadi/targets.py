@@ -44,6 +44,12 @@ PRESETS: dict[str, TargetRule] = {
     # Fake MMDiT: the blocks' attention and feed-forward, without the modulations (the
     # counterpart of the UNet fake's time_emb_proj).
     "mmdit-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1",)),
+    # Student Sana: every Linear of the blocks' linear self-attention and cross-attention,
+    # the caption projection and the output, but the adaLN-single timestep path (as
+    # PixArt's); its feed-forward is convolutional (GLUMBConv), which LoRaD's linear
+    # rotation does not take.
+    "sana-student": TargetRule(exclude=("time_embed",)),
+    "sana-fake": TargetRule(include=("transformer_blocks",), exclude=_FAKE_EXCLUDE),
 }
 
 
