@@ -482,6 +482,14 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
     kind = get_kind(spec.kind)
     weights = {"use_safetensors": None if allow_bin else True}
     check_model_path(spec.path)
+    if Path(spec.path).expanduser().is_dir():
+        try:
+            found = detect_kind(spec.path)
+        except ValueError:
+            found = spec.kind  # an incomplete folder: the loaders below say what is missing
+        if found != spec.kind:
+            raise ValueError(f"{spec.path} is a {found} pipeline folder, not {spec.kind}; "
+                             f"give model.kind={found} (--kind {found}) or the right folder")
     if spec.text_encoder:
         check_model_path(spec.text_encoder)
     te_path, te_sub, tok_sub = ((spec.text_encoder, None, None) if spec.text_encoder

@@ -85,6 +85,8 @@ def save_lora(tensors: dict[str, torch.Tensor], out: Path, pipeline_class, denoi
         return out / KOHYA_FILE
     from diffusers.utils import convert_state_dict_to_diffusers
 
-    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(tensors)}
+    # UNets are written in diffusers' own key layout, transformers in peft's (what the
+    # transformer loaders and diffusers' own training scripts use).
+    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(tensors) if denoiser == "unet" else tensors}
     pipeline_class.save_lora_weights(out, **layers, safe_serialization=True)
     return out / LORA_FILE

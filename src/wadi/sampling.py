@@ -103,6 +103,11 @@ class Sampling:
             return one_step(backbone, net, prompts, seeds, batch_size, self.scale)
         return multi_step(backbone, net, prompts, seeds, self.steps, self.scale, self.scheduler, batch_size)
 
+    def check(self, backbone: Backbone) -> None:
+        """Refuse, before anything is written, a scheduler the backbone's process has not."""
+        if not self.one_step:
+            backbone.process.sampler(self.scheduler)
+
     def to_dict(self) -> dict:
         if self.one_step:
             return {"one_step": True, "steps": 1, "guidance": None if self.scale == 1 else self.scale}

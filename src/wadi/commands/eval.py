@@ -50,7 +50,8 @@ def register(sub) -> None:
     t = p.add_argument_group("teacher sampling")
     t.add_argument("--teacher-steps", type=int, default=25)
     t.add_argument("--teacher-guidance", type=float, default=3.0)
-    t.add_argument("--teacher-scheduler", choices=["ddim", "dpm", "euler"], default="ddim")
+    t.add_argument("--teacher-scheduler", choices=["ddim", "dpm", "euler"],
+                   help="default: ddim for VP models, euler for flow-matching ones")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
     p.add_argument("--out", type=Path, required=True, help="output folder (images, prompts.jsonl, results.json)")
     p.add_argument("--force", action="store_true", help="start over where --out holds images of other settings")
@@ -116,6 +117,8 @@ def run(args) -> int:
         teacher = teacher_for(entries[0].model, spec, dtype) if entries else load_teacher(None, spec, dtype)
         entries.append(Entry("teacher", teacher, Sampling(False, args.teacher_steps, args.teacher_guidance,
                                                           args.teacher_scheduler)))
+    for entry in entries:
+        entry.sampling.check(entry.model.backbone)
     results = evaluate(entries, prompts, args.seed, args.out, metrics, args.batch_size, args.force,
                        not args.no_progress, args.device)
     if results:

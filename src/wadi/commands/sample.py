@@ -31,7 +31,8 @@ def register(sub) -> None:
     t.add_argument("--teacher", action="store_true", help="sample the multi-step teacher instead of the student")
     t.add_argument("--steps", type=int, default=25, help="teacher steps (default 25)")
     t.add_argument("--guidance", type=float, default=3.0, help="teacher guidance scale (default 3.0)")
-    t.add_argument("--scheduler", choices=["ddim", "dpm", "euler"], default="ddim", help="teacher scheduler")
+    t.add_argument("--scheduler", choices=["ddim", "dpm", "euler"],
+                   help="teacher scheduler (default: ddim for VP models, euler for flow-matching ones)")
     add_base_args(p)
     add_device_args(p)
     p.set_defaults(func=run)
@@ -54,6 +55,7 @@ def run(args) -> int:
     model.to(args.device, dtype)
     # The student samples without guidance; --guidance and --steps are the teacher's.
     sampling = Sampling(not args.teacher, args.steps, args.guidance if args.teacher else None, args.scheduler)
+    sampling.check(model.backbone)
     text = {"model": model.source, "role": "teacher" if args.teacher else "student"}
     paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, args.out, args.batch_size,
                              text, with_grid=not args.no_grid)
