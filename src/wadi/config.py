@@ -116,7 +116,7 @@ PRESETS: dict[str, dict] = {
     "pixart-wadi": {"model": {"kind": "pixart", "path": "PixArt-alpha/PixArt-XL-2-256x256", "resolution": 256},
                     "student": {"rank": 128},
                     "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
-    # The flow-matching transformers (docs/method.md, section 5): rank for about 10% of the
+    # The flow-matching transformers (docs/method.md, section 4): rank for about 10% of the
     # denoiser, as the paper's 83.8M of SD 1.5's 860M (wadi params: SD3.5 medium r=128 9.4%,
     # Sana 1.6B r=256 8.7% of its linear layers' share), bf16 as PixArt.
     "sd3-wadi": {"model": {"kind": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium", "resolution": 1024},
