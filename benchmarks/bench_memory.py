@@ -12,6 +12,7 @@ iteration, and reports
 
     python benchmarks/bench_memory.py                    # CPU, an SD-shaped UNet of 81M parameters
     python benchmarks/bench_memory.py --size sd15 --device cuda [--batch 16] [--checkpointing]
+    python benchmarks/bench_memory.py --size sdxl --device cuda --schemes engine --checkpointing  # 1024 px
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ import torch
 # SD 1.5 (512 px) itself, and its shapes at 96/320 of the width (an 81M-parameter UNet, the
 # latent of 256 px) with the ranks scaled alike, so that the adapters keep SD's share of the
 # parameters (student 10.1%, fake 1.2%).
+# SDXL's UNet itself at 1024 px (the sdxl-wadi preset's ranks), and at 512 px for a CPU.
 SIZES = {"cpu": dict(width=96, latent=32, text_layers=1, rank_student=77, rank_fake=10),
-         "sd15": dict(width=320, latent=64, text_layers=12, rank_student=256, rank_fake=32)}
+         "sd15": dict(width=320, latent=64, text_layers=12, rank_student=256, rank_fake=32),
+         "sdxl": dict(latent=128, text_layers=1, rank_student=128, rank_fake=32),
+         "sdxl-512": dict(latent=64, text_layers=1, rank_student=128, rank_fake=32)}
 SCHEMES = ("engine", "authors")
 PROMPTS = ["a photo of a cat on a windowsill", "a red car on a mountain road", "a bowl of fruit",
            "an astronaut riding a horse"]
@@ -74,7 +78,7 @@ def worker(args) -> dict:
     from accelerate import Accelerator
 
     from authors_scheme import AuthorsScheme
-    from common import SavedForBackward, sd_backbone
+    from common import SavedForBackward, sd_backbone, sdxl_backbone
     from wadi.adapters import AdapterConfig
     from wadi.backbones import dtype_of
     from wadi.config import DistillConfig, TrainConfig
@@ -84,7 +88,8 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
-    bb = sd_backbone(size["width"], size["latent"], size["text_layers"], Path(tmp.name))
+    bb = (sdxl_backbone(size["latent"], size["text_layers"], Path(tmp.name)) if args.size.startswith("sdxl") else
+          sd_backbone(size["width"], size["latent"], size["text_layers"], Path(tmp.name)))
     cfg = DistillConfig(student=AdapterConfig("lorad", size["rank_student"], "unet-student"),
                         fake=AdapterConfig("lorad", size["rank_fake"], "unet-fake"),
                         train=TrainConfig(batch_size=args.batch, mixed_precision=args.precision,
@@ -104,7 +109,8 @@ def worker(args) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     if args.worker == "engine":
         scheme = Distiller(cfg, bb, prompts, acc)
-        models, step = [bb.net, bb.text_encoder, scheme.student.model, scheme.fake.model], scheme.train_step
+        models, step = [bb.net, *bb.text.values(), scheme.student.model, scheme.fake.model], scheme.train_step
+        models = [m for m in models if isinstance(m, torch.nn.Module)]
     else:
         scheme = AuthorsScheme(cfg, bb, acc)
         if args.checkpointing:
@@ -144,7 +150,8 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     device = torch.device(args.device)
     print(f"{machine(device)} (the workers: {args.threads})")
-    print(f"size {args.size} (SD-1.5-shaped UNet, {rows[0]['net_params_m']:.1f}M parameters, "
+    print(f"size {args.size} ({'SDXL' if args.size.startswith('sdxl') else 'SD-1.5'}-shaped UNet, "
+          f"{rows[0]['net_params_m']:.1f}M parameters, "
           f"{rows[0]['net_mb']:.0f} MB), batch {args.batch}, precision {args.precision}, gradient checkpointing "
           f"{'on' if args.checkpointing else 'off'}; each scheme in its own process\n")
     columns = [("parameters MB", "params_mb", ".0f"), ("saved student MB", "saved_student_mb", ".1f"),

@@ -59,6 +59,27 @@ def sd_backbone(width: int, latent: int, text_layers: int, folder: Path, vae=Non
     return Backbone(BackboneSpec(kind="sd"), unet, enc, tok, dict(sd_scheduler().config), vae=vae)
 
 
+def sdxl_backbone(latent: int, text_layers: int, folder: Path) -> Backbone:
+    """SDXL's UNet itself (wadi.archs) at `latent` (SDXL: 128 for 1024 px), CLIP-L- and
+    CLIP-G-shaped text encoders with `text_layers` layers each, SD's noise schedule; random
+    weights, no VAE."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from wadi.archs import get_arch
+
+    tok = char_tokenizer(folder)
+    shapes = dict(vocab_size=len(tok), num_hidden_layers=text_layers, max_position_embeddings=77)
+    enc = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, **shapes))
+    enc2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
+                                                      projection_dim=1280, **shapes))
+    unet = UNet2DConditionModel(**{**get_arch("sdxl").config, "sample_size": latent})
+    for m in (unet, enc, enc2):
+        m.requires_grad_(False).eval()
+    return Backbone(BackboneSpec(kind="sdxl", resolution=latent * 8), unet, enc, tok, dict(sd_scheduler().config),
+                    more_text={"text_encoder_2": enc2, "tokenizer_2": tok})
+
+
 class SavedForBackward:
     """Bytes autograd saves for backward, per graph, each storage counted once.
 

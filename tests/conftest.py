@@ -95,7 +95,7 @@ def tiny_run(tmp_path_factory):
     from wadi.training import distill
 
     savers = {"sd": tiny_pipes.save_tiny_sd, "pixart": tiny_pipes.save_tiny_pixart, "pixel": tiny_pipes.save_tiny_pixel,
-              "sd3": tiny_pipes.save_tiny_sd3, "sana": tiny_pipes.save_tiny_sana}
+              "sd3": tiny_pipes.save_tiny_sd3, "sana": tiny_pipes.save_tiny_sana, "sdxl": tiny_pipes.save_tiny_sdxl}
     made: dict[str, tuple[Path, Path]] = {}
 
     def get(kind: str) -> tuple[Path, Path]:

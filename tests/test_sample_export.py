@@ -55,7 +55,7 @@ def stock_images(folder, kind, output_type="np", **kwargs):
                 output_type=output_type, **kwargs).images
 
 
-@pytest.mark.parametrize("kind", ["sd", "pixart", "sd3", "sana"])
+@pytest.mark.parametrize("kind", ["sd", "pixart", "sdxl", "sd3", "sana"])
 def test_stock_pipeline_reproduces_wadi_sample(runs, tmp_path, kind):
     base, run = runs(kind)
     ours = cli_sample(run, tmp_path / "samples")

@@ -109,6 +109,28 @@ def save_tiny_pixel_mmdit(folder: Path, seed: int = 0, shift: float = 1.0) -> Pa
     return folder
 
 
+def save_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """Two CLIPs (the second with a projection), a UNet with SDXL's text_time embedding and
+    per-block transformer depth, SD's schedule."""
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    for i, name in enumerate(("", "_2")):
+        tok = _clip_tokenizer(folder / f"tokenizer{name}")
+        tok.save_pretrained(folder / f"tokenizer{name}")
+        cls = CLIPTextModelWithProjection if name else CLIPTextModel
+        cls(CLIPTextConfig(vocab_size=len(tok), hidden_size=16 + 8 * i, intermediate_size=37, num_attention_heads=4,
+                           num_hidden_layers=2, max_position_embeddings=16, projection_dim=24)
+            ).save_pretrained(folder / f"text_encoder{name}")
+    UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": 40, "transformer_layers_per_block": (2, 1),
+                            "use_linear_projection": True, "addition_embed_type": "text_time",
+                            "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 6 * 8 + 24}
+                         ).save_pretrained(folder / "unet")
+    _vae().save_pretrained(folder / "vae")
+    _scheduler().save_pretrained(folder / "scheduler")
+    return folder
+
+
 def _flow_scheduler(shift: float, sana: bool = False):
     """The stock schedulers of the flow families: SD3's flow-matching Euler, Sana's DPM-Solver
     in flow mode (both shift 3.0)."""
@@ -199,7 +221,8 @@ def original_layout(unet) -> dict:
     resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
     top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's
     out = {}
     for name, tensor in unet.state_dict().items():
         parts = name.split(".")

@@ -1,6 +1,6 @@
 """Built-in architecture configs of the paper's backbones, buildable without weights.
 
-The configs are those of the public SD 1.5 / SD 2.1 UNets, the PixArt-alpha transformer,
+The configs are those of the public SD 1.5 / SD 2.1 / SDXL UNets, the PixArt-alpha transformer,
 the SD3.5 medium / large MMDiTs and the Sana 0.6B / 1.6B (1024 px) transformers. Built on the meta device they cost no memory, so adapter parameter counts
 need no download.
 """
@@ -40,6 +40,16 @@ ARCHS: dict[str, Arch] = {
                         norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000,
                         activation_fn="gelu-approximate", attention_bias=True,
                         use_additional_conditions=False)),
+    # SDXL base: three levels (no attention at the first), transformer depth 1 / 2 / 10 per
+    # level (10 in the middle), two CLIPs' 2048-wide states, the text_time embedding.
+    "sdxl": Arch("sdxl", "sdxl",
+                 dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                      block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
+                      attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816)),
     # SD3.5 medium: 24 MMDiT blocks of width 1536, the first 13 with a second (image-only)
     # attention; SD3.5 large: 38 blocks of width 2432, QK-normalised.
     "sd35-medium": Arch("sd35-medium", "sd3",

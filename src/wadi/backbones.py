@@ -124,6 +124,37 @@ def _encode_states_pooled(backbone: "Backbone", prompts: list[str], mask_encoder
     return Cond(states, None, {"pooled": (states * m).sum(1) / m.sum(1).clamp(min=1)})
 
 
+def _encode_sdxl(backbone: "Backbone", prompts: list[str], mask_encoder: bool) -> Cond:
+    """As StableDiffusionXLPipeline.encode_prompt by default: both CLIPs' penultimate states
+    (77 tokens, no mask) side by side, the second's projected pooled output as
+    `text_embeds`, and the micro-conditions (original size, crop corner, target size) as
+    `time_ids`, all at the backbone's resolution."""
+    states = []
+    for which in ("", "_2"):
+        ids, _ = _tokens(backbone, prompts, which, backbone.text[f"tokenizer{which}"].model_max_length)
+        out = backbone.text[f"text_encoder{which}"](ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+    embeds = torch.cat(states, dim=-1)
+    return Cond(embeds, None, {"text_embeds": out[0], "time_ids": _sdxl_time_ids(backbone, len(prompts), embeds)})
+
+
+def _sdxl_time_ids(backbone: "Backbone", n: int, like: torch.Tensor) -> torch.Tensor:
+    size = backbone.resolution
+    return like.new_tensor([[size, size, 0, 0, size, size]]).expand(n, 6)
+
+
+def _empty_sdxl(backbone: "Backbone") -> Cond:
+    """SDXL's negative prompt: zeroed states and pooled embedding (the pipeline's
+    force_zeros_for_empty_prompt, as SDXL was trained to drop text), the same time ids."""
+    cond = _encode_sdxl(backbone, [""], False)
+    return Cond(torch.zeros_like(cond.embeds), None,
+                {"text_embeds": torch.zeros_like(cond.extra["text_embeds"]), "time_ids": cond.extra["time_ids"]})
+
+
+def _call_sdxl(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> torch.Tensor:
+    return net(x_t, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.extra).sample
+
+
 def _encode_sd3(backbone: "Backbone", prompts: list[str], mask_encoder: bool) -> Cond:
     """As StableDiffusion3Pipeline.encode_prompt by default: each CLIP's penultimate states
     (77 tokens, no mask) side by side and zero-padded to T5's width, followed by T5's
@@ -208,6 +239,7 @@ class Kind:
     encode: Callable = _encode_states  # (backbone, prompts, mask_encoder) -> Cond
     empty: Callable | None = None  # (backbone) -> the empty prompt's Cond, where not encode([""])
     text: tuple[tuple[str, str], ...] = ()  # more text components (pipeline name, transformers class)
+    upcast_vae: bool = False  # decode in float32 under half precision (SDXL's VAE overflows in fp16)
     pipeline_kwargs: str = ""  # what a one-step call of the stock pipeline needs besides the prompt
     pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
 
@@ -236,6 +268,12 @@ KINDS: dict[str, Kind] = {
     "pixel-mmdit": Kind("pixel-mmdit", "SD3Transformer2DModel", "transformer", "AutoModel", "AutoTokenizer",
                         masked=False, vae=None, pipeline=None, targets=("mmdit-student", "mmdit-fake"),
                         max_length=None, call=_call_mmdit, encode=_encode_states_pooled),
+    # SDXL: a UNet on two CLIPs' penultimate states, the second's pooled output and size
+    # micro-conditions; zeros for the empty prompt; its VAE decodes in float32.
+    "sdxl": Kind("sdxl", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", masked=False,
+                 vae="AutoencoderKL", pipeline="StableDiffusionXLPipeline", targets=("unet-student", "unet-fake"),
+                 max_length=None, call=_call_sdxl, encode=_encode_sdxl, empty=_empty_sdxl, upcast_vae=True,
+                 text=(("text_encoder_2", "CLIPTextModelWithProjection"), ("tokenizer_2", "CLIPTokenizer"))),
     # SD3 / SD3.5: an MMDiT on two CLIPs' penultimate states and T5's (length 256), the CLIPs'
     # pooled outputs, a 16-channel VAE with a shift; rectified flow.
     "sd3": Kind("sd3", "SD3Transformer2DModel", "transformer", "CLIPTextModelWithProjection", "CLIPTokenizer",
@@ -274,7 +312,8 @@ def kind_of(model: nn.Module) -> Kind:
 
 
 # Hub ids are recognised by name (a folder by its contents): the first word that matches.
-HUB_NAMES = (("pixart", "pixart"), ("sana", "sana"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"))
+HUB_NAMES = (("pixart", "pixart"), ("sana", "sana"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"),
+             ("stable-diffusion-xl", "sdxl"), ("sdxl", "sdxl"))
 
 
 def _denoiser_class(folder: Path) -> str | None:
@@ -416,6 +455,9 @@ class Backbone:
         if self.vae is None:
             return x0.clamp(-1, 1)
         vae_dtype = next(self.vae.parameters()).dtype
+        if self.kind.upcast_vae and vae_dtype == torch.float16:
+            self.vae.float()
+            vae_dtype = torch.float32
         latents = x0.to(vae_dtype) / self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None)  # SD3's VAE is shifted as well as scaled
         if shift is not None:

@@ -124,14 +124,14 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
 
     out = check_out(out, force)
     bb = student.backbone
-    if bb.kind.name != "sd":
+    if bb.kind.name not in ("sd", "sdxl"):
         raise ValueError(f"single-file checkpoints are Stable Diffusion's layout; the {bb.kind.name} kind has none")
     state = student_checkpoint(read_file(Path(template)), student.net, teacher.net)
     with atomic_path(out) as tmp:
         tmp.mkdir()
         save_file(state, str(tmp / SINGLE_FILE))
         bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
-        usage = (f"pipe = StableDiffusionPipeline.from_single_file(\"FOLDER/{SINGLE_FILE}\")\n"
+        usage = (f"pipe = {bb.kind.pipeline}.from_single_file(\"FOLDER/{SINGLE_FILE}\")\n"
                  "pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
                  "image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")
         write_card(tmp, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, from_single_file)",

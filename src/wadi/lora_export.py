@@ -83,10 +83,9 @@ def save_lora(tensors: dict[str, torch.Tensor], out: Path, pipeline_class, denoi
         state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in tensors.items()})
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / KOHYA_FILE))
         return out / KOHYA_FILE
-    from diffusers.utils import convert_state_dict_to_diffusers
 
-    # UNets are written in diffusers' own key layout, transformers in peft's (what the
-    # transformer loaders and diffusers' own training scripts use).
-    layers = {f"{denoiser}_lora_layers": convert_state_dict_to_diffusers(tensors) if denoiser == "unet" else tensors}
+    # peft's key layout (lora_A / lora_B), which every diffusers LoRA loader reads as it is;
+    # diffusers' older layout (lora.down / lora.up) is lost on SDXL's and SD3's attention.
+    layers = {f"{denoiser}_lora_layers": tensors}
     pipeline_class.save_lora_weights(out, **layers, safe_serialization=True)
     return out / LORA_FILE
