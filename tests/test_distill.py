@@ -31,6 +31,8 @@ def pipes(tmp_path_factory):
             "sd21": tiny_pipes.save_tiny_sd(root / "sd21", prediction_type="v_prediction", **tiny_pipes.SD21_UNET),
             "pixel": tiny_pipes.save_tiny_pixel(root / "pixel"),
             "pixel-mmdit": tiny_pipes.save_tiny_pixel_mmdit(root / "pixel-mmdit", shift=3.0),
+            "sdxl": tiny_pipes.save_tiny_sdxl(root / "sdxl"), "sd3": tiny_pipes.save_tiny_sd3(root / "sd3"),
+            "sana": tiny_pipes.save_tiny_sana(root / "sana"),
             "prompts": root / "prompts.txt"}
 
 
@@ -63,7 +65,7 @@ def test_every_adapter_trains_on_tiny_sd(pipes, tmp_path, student):
     UNet2DConditionModel.from_pretrained(run / "student")  # the export is a stock model
 
 
-@pytest.mark.parametrize("kind", ["sd21", "pixart", "pixel", "pixel-mmdit"])
+@pytest.mark.parametrize("kind", ["sd21", "pixart", "pixel", "pixel-mmdit", "sdxl", "sd3", "sana"])
 def test_lorad_trains_on_every_kind(pipes, tmp_path, kind):
     run = distill(make_cfg(pipes, tmp_path, kind=kind), progress=False)
     assert all(r["skipped"] == 0 for r in log_of(run))
@@ -161,6 +163,19 @@ def test_resume_after_sigkill_matches_uninterrupted_run(pipes, tmp_path):
         for k in ref:
             torch.testing.assert_close(ours[k], ref[k], rtol=1e-5, atol=1e-6)
     assert [r["step"] for r in log_of(run)] == list(range(1, steps + 1))
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "sana"])
+def test_a_resumed_run_of_the_newer_kinds_is_the_uninterrupted_one(pipes, tmp_path, kind):
+    """Conditioning with extra tensors and the flow process resume exactly: two steps, then
+    a resume to three, against three straight (the checkpoint holds every piece of state)."""
+    straight = distill(make_cfg(pipes, tmp_path / "a", kind=kind, steps=3), progress=False)
+    stopped = distill(make_cfg(pipes, tmp_path / "b", kind=kind, steps=2), progress=False)
+    distill(resume=str(stopped), overrides=["train.steps=3"], progress=False)
+    for which in ("student", "fake"):
+        ours, ref = load_file(str(stopped / f"{which}.safetensors")), load_file(str(straight / f"{which}.safetensors"))
+        assert all(torch.equal(ours[k], ref[k]) for k in ref), which
+    assert [r["step"] for r in log_of(stopped)] == [1, 2, 3]
 
 
 def test_two_processes_hold_the_same_adapters_as_one_with_their_batch(pipes, tmp_path):
