@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import describe
-from .process import process_of
+from .process import process_of, student_times
 
 
 @dataclass
@@ -243,12 +243,12 @@ class Kind:
     pipeline_kwargs: str = ""  # what a one-step call of the stock pipeline needs besides the prompt
     pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
 
-    def usage(self) -> str:
-        """How an exported folder of this kind samples in one step."""
+    def usage(self, steps: int = 1) -> str:
+        """How an exported folder of this kind samples a student of `steps` steps."""
         if self.pipeline is None:
             return "wadi sample FOLDER --prompt ..."
         extra = f", {self.pipeline_kwargs}" if self.pipeline_kwargs else ""
-        return f"{self.pipeline}.from_pretrained(folder)(prompt, num_inference_steps=1, guidance_scale=0{extra})"
+        return f"{self.pipeline}.from_pretrained(folder)(prompt, num_inference_steps={steps}, guidance_scale=0{extra})"
 
 
 KINDS: dict[str, Kind] = {
@@ -353,6 +353,8 @@ class BackboneSpec:
     resolution: int | None = None  # pixels; None: the net's sample size
     max_length: int | None = None  # tokenizer length; None: the kind's default
     one_step_abar: float | str | None = None  # VP only: the generator's abar_T; None: 0.0047; "scheduler": abar at T-1
+    student_steps: int | None = None  # the student's sampling steps; None: 1
+    student_timesteps: list[int] | None = None  # their time indices, first T-1; None: evenly spaced
 
     def filled(self, **known) -> "BackboneSpec":
         """A copy whose unset fields take the values `known` gives."""
@@ -395,6 +397,7 @@ class Backbone:
         self.vae_scale = 2 ** (len(widths) - 1) if vae is not None else 1
         self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else net.config.sample_size
         self._empty: Cond | None = None
+        self._times: list | None = None
 
     @property
     def resolution(self) -> int:
@@ -404,6 +407,30 @@ class Backbone:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.latent_size, self.latent_size)
+
+    @property
+    def student_steps(self) -> int:
+        return self.spec.student_steps or 1
+
+    def student_times(self, device=None) -> list[torch.Tensor]:
+        """The process time of each student step: the given indices, else the stock
+        scheduler's N evenly spaced steps (the export's)."""
+        if self.spec.student_timesteps:
+            return [self.process.time(torch.tensor(i, device=device)) for i in self.spec.student_timesteps]
+        if self._times is None:
+            self._times = student_times(self.process, self.student_steps)
+        return [torch.tensor(t, device=device) for t in self._times]
+
+    def student_scheduler(self):
+        """The stock scheduler an export ships: its `student_steps`-step sampling is the
+        student's. Timesteps of one's own choosing have none."""
+        scheduler = self.process.student_scheduler(self.student_steps)
+        if self.spec.student_timesteps and [t.item() for t in self.student_times()] != \
+                student_times(self.process, self.student_steps):
+            raise ValueError(f"the student's timesteps {self.spec.student_timesteps} are not a stock scheduler's "
+                             f"{self.student_steps} evenly spaced steps; sample it with wadi sample, or distil "
+                             "with the default model.student_timesteps")
+        return scheduler
 
     @property
     def text_encoder(self) -> nn.Module:

@@ -357,6 +357,13 @@ def _check_config(c: DistillConfig) -> None:
     _require(m.resolution is None or m.resolution > 0, "model.resolution", "a positive number of pixels",
              m.resolution)
     _require(m.max_length is None or m.max_length > 0, "model.max_length", "positive", m.max_length)
+    _require(m.student_steps is None or m.student_steps >= 1, "model.student_steps", "at least 1", m.student_steps)
+    ts = m.student_timesteps
+    if ts is not None:
+        _require(len(ts) >= 1 and all(b < a for a, b in zip(ts, ts[1:])) and min(ts) >= 0,
+                 "model.student_timesteps", "timestep indices >= 0, strictly decreasing", ts)
+        _require(len(ts) == (m.student_steps or 1), "model.student_timesteps",
+                 f"one timestep per student step (model.student_steps={m.student_steps or 1})", ts)
     abar = m.one_step_abar
     _require(abar in (None, SCHEDULER) or (not isinstance(abar, str) and 0 < abar < 1), "model.one_step_abar",
              f"a number in (0, 1) or {SCHEDULER!r}", abar)

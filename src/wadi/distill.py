@@ -23,6 +23,7 @@ from .adapters import Adapter, adapter_class, attach
 from .backbones import Backbone, Cond, dtype_of
 from .config import DistillConfig
 from .losses import vsd_loss
+from .process import run_student
 from .sampling import one_step
 
 # A step whose scores are non-finite beyond this share of their elements is skipped; below
@@ -180,13 +181,18 @@ class Distiller:
         return self.bb.process.time(noise.integers(low, high))
 
     def _generate(self, cond: Cond, noise: Noise) -> torch.Tensor:
-        """x0 of the student from fresh noise, in float32 (graph kept when grad is on)."""
-        n, proc = len(cond), self.bb.process
-        z = noise.normal(self.bb.latent_shape)
-        t_T = proc.time(torch.full((n,), proc.generator_index, device=self.acc.device, dtype=torch.long))
-        with self.acc.autocast():
-            pred = self.bb.predict(self.student_net, z.to(self.weight_dtype), t_T, cond)
-        return proc.generate(pred, z)
+        """x0 of the student from fresh noise, in float32 (graph kept when grad is on). A
+        student of N steps is trained at one of them per sample, drawn uniformly, on the
+        input its own earlier steps make (without gradient)."""
+        bb = self.bb
+        z = noise.normal(bb.latent_shape)
+        stop = noise.integers(0, bb.student_steps - 1) if bb.student_steps > 1 else None
+
+        def predict(x, t):
+            with self.acc.autocast():
+                return bb.predict(self.student_net, x.to(self.weight_dtype), t, cond)
+
+        return run_student(bb.process, bb.student_times(self.acc.device), predict, z, stop)
 
     def _student_loss(self, x0: torch.Tensor, cond: Cond, noise: Noise) -> tuple[torch.Tensor, int]:
         """The VSD loss of x0, and how many elements of its score difference were non-finite."""

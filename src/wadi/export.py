@@ -3,8 +3,9 @@ its weight change as a LoRA (diffusers' or kohya's layout); every export carries
 
 The folder is what `StableDiffusionPipeline.save_pretrained` (or PixArt-alpha's) writes,
 with the student as its UNet / transformer and the scheduler of its noise process
-(`Process.one_step_scheduler`) under which the stock pipeline, called with
-`num_inference_steps=1` and no guidance, does exactly WaDi's one step; its arithmetic is
+(`Backbone.student_scheduler`) under which the stock pipeline, called with
+`num_inference_steps` = the student's steps and no guidance, does exactly the student's
+sampling; its arithmetic is
 our sampler's, so images agree to the last bit in float32.
 
 Every export carries `wadi.json` (this module owns its format): the base model's
@@ -56,7 +57,7 @@ def build_pipeline(loaded: "Loaded"):
     bb = loaded.backbone
     if bb.kind.pipeline is None:
         raise ValueError(f"the {bb.kind.name} kind has no stock diffusers pipeline")
-    components = {"vae": bb.vae, **bb.text, bb.kind.subfolder: loaded.net, "scheduler": bb.process.one_step_scheduler()}
+    components = {"vae": bb.vae, **bb.text, bb.kind.subfolder: loaded.net, "scheduler": bb.student_scheduler()}
     return getattr(diffusers, bb.kind.pipeline)(**components, **bb.kind.pipeline_extras)
 
 
@@ -71,12 +72,12 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
             loaded.net.save_pretrained(tmp / bb.kind.subfolder)
             for name, component in bb.text.items():
                 component.save_pretrained(tmp / name)
-            bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
+            bb.student_scheduler().save_pretrained(tmp / "scheduler")
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
-        info = {"format": FORMAT, "base": base.to_dict(), "source": loaded.source, "usage": bb.kind.usage()}
+        info = {"format": FORMAT, "base": base.to_dict(), "source": loaded.source, "usage": bb.kind.usage(bb.student_steps)}
         (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
-        write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source, bb.kind.usage())
+        write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source, bb.kind.usage(bb.student_steps))
     return out  # with --force the new folder replaced the old one whole
 
 
@@ -98,14 +99,14 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
     with atomic_path(out) as tmp:
         tmp.mkdir()
         path = save_lora(tensors, tmp, pipeline, bb.kind.subfolder, kohya)
-        bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
+        bb.student_scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         usage = ("the LoRA in A1111 / ComfyUI on the base model, 1 sampling step from the last timestep, "
                  "no guidance (CFG 1)" if kohya else
                  f"pipe = {bb.kind.pipeline}.from_pretrained(BASE)\n"
                  f"pipe.load_lora_weights(FOLDER)\n"
-                 f"pipe.scheduler = {type(bb.process.one_step_scheduler()).__name__}.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
-                 f"image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")
+                 f"pipe.scheduler = {type(bb.student_scheduler()).__name__}.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
+                 f"image = pipe(prompt, num_inference_steps={bb.student_steps}, guidance_scale=0).images[0]")
         fmt = (f"a LoRA of rank {rank} in {'kohya' if kohya else 'diffusers'}' layout (the student's weight change, "
                f"{report.layers} layers; energy kept: median {report.to_dict()['energy_median']:.4f})")
         write_card(tmp, fmt, base, student.source, usage)
@@ -130,10 +131,10 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
     with atomic_path(out) as tmp:
         tmp.mkdir()
         save_file(state, str(tmp / SINGLE_FILE))
-        bb.process.one_step_scheduler().save_pretrained(tmp / "scheduler")
+        bb.student_scheduler().save_pretrained(tmp / "scheduler")
         usage = (f"pipe = {bb.kind.pipeline}.from_single_file(\"FOLDER/{SINGLE_FILE}\")\n"
                  "pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
-                 "image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")
+                 f"image = pipe(prompt, num_inference_steps={bb.student_steps}, guidance_scale=0).images[0]")
         write_card(tmp, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, from_single_file)",
                    teacher.backbone.spec, student.source, usage)
     return out / SINGLE_FILE

@@ -34,7 +34,7 @@ and the fake score model are adapted by LoRaD, a low-rank rotation of weight dir
 {% endfor %}{% endif %}
 ## Use
 
-One network evaluation, no guidance:
+No guidance, one network evaluation per step:
 
 ```python
 {{ usage }}
@@ -69,7 +69,9 @@ def run_settings(source: str) -> tuple[list[str], list[str]]:
                 f"fake score model: {cfg.fake.kind} rank {cfg.fake.rank}",
                 f"{t.steps} steps of {t.batch_size} prompts per process, guidance {t.guidance}, learning rates "
                 f"{t.lr_student:g} / {t.lr_fake:g}" + (f", EMA {t.ema_decay}" if t.ema_decay else ""),
-                f"generator abar_T: {cfg.model.one_step_abar}"]
+                f"sampling steps: {cfg.model.student_steps or 1}"]
+    if cfg.model.one_step_abar is not None:  # VP models only
+        settings.append(f"generator abar_T: {cfg.model.one_step_abar}")
     metrics = []
     results = Path(source) / "eval" / "results.json"
     if results.is_file():

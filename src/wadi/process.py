@@ -7,7 +7,9 @@ Both processes write x_t = alpha_t x0 + sigma_t eps. A `Process` knows:
   as the model's own training scheduler lists its timesteps;
 - the prediction the engine works in (VP: eps, converted from v when the net predicts v;
   flow: the velocity v = eps - x0), and from it x0 and the VSD score difference;
-- the one-step generator (its time and x0 from the student's prediction at fresh noise);
+- the student's generator: one step at the last time (x0 from the student's prediction at
+  fresh noise), or N steps, each from the previous step's x0 re-noised to the next time
+  the way the exported stock scheduler steps (DDIM with eta 0, flow-matching Euler);
 - the fake model's denoising loss, the teacher's training target;
 - the stock diffusers schedulers: the multi-step samplers of a teacher and the one that
   makes one step of a stock pipeline the student's one step (exports).
@@ -112,6 +114,17 @@ class VP:
     def recorded_abar(self) -> float:
         return self.one_step_abar
 
+    def denoise(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t - sigma_t eps) / alpha_t in float32, at a student step after the first."""
+        alpha, sigma = self.coefficients(t)
+        return (x.float() - sigma * pred.float()) / alpha
+
+    def renoise(self, x0: torch.Tensor, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                t_next: torch.Tensor) -> torch.Tensor:
+        """DDIM's deterministic step to t_next: alpha_next x0 + sigma_next eps_predicted."""
+        alpha, sigma = self.coefficients(t_next)
+        return alpha * x0 + sigma * pred.float()
+
     # --- stock schedulers ---------------------------------------------------------------
     def sampler(self, name: str | None):
         """A multi-step diffusers scheduler on this schedule, fed eps."""
@@ -120,6 +133,11 @@ class VP:
         classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
         name = _sampler_name(self, name)
         return classes[name].from_config(self.config, prediction_type="epsilon")
+
+    def student_scheduler(self, steps: int = 1):
+        """The stock scheduler whose `steps`-step sampling is the student's (DDIM is the same
+        object for every number of steps: trailing spacing puts N steps at T-1, T-1-T/N, ...)."""
+        return self.one_step_scheduler()
 
     def one_step_scheduler(self):
         """The stock scheduler that makes one pipeline step the one-step student's sampling.
@@ -221,6 +239,16 @@ class Flow:
     def recorded_abar(self) -> None:
         return None
 
+    def denoise(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x0 = x_t - s v in float32."""
+        return x.float() - _view(self.sigma(t)) * pred.float()
+
+    def renoise(self, x0: torch.Tensor, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                t_next: torch.Tensor) -> torch.Tensor:
+        """The Euler step to t_next, x + (s_next - s) v: the same point as (1 - s_next) x0 +
+        s_next eps_predicted, in the stock scheduler's arithmetic."""
+        return x.float() + _view(self.sigma(t_next) - self.sigma(t)) * pred.float()
+
     # --- stock schedulers ---------------------------------------------------------------
     def _euler(self):
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -236,9 +264,21 @@ class Flow:
         return DPMSolverMultistepScheduler(num_train_timesteps=self.num_train_timesteps, prediction_type="flow_prediction",
                                            use_flow_sigmas=True, flow_shift=self.shift)
 
+    def student_scheduler(self, steps: int = 1):
+        """Flow-matching Euler. One step goes from s = 1 to 0, x0 = z + (0 - 1) v. For N
+        steps its times are spread evenly before the shift and its last time stretched to
+        shift(1 / N) (`shift_terminal`), so that no step is spent near s = 0 as its default
+        spacing (down to s = 0.001) would."""
+        if steps == 1:
+            return self._euler()
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        u = 1 / steps
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift,
+                                               shift_terminal=self.shift * u / (1 + (self.shift - 1) * u))
+
     def one_step_scheduler(self):
-        """Flow-matching Euler: its one step goes from s = 1 to 0, x0 = z + (0 - 1) v."""
-        return self._euler()
+        return self.student_scheduler(1)
 
 
 Process = VP | Flow
@@ -250,6 +290,38 @@ def _sampler_name(process: Process, name: str | None) -> str:
         raise ValueError(f"scheduler {name!r} does not sample a {process.name} model; "
                          f"choose one of {', '.join(process.samplers)}")
     return name
+
+
+def student_times(process: Process, steps: int) -> list:
+    """The process times of an N-step student: those of its stock scheduler at N steps
+    (VP: 999, 749, 499, 249 for four; one step: T-1), so that export and sampler agree."""
+    sched = process.student_scheduler(steps)
+    sched.set_timesteps(steps)
+    return [t.item() for t in sched.timesteps]
+
+
+def run_student(process: Process, times: list[torch.Tensor], predict, z: torch.Tensor,
+                stop: torch.Tensor | None = None) -> torch.Tensor:
+    """x0 of the student's sampling from noise z, in float32: at each time its prediction
+    `predict(x, t)`, x0 from it (the generator's formula at the first time), re-noised to the
+    next time as the stock scheduler steps. With `stop` (a step index per sample), each
+    sample's x0 at that step: the steps before it run without gradient, as the student
+    samples (the backward simulation of training several steps)."""
+    n, last = len(z), len(times) - 1
+    stop = torch.full((n,), last, device=z.device) if stop is None else stop
+    x, out = z, None
+    for k, t in enumerate(times):
+        t = t.expand(n)
+        here = stop == k
+        with torch.set_grad_enabled(torch.is_grad_enabled() and bool(here.any())):
+            pred = predict(x, t)
+            x0 = process.generate(pred, x) if k == 0 else process.denoise(pred, x, t)
+        out = x0 if out is None else torch.where(_view(here), x0, out)
+        if k == last or not bool((stop > k).any()):
+            return out
+        with torch.no_grad():
+            x = process.renoise(x0.detach(), pred.detach(), x, t, times[k + 1].expand(n))
+    return out
 
 
 def process_of(scheduler_config: dict, one_step_abar: float | str | None = None) -> Process:

@@ -17,6 +17,7 @@ import torch
 
 from .backbones import Backbone
 from .images import save_grid, save_png, to_uint8
+from .process import run_student
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tensor:
@@ -27,8 +28,10 @@ def seeded_noise(shape: tuple[int, ...], seeds: list[int], device) -> torch.Tens
 @torch.no_grad()
 def one_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds: list[int],
              batch_size: int = 16, guidance: float = 1.0) -> torch.Tensor:
-    """Images in [-1, 1] from the one-step student: one evaluation at the generator's time
-    (T-1), x0 by the process's generator (VP: (z - sigma_T eps) / alpha_T; flow: z - v).
+    """Images in [-1, 1] from the student: one evaluation at the generator's time (T-1), x0 by
+    the process's generator (VP: (z - sigma_T eps) / alpha_T; flow: z - v); a student of N
+    steps (`model.student_steps`) re-noises that x0 to its next time and goes on, as the
+    exported stock scheduler does.
 
     The student samples without guidance (1.0: the conditional pass alone). Another scale
     guides the prediction from one batched [uncond; cond] pass: a teacher sampled in one
@@ -43,9 +46,8 @@ def one_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds
     for i in range(0, len(prompts), batch_size):
         cond = backbone.encode_prompts(prompts[i:i + batch_size]).to(device, dtype)
         z = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device).to(dtype)
-        proc = backbone.process
-        t = proc.time(torch.full((len(z),), proc.generator_index, device=device, dtype=torch.long))
-        x0 = proc.generate(backbone.guided(net, z, t, cond, guidance), z)
+        x0 = run_student(backbone.process, backbone.student_times(device),
+                         lambda x, t: backbone.guided(net, x.to(dtype), t, cond, guidance), z)
         images.append(backbone.decode(x0).float().cpu())
     return torch.cat(images)
 
@@ -81,27 +83,36 @@ def multi_step(backbone: Backbone, net: torch.nn.Module, prompts: list[str], see
 
 @dataclass
 class Sampling:
-    """How images are made: the one-step student, or the teacher with its scheduler."""
+    """How images are made: the student's own sampling (one step, or the steps its backbone
+    says), or the teacher with its scheduler."""
 
-    one_step: bool = True
-    steps: int = 25  # multi-step only
-    guidance: float | None = None  # None: 3.0 for the multi-step teacher, none (1.0) in one step
+    one_step: bool = True  # the student's sampling; False: the multi-step teacher's
+    steps: int | None = None  # the teacher's steps (None: 25); for the student, its own (None: 1), as recorded
+    guidance: float | None = None  # None: 3.0 for the multi-step teacher, none (1.0) for the student
     scheduler: str | None = None  # multi-step only: ddim | dpm | euler; None: the process's default
+
+    @staticmethod
+    def student(backbone: Backbone, guidance: float | None = None) -> "Sampling":
+        return Sampling(steps=backbone.student_steps, guidance=guidance)
 
     @property
     def scale(self) -> float:
         return self.guidance if self.guidance is not None else (1.0 if self.one_step else 3.0)
 
     @property
+    def num_steps(self) -> int:
+        return self.steps or (1 if self.one_step else 25)
+
+    @property
     def nfe(self) -> int:
         """Network evaluations per image: guidance doubles every step."""
-        return (1 if self.one_step else self.steps) * (2 if self.scale != 1 else 1)
+        return self.num_steps * (2 if self.scale != 1 else 1)
 
     def __call__(self, backbone: Backbone, net: torch.nn.Module, prompts: list[str], seeds: list[int],
                  batch_size: int = 16) -> torch.Tensor:
         if self.one_step:
             return one_step(backbone, net, prompts, seeds, batch_size, self.scale)
-        return multi_step(backbone, net, prompts, seeds, self.steps, self.scale, self.scheduler, batch_size)
+        return multi_step(backbone, net, prompts, seeds, self.num_steps, self.scale, self.scheduler, batch_size)
 
     def check(self, backbone: Backbone) -> None:
         """Refuse, before anything is written, a scheduler the backbone's process has not."""
@@ -110,8 +121,8 @@ class Sampling:
 
     def to_dict(self) -> dict:
         if self.one_step:
-            return {"one_step": True, "steps": 1, "guidance": None if self.scale == 1 else self.scale}
-        return {**asdict(self), "guidance": self.scale}
+            return {"one_step": True, "steps": self.num_steps, "guidance": None if self.scale == 1 else self.scale}
+        return {**asdict(self), "steps": self.num_steps, "guidance": self.scale}
 
 
 def sample_to_folder(backbone: Backbone, net: torch.nn.Module, sampling: Sampling, prompts: list[str],

@@ -51,6 +51,10 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
     cfg.model.kind = backbone.kind.name
     cfg.model.one_step_abar = backbone.process.recorded_abar()  # recorded: which generator the run trains
     last = backbone.num_train_timesteps - 1
+    ts = cfg.model.student_timesteps
+    if ts and ts[0] != last:
+        raise ValueError(f"setting model.student_timesteps must start at {last} (the student starts from pure "
+                         f"noise, the schedule's last timestep), got {ts}")
     if cfg.train.t_max > last:
         raise ValueError(f"setting train.t_max must be at most {last} (the schedule's last timestep), "
                          f"got {cfg.train.t_max}")

@@ -111,8 +111,9 @@ def run(args) -> int:
     dtype, spec = DTYPES[args.dtype], base_spec(args)
     if world is not None and not args.base:
         spec = spec.filled(**world.teacher.to_dict())
-    entries = [Entry(name, load_student(src, spec, dtype, **student_options(args)), Sampling())
-               for name, src in sources]
+    entries = [Entry(name, student, Sampling.student(student.backbone))
+               for name, student in ((name, load_student(src, spec, dtype, **student_options(args)))
+                                     for name, src in sources)]
     if args.teacher:
         teacher = teacher_for(entries[0].model, spec, dtype) if entries else load_teacher(None, spec, dtype)
         entries.append(Entry("teacher", teacher, Sampling(False, args.teacher_steps, args.teacher_guidance,

@@ -61,7 +61,7 @@ def export(args) -> int:
     model = load_student(args.model, base_spec(args), DTYPES[args.dtype], **student_options(args))
     if args.format == "pipeline":
         out = export_pipeline(model, args.out, args.force)
-        print(f"wrote {out}; run it with {model.backbone.kind.usage()}")
+        print(f"wrote {out}; run it with {model.backbone.kind.usage(model.backbone.student_steps)}")
         return 0
     teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype])
     if args.format == "single-file":

@@ -54,7 +54,8 @@ def run(args) -> int:
         model = load_student(args.model, base_spec(args), dtype, **student_options(args))
     model.to(args.device, dtype)
     # The student samples without guidance; --guidance and --steps are the teacher's.
-    sampling = Sampling(not args.teacher, args.steps, args.guidance if args.teacher else None, args.scheduler)
+    sampling = (Sampling(False, args.steps, args.guidance, args.scheduler) if args.teacher
+                else Sampling.student(model.backbone))
     sampling.check(model.backbone)
     text = {"model": model.source, "role": "teacher" if args.teacher else "student"}
     paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, args.out, args.batch_size,

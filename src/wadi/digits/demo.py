@@ -183,7 +183,7 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     t_eval = time.perf_counter()
     teacher = load_teacher(None, cfg.model)
     students = {f"student-seed{seed}": load_student(run) for seed, run in zip(s.seeds, runs)}
-    entries = _teacher_entries(teacher, cfg.train.guidance) + [Entry(n, m, Sampling()) for n, m in students.items()]
+    entries = _teacher_entries(teacher, cfg.train.guidance) + [Entry(n, m, Sampling.student(m.backbone)) for n, m in students.items()]
     results = evaluate(entries, ev.prompts, 0, folder / "eval", metrics, batch_size=100, progress=progress,
                        device="cpu")
     real = _real_row(folder / "eval", Scorer(metrics, "cpu", progress))
@@ -235,7 +235,8 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = Fa
     for kind in KINDS:
         start = time.perf_counter()
         run = distill(distill_config(s, folder / "runs", seed, kind), progress=progress)
-        entries.append(Entry(f"student-{kind}", load_student(run), Sampling()))
+        student = load_student(run)
+        entries.append(Entry(f"student-{kind}", student, Sampling.student(student.backbone)))
         results_extra[kind] = {"run_dir": str(run), "distill_seconds": round(time.perf_counter() - start, 1),
                                "trainable": trainable(configs[kind], teacher.net)["student"]}
     results = evaluate(entries, ev.prompts, 0, folder / "eval", metrics, batch_size=100, progress=progress,
