@@ -29,11 +29,12 @@ import torch
 # SD 1.5 (512 px) itself, and its shapes at 96/320 of the width (an 81M-parameter UNet, the
 # latent of 256 px) with the ranks scaled alike, so that the adapters keep SD's share of the
 # parameters (student 10.1%, fake 1.2%).
-# SDXL's UNet itself at 1024 px (the sdxl-wadi preset's ranks), and at 512 px for a CPU.
+# SDXL's UNet itself at 1024 px (the sdxl-wadi preset's ranks), and at 512 / 256 px for a CPU.
 SIZES = {"cpu": dict(width=96, latent=32, text_layers=1, rank_student=77, rank_fake=10),
          "sd15": dict(width=320, latent=64, text_layers=12, rank_student=256, rank_fake=32),
          "sdxl": dict(latent=128, text_layers=1, rank_student=128, rank_fake=32),
-         "sdxl-512": dict(latent=64, text_layers=1, rank_student=128, rank_fake=32)}
+         "sdxl-512": dict(latent=64, text_layers=1, rank_student=128, rank_fake=32),
+         "sdxl-256": dict(latent=32, text_layers=1, rank_student=128, rank_fake=32)}
 SCHEMES = ("engine", "authors")
 PROMPTS = ["a photo of a cat on a windowsill", "a red car on a mountain road", "a bowl of fruit",
            "an astronaut riding a horse"]

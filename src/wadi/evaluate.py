@@ -332,6 +332,8 @@ def evaluate(entries: list[Entry], prompts: PromptSet, seed: int, out: str | Pat
     state = PartialState(cpu=multi_cpu)
     device = str(state.device) if state.num_processes > 1 else (device or str(state.device))
     out = Path(out)
+    for e in entries:  # a scheduler the process has not is refused before anything is written
+        e.sampling.check(e.model.backbone)
     settings = generation_settings(entries, prompts, seed)
     if state.is_main_process:
         check_resume(out, settings, force)

@@ -35,7 +35,23 @@ def _view(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, 1, 1, 1)
 
 
-class VP:
+class _Samplers:
+    """What both processes say about their stock samplers."""
+
+    name: str
+    samplers: tuple[str, ...]
+    default_sampler: str
+
+    def sampler_name(self, name: str | None) -> str:
+        """`name`, or this process's default sampler; a sampler of another process refused."""
+        name = name or self.default_sampler
+        if name not in self.samplers:
+            raise ValueError(f"scheduler {name!r} does not sample a {self.name} model; "
+                             f"choose one of {', '.join(self.samplers)}")
+        return name
+
+
+class VP(_Samplers):
     """The variance-preserving (DDPM) process of SD 1.5 / 2.1 / PixArt-alpha:
     abar_t from the schedule, alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t); the net
     predicts eps or v = alpha eps - sigma x0; the engine works in eps."""
@@ -131,7 +147,7 @@ class VP:
         from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
         classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-        name = _sampler_name(self, name)
+        name = self.sampler_name(name)
         return classes[name].from_config(self.config, prediction_type="epsilon")
 
     def student_scheduler(self, steps: int = 1):
@@ -170,7 +186,7 @@ class VP:
         raise ValueError(f"no float32 beta gives abar_T = {self.one_step_abar} after {float(before)}")
 
 
-class Flow:
+class Flow(_Samplers):
     """Rectified flow (SD3 / SD3.5, Sana, FLUX): x_t = (1 - s) x0 + s eps with s in [0, 1]
     shifted as s' = shift s / (1 + (shift - 1) s); the net predicts the velocity
     v = eps - x0 at time s N and the engine works in v. x0 = x_t - s v, eps = x_t + (1 - s) v."""
@@ -259,7 +275,7 @@ class Flow:
         """A multi-step diffusers scheduler of this flow, fed the velocity."""
         from diffusers import DPMSolverMultistepScheduler
 
-        if _sampler_name(self, name) == "euler":
+        if self.sampler_name(name) == "euler":
             return self._euler()
         return DPMSolverMultistepScheduler(num_train_timesteps=self.num_train_timesteps, prediction_type="flow_prediction",
                                            use_flow_sigmas=True, flow_shift=self.shift)
@@ -282,14 +298,6 @@ class Flow:
 
 
 Process = VP | Flow
-
-
-def _sampler_name(process: Process, name: str | None) -> str:
-    name = name or process.default_sampler
-    if name not in process.samplers:
-        raise ValueError(f"scheduler {name!r} does not sample a {process.name} model; "
-                         f"choose one of {', '.join(process.samplers)}")
-    return name
 
 
 def student_times(process: Process, steps: int) -> list:

@@ -115,9 +115,10 @@ class Sampling:
         return multi_step(backbone, net, prompts, seeds, self.num_steps, self.scale, self.scheduler, batch_size)
 
     def check(self, backbone: Backbone) -> None:
-        """Refuse, before anything is written, a scheduler the backbone's process has not."""
+        """Name the teacher's scheduler (None: the process's default), refusing, before
+        anything is written, one the backbone's process has not."""
         if not self.one_step:
-            backbone.process.sampler(self.scheduler)
+            self.scheduler = backbone.process.sampler_name(self.scheduler)
 
     def to_dict(self) -> dict:
         if self.one_step:

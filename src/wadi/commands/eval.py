@@ -118,8 +118,6 @@ def run(args) -> int:
         teacher = teacher_for(entries[0].model, spec, dtype) if entries else load_teacher(None, spec, dtype)
         entries.append(Entry("teacher", teacher, Sampling(False, args.teacher_steps, args.teacher_guidance,
                                                           args.teacher_scheduler)))
-    for entry in entries:
-        entry.sampling.check(entry.model.backbone)
     results = evaluate(entries, prompts, args.seed, args.out, metrics, args.batch_size, args.force,
                        not args.no_progress, args.device)
     if results:
