@@ -28,6 +28,7 @@ from .targets import resolve_rule
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
 LR_SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")  # accelerate's trackers
+MAX_SEED = 2**64 - 1  # the largest torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -339,8 +340,18 @@ def _require(ok: bool, setting: str, what: str, value) -> None:
         raise ValueError(f"setting {setting} must be {what}, got {value!r}")
 
 
-def _check_config(c: DistillConfig) -> None:
-    m, d, t, r = c.model, c.data, c.train, c.run
+def recorded_spec(values, where: str) -> BackboneSpec:
+    """A BackboneSpec from what a file records (an export's manifest): typed and checked
+    as the model settings are; unknown keys (a newer version's) are left out."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(BackboneSpec)}
+    spec = _build(BackboneSpec, {k: v for k, v in values.items() if k in names}, f"{where}.")
+    _check_model(spec)
+    return spec
+
+
+def _check_model(m: BackboneSpec) -> None:
     _require(m.kind is None or m.kind in KINDS, "model.kind", f"one of {', '.join(KINDS)}", m.kind)
     _require(m.resolution is None or m.resolution > 0, "model.resolution", "a positive number of pixels",
              m.resolution)
@@ -348,6 +359,11 @@ def _check_config(c: DistillConfig) -> None:
     abar = m.one_step_abar
     _require(abar in (None, SCHEDULER) or (not isinstance(abar, str) and 0 < abar < 1), "model.one_step_abar",
              f"a number in (0, 1) or {SCHEDULER!r}", abar)
+
+
+def _check_config(c: DistillConfig) -> None:
+    m, d, t, r = c.model, c.data, c.train, c.run
+    _check_model(m)
     for role, a in (("student", c.student), ("fake", c.fake)):
         if adapter_class(a.kind).ranked and a.targets is not None:
             resolve_rule(a.targets)  # an unknown preset or a bad rule raises here
@@ -373,7 +389,7 @@ def _check_config(c: DistillConfig) -> None:
     _require(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " or ".join(MIXED_PRECISION),
              t.mixed_precision)
     _require(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", "in (0, 1) or null", t.ema_decay)
-    _require(t.seed >= 0, "train.seed", "at least 0", t.seed)
+    _require(0 <= t.seed <= MAX_SEED, "train.seed", f"in 0..{MAX_SEED}", t.seed)
     _require(t.max_nonfinite >= 1, "train.max_nonfinite", "at least 1", t.max_nonfinite)
     _require(bool(r.root), "run.root", "a folder", r.root)
     _require("/" not in r.desc and "\\" not in r.desc, "run.desc", "a name without slashes", r.desc)
@@ -386,5 +402,5 @@ def _check_config(c: DistillConfig) -> None:
     if r.sample_every:
         _require(bool(d.sample_prompts) and all(p.strip() for p in d.sample_prompts), "data.sample_prompts",
                  "a list of non-empty prompts (or set run.sample_every=0)", d.sample_prompts)
-        _require(bool(r.sample_seeds) and all(s >= 0 for s in r.sample_seeds), "run.sample_seeds",
-                 "a list of seeds >= 0", r.sample_seeds)
+        _require(bool(r.sample_seeds) and all(0 <= s <= MAX_SEED for s in r.sample_seeds), "run.sample_seeds",
+                 f"a list of seeds in 0..{MAX_SEED}", r.sample_seeds)

@@ -9,6 +9,7 @@ system's (flock through filelock), so a killed holder's lock is free again: a st
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import sys
@@ -43,7 +44,8 @@ def _record_holder(fd: int) -> None:
 def acquire(output: str | Path, option: str = "--out") -> FileLock:
     """Take the output's lock or raise InUse naming its holder."""
     path = lock_path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent))
     lock = FileLock(path, timeout=0, on_acquired=_record_holder)
     try:
         lock.acquire()

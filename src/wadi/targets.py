@@ -53,8 +53,15 @@ def resolve_rule(targets: str | TargetRule | dict) -> TargetRule:
         unknown = set(targets) - {"include", "exclude"}
         if unknown:
             raise ValueError(f"target rule has unknown keys {sorted(unknown)}; use 'include' and 'exclude'")
-        return TargetRule(tuple(targets.get("include", ())), tuple(targets.get("exclude", ())))
+        return TargetRule(_substrings(targets, "include"), _substrings(targets, "exclude"))
     raise TypeError(f"targets must be a preset name, a TargetRule or a dict, got {type(targets).__name__}")
+
+
+def _substrings(rule: dict, key: str) -> tuple[str, ...]:
+    value = rule.get(key, ())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
+        raise ValueError(f"target rule {key} must be a list of layer-name substrings, got {value!r}")
+    return tuple(value)
 
 
 def select_linears(model: nn.Module, rule: TargetRule) -> list[str]:

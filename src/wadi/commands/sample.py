@@ -10,8 +10,8 @@ from ..files import check_out
 from ..students import load_student, load_teacher
 from ..prompts import FORMATS, read_prompts
 from ..sampling import Sampling, sample_to_folder
-from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, parse_seeds, positive,
-                         student_options)
+from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, finite, parse_seeds,
+                         positive, student_options)
 
 
 def register(sub) -> None:
@@ -41,6 +41,7 @@ def run(args) -> int:
     seeds = parse_seeds(args.seeds)
     positive(args.batch_size, "--batch-size")
     positive(args.steps, "--steps")
+    finite(args.guidance, "--guidance")
     check_device(args.device)
     prompts = args.prompt if args.prompt else read_prompts(args.prompts, args.format)
     if any(not p.strip() for p in prompts):
