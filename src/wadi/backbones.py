@@ -202,6 +202,10 @@ class Backbone:
         self.tokenizer = tokenizer
         self.vae = vae
         self.max_length = spec.max_length or self.kind.max_length or tokenizer.model_max_length
+        positions = getattr(text_encoder.config, "max_position_embeddings", None)  # T5's are relative: none
+        if positions and self.max_length > positions:
+            raise ValueError(f"max_length {self.max_length} (model.max_length / --max-length) is beyond the text "
+                             f"encoder's {positions} positions")
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):

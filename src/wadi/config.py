@@ -23,6 +23,7 @@ import yaml
 
 from .adapters import AdapterConfig, adapter_class
 from .backbones import AUTHORS_ONE_STEP_ABAR, KINDS, SCHEDULER, BackboneSpec, get_kind
+from .prompts import check_prompts
 from .targets import resolve_rule
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
@@ -155,8 +156,28 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
+def _refuse_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML keeps the last of two silently."""
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Loader.construct_mapping = _refuse_duplicates
+
+
 def load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+    """YAML as settings read it; nesting deeper than Python recurses is a YAMLError too."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -267,6 +288,8 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of settings")
         preset = loaded.pop("preset", "") or ""
+        if not isinstance(preset, str):
+            raise ValueError(f"config file {path}: preset must be a preset name, got {preset!r}")
         base = preset_values(preset) if preset else {}
         if base is None:
             raise ValueError(f"config file {path} names unknown preset {preset!r}")
@@ -402,5 +425,6 @@ def _check_config(c: DistillConfig) -> None:
     if r.sample_every:
         _require(bool(d.sample_prompts) and all(p.strip() for p in d.sample_prompts), "data.sample_prompts",
                  "a list of non-empty prompts (or set run.sample_every=0)", d.sample_prompts)
+        check_prompts(d.sample_prompts, "setting data.sample_prompts")
         _require(bool(r.sample_seeds) and all(0 <= s <= MAX_SEED for s in r.sample_seeds), "run.sample_seeds",
                  f"a list of seeds in 0..{MAX_SEED}", r.sample_seeds)

@@ -125,6 +125,10 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
     """Run (or continue) a distillation; returns the run folder. The run's lock
     (wadi.locks) is held throughout: a second command on the same run refuses."""
     if resume:
+        if config and resume != "latest":
+            raise ValueError(f"--config goes with a new run or --resume latest (where it names run.root); --resume "
+                             f"{resume} continues with the run's own config.yaml (change what may change as "
+                             "key=value)")
         root = config.run.root if isinstance(config, DistillConfig) else (
             resolve(config, overrides).run.root if config else "runs")
         run = RunFolder.find(root, resume)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..files import check_out
 from ..students import load_student, load_teacher
-from ..prompts import FORMATS, read_prompts
+from ..prompts import FORMATS, check_prompts, read_prompts
 from ..sampling import Sampling, sample_to_folder
 from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, finite, parse_seeds,
                          positive, student_options)
@@ -43,7 +43,7 @@ def run(args) -> int:
     positive(args.steps, "--steps")
     finite(args.guidance, "--guidance")
     check_device(args.device)
-    prompts = args.prompt if args.prompt else read_prompts(args.prompts, args.format)
+    prompts = check_prompts(args.prompt, "--prompt") if args.prompt else read_prompts(args.prompts, args.format)
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")
     check_out(args.out, args.force)
