@@ -105,9 +105,16 @@ class RunFolder:
     def reserve(cls, root: str | Path, name: str, config: str) -> tuple["RunFolder", FileLock]:
         """Create root/NNNNN-name holding `config` as its config.yaml, NNNNN one past the
         highest number there (the next when another process takes it first), and take
-        its lock. An empty numbered folder left by an older version is reused."""
+        its lock. Empty numbered folders (an older version's, killed before its config) are
+        removed first, so their numbers are taken again."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
+        for p in root.iterdir():
+            if _RUN_DIR.match(p.name) and p.is_dir():
+                try:
+                    p.rmdir()  # only an empty folder goes; runs are never empty
+                except OSError:
+                    pass
         tmp = Path(tempfile.mkdtemp(prefix=".new-run-", dir=root))
         try:
             (tmp / "config.yaml").write_text(config, encoding="utf-8")

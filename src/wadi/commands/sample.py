@@ -3,10 +3,11 @@ file) or, with --teacher, from the multi-step teacher, so both are compared by o
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from ..files import check_out
+from ..files import atomic_path, check_out
 from ..students import load_student, load_teacher
 from ..prompts import FORMATS, check_prompts, read_prompts
 from ..sampling import Sampling, sample_to_folder
@@ -56,9 +57,11 @@ def run(args) -> int:
     # The student samples without guidance; --guidance and --steps are the teacher's.
     sampling = Sampling(not args.teacher, args.steps, args.guidance if args.teacher else None, args.scheduler)
     text = {"model": model.source, "role": "teacher" if args.teacher else "student"}
-    paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, args.out, args.batch_size,
-                             text, with_grid=not args.no_grid)
-    (args.out / "samples.json").write_text(json.dumps(
-        {**text, "sampling": sampling.to_dict(), "prompts": prompts, "seeds": seeds}, indent=1) + "\n")
+    # A new folder appears whole (a failure leaves none); --force writes into an existing one.
+    with contextlib.nullcontext(args.out) if args.out.exists() else atomic_path(args.out) as out:
+        paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, out, args.batch_size,
+                                 text, with_grid=not args.no_grid)
+        (out / "samples.json").write_text(json.dumps(
+            {**text, "sampling": sampling.to_dict(), "prompts": prompts, "seeds": seeds}, indent=1) + "\n")
     print(f"wrote {len(paths)} files to {args.out}")
     return 0
