@@ -230,6 +230,7 @@ def test_prompts_too_long_or_of_the_wrong_type_are_refused(world, tmp_path, caps
     lines = tmp_path / "p.jsonl"
     lines.write_text('{"prompt": "a cat"}\n{"prompt": 5}\n')
     refused(capsys, ["sample", run, "--prompts", lines, "--out", out], "p.jsonl:2: prompt must be a string", tmp_path)
+    refused(capsys, ["sample", run, "--prompt", "a \udcff", "--out", out], "not valid UTF-8", tmp_path)  # argv bytes
     for seeds in ("18446744073709551616", "0-999999999"):
         refused(capsys, ["sample", run, "--prompt", "a", "--seeds", seeds, "--out", out], "--seeds", tmp_path)
     assert not out.exists()
@@ -257,15 +258,20 @@ def test_ctrl_c_while_importing_is_one_line():
     one_line(err, "wadi: interrupted")
 
 
-def test_a_run_folder_appears_with_its_config_and_empty_ones_are_reused(world, tmp_path):
+def test_a_run_folder_appears_with_its_config_and_a_config_less_one_is_passed_over(world, tmp_path, capsys):
     from wadi.run_folder import RunFolder
 
     root = tmp_path / "runs"
-    (root / "00000-custom").mkdir(parents=True)  # killed before its config by an older version
     run, lock = RunFolder.reserve(root, "custom", "a: 1\n")
-    locks.release(lock)
-    assert run.name == "00000-custom" and run.config.read_text() == "a: 1\n"
-    assert sorted(p.name for p in root.iterdir()) == ["00000-custom"]
+    try:
+        assert run.name == "00000-custom" and run.config.read_text() == "a: 1\n"
+        assert sorted(p.name for p in root.iterdir()) == ["00000-custom", "00000-custom.lock"]
+    finally:
+        locks.release(lock)
+    (root / "00001-custom").mkdir()  # an older version killed between mkdir and its config
+    shutil.copy(world["config"], run.config)
+    assert RunFolder.find(root, "latest").path == run.path
+    refused(capsys, ["distill", "--resume", root / "00001-custom"], "not a run folder (no config.yaml)", root)
 
 
 def test_a_run_killed_in_its_final_export_is_not_finished_and_resumes(world, tmp_path, monkeypatch, capsys):
@@ -292,10 +298,13 @@ def test_a_run_killed_in_its_final_export_is_not_finished_and_resumes(world, tmp
     assert (run / "student.safetensors").is_file() and (run / "student" / "config.json").is_file()
 
 
-def test_a_killed_exports_tmp_does_not_block_the_next_export(world, tmp_path):
+def test_a_killed_exports_tmp_does_not_block_the_next_export(world, tmp_path, monkeypatch):
     out = tmp_path / "out"
     (tmp_path / "out.tmp" / "unet").mkdir(parents=True)  # a pipeline export killed half-way
     assert main(["export", str(world["run"]), "--format", "adapter", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    monkeypatch.chdir(out)  # `--out .`: the lock goes beside the folder by its real name
+    assert main(["export", str(world["run"]), "--format", "adapter", "--out", ".", "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

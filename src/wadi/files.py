@@ -37,7 +37,7 @@ def check_new_file(path: str | Path, force: bool, option: str = "--out") -> Path
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write a file or folder to; when the block ends
     without an error it replaces `path` (a folder whole), otherwise it is removed."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `.` and `..` named, links not followed
     tmp = path.with_name(path.name + ".tmp")
     _remove(tmp)  # a killed writer's: whoever writes `path` now owns it (wadi.locks)
     try:

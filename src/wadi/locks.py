@@ -27,7 +27,7 @@ class InUse(OSError):
 
 
 def lock_path(output: str | Path) -> Path:
-    output = Path(output)
+    output = Path(os.path.abspath(output))  # `.` and `..` named, links not followed
     return output.with_name(output.name + ".lock")
 
 

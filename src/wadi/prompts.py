@@ -73,8 +73,13 @@ def _read_coco(text: str, path: Path) -> list[str]:
 
 
 def check_prompts(prompts: list[str], where: str) -> list[str]:
-    """Refuse a prompt longer than MAX_PROMPT_CHARS, naming it by its number."""
+    """Refuse a prompt longer than MAX_PROMPT_CHARS, or one that is not text (bytes that
+    were not UTF-8 on the command line), naming it by its number."""
     for i, p in enumerate(prompts, 1):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: prompt {i} is not valid UTF-8 text") from None
         if len(p) > MAX_PROMPT_CHARS:
             raise ValueError(f"{where}: prompt {i} is {len(p)} characters long; at most {MAX_PROMPT_CHARS} "
                              "(text encoders read a few hundred tokens)")

@@ -102,22 +102,16 @@ class RunFolder:
 
     # --- numbering ------------------------------------------------------------------------
     @classmethod
-    def reserve(cls, root: str | Path, name: str, config: str) -> tuple["RunFolder", FileLock]:
+    def reserve(cls, root: str | Path, name: str, config: str | None = None) -> tuple["RunFolder", FileLock]:
         """Create root/NNNNN-name holding `config` as its config.yaml, NNNNN one past the
         highest number there (the next when another process takes it first), and take
-        its lock. Empty numbered folders (an older version's, killed before its config) are
-        removed first, so their numbers are taken again."""
+        its lock."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        for p in root.iterdir():
-            if _RUN_DIR.match(p.name) and p.is_dir():
-                try:
-                    p.rmdir()  # only an empty folder goes; runs are never empty
-                except OSError:
-                    pass
         tmp = Path(tempfile.mkdtemp(prefix=".new-run-", dir=root))
         try:
-            (tmp / "config.yaml").write_text(config, encoding="utf-8")
+            if config is not None:
+                (tmp / "config.yaml").write_text(config, encoding="utf-8")
             number = max((int(m.group(1)) for p in root.iterdir() if (m := _RUN_DIR.match(p.name))), default=-1) + 1
             while True:
                 path = root / f"{number:05d}-{name}"
@@ -127,7 +121,7 @@ class RunFolder:
                 except locks.InUse:
                     continue
                 try:
-                    os.rename(tmp, path)  # replaces only an empty folder
+                    os.rename(tmp, path)  # fails on a taken number (an empty folder it would replace is past max)
                     return cls(path), lock
                 except OSError as e:
                     locks.release(lock)
