@@ -202,12 +202,21 @@ def _deep(cfg: dict) -> str:
     return text.replace(f"  guidance: {cfg['train']['guidance']}\n", "  guidance: " + "[" * 3000 + "]" * 3000 + "\n")
 
 
+def _billion_laughs() -> list:
+    """Nine levels of nine references: a few lines of YAML (aliases), 9^9 strings spelled out."""
+    level = ["lol"] * 9
+    for _ in range(8):
+        level = [level] * 9
+    return level
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda cfg: yaml.safe_dump({**cfg, "preset": ["a", "b"]}, sort_keys=False), "preset must be a preset name"),
     (lambda cfg: yaml.safe_dump(cfg, sort_keys=False) + "preset: ''\n", "duplicate key 'preset'"),
     (_deep, "nested too deeply"),
     (_setting("student", "targets", {"include": 5}), "target rule include must be a list"),
     (_setting("student", "targets", [1]), "student.targets must be a preset name"),
+    (_setting("fake", "targets", {"include": _billion_laughs()}), "target rule include must be a list"),
     (_setting("train", "seed", 2**64), "train.seed must be in 0.."),
     (_setting("model", "max_length", 1000), "beyond the text encoder's 16 positions"),
     (_setting("data", "sample_prompts", ["x" * (MAX_PROMPT_CHARS + 1)]), f"at most {MAX_PROMPT_CHARS}"),

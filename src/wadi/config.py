@@ -24,6 +24,7 @@ import yaml
 from .adapters import AdapterConfig, adapter_class
 from .backbones import AUTHORS_ONE_STEP_ABAR, KINDS, SCHEDULER, BackboneSpec, get_kind
 from .prompts import check_prompts
+from .errors import brief
 from .targets import resolve_rule
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
@@ -164,7 +165,7 @@ def _refuse_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
             continue
         key = loader.construct_object(key_node, deep=deep)
         if isinstance(key, typing.Hashable) and key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {brief(key)}", key_node.start_mark)
         seen.add(key)
     return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
@@ -203,38 +204,38 @@ def _coerce(value, annotation, where: str):
             return value
         if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
             return value.lower() in _TRUE
-        raise ValueError(f"setting {where} must be true or false, got {value!r}")
+        raise ValueError(f"setting {where} must be true or false, got {brief(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         try:
             return int(str(value))
         except ValueError:
-            raise ValueError(f"setting {where} must be an integer, got {value!r}") from None
+            raise ValueError(f"setting {where} must be an integer, got {brief(value)}") from None
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         try:
             return float(str(value))
         except ValueError:
-            raise ValueError(f"setting {where} must be a number, got {value!r}") from None
+            raise ValueError(f"setting {where} must be a number, got {brief(value)}") from None
     if annotation is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"setting {where} must be a string, got {value!r}")
+        raise ValueError(f"setting {where} must be a string, got {brief(value)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"setting {where} must be a list, got {value!r}")
+            raise ValueError(f"setting {where} must be a list, got {brief(value)}")
         if origin is tuple:
             if len(value) != len(args):
-                raise ValueError(f"setting {where} must be a list of {len(args)} values, got {value!r}")
+                raise ValueError(f"setting {where} must be a list of {len(args)} values, got {brief(value)}")
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"setting {where} must be a mapping, got {value!r}")
+            raise ValueError(f"setting {where} must be a mapping, got {brief(value)}")
         return value
     raise TypeError(f"no conversion for the type of {where}: {annotation}")
 
@@ -254,11 +255,12 @@ def _build(cls, values: dict, where: str):
     for name, value in values.items():
         if name in _NESTED and cls is DistillConfig:
             if not isinstance(value, dict):
-                raise ValueError(f"setting {where}{name} must be a section of keys, got {value!r}")
+                raise ValueError(f"setting {where}{name} must be a section of keys, got {brief(value)}")
             value = _build(_NESTED[name], value, f"{where}{name}.")
         elif name == "targets" and cls is AdapterConfig:
             if value is not None and not isinstance(value, (str, dict)):
-                raise ValueError(f"setting {where}targets must be a preset name or include/exclude lists, got {value!r}")
+                raise ValueError(f"setting {where}targets must be a preset name or include/exclude lists, "
+                                 f"got {brief(value)}")
         else:
             value = _coerce(value, hints[name], where + name)
         kwargs[name] = value
@@ -289,10 +291,10 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
             raise ValueError(f"config file {path} must hold a mapping of settings")
         preset = loaded.pop("preset", "") or ""
         if not isinstance(preset, str):
-            raise ValueError(f"config file {path}: preset must be a preset name, got {preset!r}")
+            raise ValueError(f"config file {path}: preset must be a preset name, got {brief(preset)}")
         base = preset_values(preset) if preset else {}
         if base is None:
-            raise ValueError(f"config file {path} names unknown preset {preset!r}")
+            raise ValueError(f"config file {path} names unknown preset {brief(preset)}")
         values = _deep_update(base, loaded)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -351,7 +353,7 @@ def _set_dotted(d: dict, key: str, value) -> None:
     for p in parts[:-1]:
         nxt = d.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ValueError(f"setting {p} must be a section of keys, got {nxt!r}")
+            raise ValueError(f"setting {p} must be a section of keys, got {brief(nxt)}")
         d = nxt
     d[parts[-1]] = value
 
@@ -360,7 +362,7 @@ def _set_dotted(d: dict, key: str, value) -> None:
 
 def _require(ok: bool, setting: str, what: str, value) -> None:
     if not ok:
-        raise ValueError(f"setting {setting} must be {what}, got {value!r}")
+        raise ValueError(f"setting {setting} must be {what}, got {brief(value)}")
 
 
 def recorded_spec(values, where: str) -> BackboneSpec:

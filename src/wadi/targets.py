@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .errors import brief
+
 _UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 _FAKE_EXCLUDE = ("proj_in", "proj_out", "time_emb_proj")
 
@@ -46,7 +48,7 @@ def resolve_rule(targets: str | TargetRule | dict) -> TargetRule:
         return targets
     if isinstance(targets, str):
         if targets not in PRESETS:
-            raise ValueError(f"unknown target preset {targets!r}; use one of {', '.join(PRESETS)} "
+            raise ValueError(f"unknown target preset {brief(targets)}; use one of {', '.join(PRESETS)} "
                              "or give include/exclude substrings")
         return PRESETS[targets]
     if isinstance(targets, dict):
@@ -60,7 +62,7 @@ def resolve_rule(targets: str | TargetRule | dict) -> TargetRule:
 def _substrings(rule: dict, key: str) -> tuple[str, ...]:
     value = rule.get(key, ())
     if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
-        raise ValueError(f"target rule {key} must be a list of layer-name substrings, got {value!r}")
+        raise ValueError(f"target rule {key} must be a list of layer-name substrings, got {brief(value)}")
     return tuple(value)
 
 
