@@ -253,6 +253,15 @@ def test_running_out_of_cpu_memory_exits_3_and_leaves_no_folder(world, tmp_path,
     assert not out.exists()
 
 
+def test_a_run_that_runs_out_of_memory_at_its_first_step_leaves_no_folder(world, tmp_path, capsys):
+    cfg = yaml.safe_load(world["config"].read_text())
+    cfg["run"]["root"] = str(tmp_path / "runs")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    refused(capsys, ["distill", "--config", tmp_path / "c.yaml", "model.resolution=1000000", "--no-progress"],
+            "out of memory", code=3)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
 # --- 6. interrupts and kills at the edges -----------------------------------------------------
 
 def test_ctrl_c_while_importing_is_one_line():

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .backbones import BackboneSpec
-from .errors import describe
+from .errors import brief, describe
 from .files import atomic_path, check_out, read_json_object
 from .model_card import write_card
 from .run_folder import RunFolder
@@ -44,7 +44,7 @@ def read_manifest(folder: Path) -> dict:
     """The manifest of an exported folder; `base` as a BackboneSpec."""
     info = read_json_object(folder / MANIFEST, "; export the student again")
     if info.get("format") != FORMAT:
-        raise ValueError(f"{folder / MANIFEST}: unknown export format {info.get('format')!r}; "
+        raise ValueError(f"{folder / MANIFEST}: unknown export format {brief(info.get('format'))}; "
                          "export the student again")
     from .config import recorded_spec
 

@@ -96,6 +96,7 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
         base = spec.filled(**run_spec(run).to_dict())
         backbone = load_backbone(base, dtype, allow_bin)
         if (run.student_model / "config.json").is_file():
+            read_json_object(run.student_model / "config.json")  # diffusers takes a damaged one for a hub id
             net = type(backbone.net).from_pretrained(run.student_model, torch_dtype=dtype, use_safetensors=True)
         elif run.student_adapter.is_file():
             net = adapter_student(backbone, run.student_adapter, allow_other_base)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -149,6 +150,10 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
     run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
         return _train(cfg, prompts, backbone, run, False, progress)
+    except Exception:
+        if not run.complete_checkpoints() and not (run.log.is_file() and run.log.stat().st_size):
+            shutil.rmtree(run.path, ignore_errors=True)  # failed before anything was trained: no run to keep
+        raise
     finally:
         locks.release(lock)
 
