@@ -2,7 +2,6 @@
 numbers, crafted files that parse, sizes and settings, interrupts at the edges. Each ends
 in one line (or a complete result) with the folders as they were."""
 
-import json
 import os
 import resource
 import shutil
@@ -10,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -25,9 +23,9 @@ from wadi.cli import main
 from wadi.prompts import MAX_PROMPT_CHARS
 
 
-def wadi(*args, env=None, preexec_fn=None, timeout=300) -> subprocess.CompletedProcess:
+def wadi(*args, preexec_fn=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "wadi.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, preexec_fn=preexec_fn, timeout=timeout)
+                          preexec_fn=preexec_fn, timeout=300)
 
 
 def one_line(err: str, message: str) -> None:
