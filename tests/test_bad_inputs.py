@@ -5,6 +5,7 @@ nothing half-made left behind."""
 import errno
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -30,12 +31,15 @@ def snapshot(*folders: Path) -> dict[str, str]:
     return out
 
 
+PROGRESS = re.compile(r"^[\w ]+: +\d+%\|")  # a progress bar (sampling) is not a message
+
+
 def refused(capsys, args, message, *untouched: Path, code=2):
     """`wadi ARGS` exits with `code`, says `message` in one line, and changes nothing under `untouched`."""
     before = snapshot(*untouched)
     capsys.readouterr()
     assert main([str(a) for a in args]) == code
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if not PROGRESS.match(line))
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert message in err, err
     assert snapshot(*untouched) == before, "the refused command changed files"
@@ -120,7 +124,20 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(world, 
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
-@pytest.mark.parametrize("damage", ["truncated optimizer", "empty state", "missing adapter"])
+def _poison(path: Path, value: float, structure: str | None = None) -> None:
+    """Rewrite a safetensors file with `value` in its first tensor (and another structure)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], value)
+    save_file(tensors, str(path), metadata={**meta, **({"structure": structure} if structure else {})})
+
+
+@pytest.mark.parametrize("damage", ["truncated optimizer", "empty state", "missing adapter", "NaN adapter",
+                                    "Inf optimizer", "state of another structure", "a list for the state",
+                                    "optimizer of another structure", "adapter without its config"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(world, tmp_path, damage):
     run = tmp_path / "run"
     shutil.copytree(world["run"], run)
@@ -131,8 +148,24 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(world, tmp_pat
         (latest / "optim-student.safetensors").write_bytes(data[: len(data) // 2])
     elif damage == "empty state":
         (latest / "state.json").write_text("")
-    else:
+    elif damage == "missing adapter":
         (latest / "fake.safetensors").unlink()
+    elif damage == "NaN adapter":
+        _poison(latest / "student.safetensors", float("nan"))
+    elif damage == "Inf optimizer":
+        _poison(latest / "optim-fake.safetensors", float("inf"))
+    elif damage == "state of another structure":
+        (latest / "state.json").write_text('{"step": "two", "nonfinite_streak": 0, "num_processes": 1}')
+    elif damage == "a list for the state":
+        (latest / "state.json").write_text("[2, 0, 1]")
+    elif damage == "optimizer of another structure":
+        _poison(latest / "optim-student.safetensors", 0.0, structure='["param_groups"]')
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(latest / "fake.safetensors"), framework="pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        save_file(tensors, str(latest / "fake.safetensors"), metadata={k: v for k, v in meta.items() if k != "config"})
     with pytest.warns(UserWarning, match="cannot be read"):
         distill(resume=str(run), overrides=["train.steps=3"], progress=False)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

@@ -15,12 +15,13 @@ put LoRaD (or LoRA, DoRA, full fine-tuning) on any diffusers model.
 import importlib
 import importlib.metadata
 
-from .adapters import KINDS, Adapter, AdapterConfig, attach, load_adapter
-from .lorad import LoRaDLinear
-
 __version__ = importlib.metadata.version("wadi-distill")
 
+# Nothing heavy is imported with the package: `wadi` on the command line answers Ctrl-C
+# from its first line (wadi.cli), which an import of torch here would come before.
 _LAZY = {
+    "KINDS": "adapters", "Adapter": "adapters", "AdapterConfig": "adapters", "attach": "adapters",
+    "load_adapter": "adapters", "LoRaDLinear": "lorad",
     "distill": "training", "resolve": "config", "load_student": "students", "load_teacher": "students",
     "one_step": "sampling", "multi_step": "sampling", "export_pipeline": "export", "export_lora": "export",
     "evaluate": "evaluate", "analyze": "analysis", "load_weights": "weights", "BackboneSpec": "backbones",
@@ -33,4 +34,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'wadi' has no attribute {name!r}")
 
 
-__all__ = ["KINDS", "Adapter", "AdapterConfig", "LoRaDLinear", "attach", "load_adapter", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]

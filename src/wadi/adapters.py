@@ -29,6 +29,7 @@ from .errors import CorruptFile, describe
 
 from .lorad import LoRaDLinear
 from .targets import TargetRule, resolve_rule, select_linears
+from .weights import check_finite
 
 FORMAT = "wadi-adapter/1"
 
@@ -352,7 +353,23 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str
         raise CorruptFile(f"{path} is not a readable safetensors file ({describe(e)})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a wadi adapter file (metadata format {meta.get('format')!r})")
+    _check_metadata(path, meta)
+    check_finite(tensors.items(), str(path))
     return meta, tensors
+
+
+def _check_metadata(path: Path, meta: dict[str, str]) -> None:
+    """The metadata the loaders read: a config that builds an AdapterConfig, a base sample
+    that is a list of numbers or null. Damage is a CorruptFile, before anything reads it."""
+    try:
+        config = json.loads(meta["config"])
+        AdapterConfig(**config).rule  # noqa: B018 -- builds the target rule, which raises on damage
+        sample = json.loads(meta.get("base_sample", "null"))
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise CorruptFile(f"{path}: its adapter metadata is damaged ({describe(e) or type(e).__name__})") from None
+    if sample is not None and not (isinstance(sample, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in sample)):
+        raise CorruptFile(f"{path}: its adapter metadata is damaged (base_sample is not a list of numbers)")
 
 
 def _check_compatible(path, meta: dict, config: AdapterConfig, model: nn.Module, fp: str | None,

@@ -240,6 +240,7 @@ class Kind:
     empty: Callable | None = None  # (backbone) -> the empty prompt's Cond, where not encode([""])
     text: tuple[tuple[str, str], ...] = ()  # more text components (pipeline name, transformers class)
     upcast_vae: bool = False  # decode in float32 under half precision (SDXL's VAE overflows in fp16)
+    long_encoder: str = "text_encoder"  # the text component whose token length is max_length
     pipeline_kwargs: str = ""  # what a one-step call of the stock pipeline needs besides the prompt
     pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
 
@@ -279,6 +280,7 @@ KINDS: dict[str, Kind] = {
     "sd3": Kind("sd3", "SD3Transformer2DModel", "transformer", "CLIPTextModelWithProjection", "CLIPTokenizer",
                 masked=False, vae="AutoencoderKL", pipeline="StableDiffusion3Pipeline",
                 targets=("mmdit-student", "mmdit-fake"), max_length=256, call=_call_mmdit, encode=_encode_sd3,
+                long_encoder="text_encoder_3",
                 text=(("text_encoder_2", "CLIPTextModelWithProjection"), ("tokenizer_2", "CLIPTokenizer"),
                       ("text_encoder_3", "T5EncoderModel"), ("tokenizer_3", "AutoTokenizer"))),
     # Sana: a linear-attention DiT on Gemma-2's states under their mask (length 300, after
@@ -391,6 +393,11 @@ class Backbone:
         self.vae = vae
         self.max_length = spec.max_length or self.kind.max_length or tokenizer.model_max_length
         self.process = process_of(dict(scheduler_config), spec.one_step_abar)
+        # The encoder whose token length max_length is (SD3's T5; T5's positions are relative: none).
+        positions = getattr(self.text[self.kind.long_encoder].config, "max_position_embeddings", None)
+        if positions and self.max_length > positions:
+            raise ValueError(f"max_length {self.max_length} (model.max_length / --max-length) is beyond the text "
+                             f"encoder's {positions} positions")
         self.channels = net.config.in_channels
         # AutoencoderKL names its widths block_out_channels, AutoencoderDC encoder_block_out_channels.
         widths = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels if vae else ()

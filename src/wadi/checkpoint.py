@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CorruptFile, describe
-from .files import replace_dir
+from .files import read_json_object, replace_dir
+from .weights import check_finite
 
 
 def flatten_state(state: dict, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict]:
@@ -67,12 +68,17 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
+    """A state file written by save_state; a file that parses but holds another structure,
+    or NaN or infinity, is as damaged as a truncated one."""
     try:
         with safe_open(str(path), framework="pt") as f:
             rest = json.loads((f.metadata() or {})["structure"])
-        return unflatten_state(load_file(str(path)), rest)
-    except (SafetensorError, KeyError, json.JSONDecodeError) as e:
-        raise CorruptFile(f"{path} is not a readable state file ({describe(e)})") from None
+        tensors = load_file(str(path))
+        state = unflatten_state(tensors, rest)
+    except (SafetensorError, KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        raise CorruptFile(f"{path} is not a readable state file ({describe(e) or type(e).__name__})") from None
+    check_finite(tensors.items(), str(path))
+    return state
 
 
 @dataclass
@@ -92,11 +98,7 @@ def stateful(name: str, obj) -> Piece:
 
 def json_piece(name: str, get: Callable[[], dict], put: Callable[[dict], None]) -> Piece:
     def load(path: Path) -> None:
-        try:
-            state = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptFile(f"{path} is not readable JSON ({describe(e)})") from None
-        put(state)
+        put(read_json_object(path))
 
     return Piece(f"{name}.json", lambda p: p.write_text(json.dumps(get())), load)
 
@@ -107,15 +109,16 @@ def write_pieces(folder: Path, pieces: list[Piece]) -> None:
 
 
 def read_pieces(folder: Path, pieces: list[Piece]) -> None:
-    """Read every piece. A missing or unreadable one raises CorruptCheckpoint naming it; a
-    piece that reads but does not fit (another model, another process count) raises its
-    own error: that is a refusal, not damage."""
+    """Read every piece. A missing or unreadable one, or one of another structure (a key,
+    type or index that is not there), raises CorruptCheckpoint naming it; a piece that reads
+    but does not fit (another model, another process count: ValueError, RuntimeError)
+    raises its own error: that is a refusal, not damage."""
     for piece in pieces:
         path = folder / piece.file
         try:
             piece.load(path)
-        except (OSError, CorruptFile) as e:
-            raise CorruptCheckpoint(f"{path.name}: {describe(e)}") from e
+        except (OSError, CorruptFile, KeyError, TypeError, AttributeError, IndexError) as e:
+            raise CorruptCheckpoint(f"{path.name}: {describe(e) or type(e).__name__}") from e
 
 
 class CorruptCheckpoint(Exception):

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 
-from . import __version__
 from .errors import describe
 
 # One line per tool, in the order `wadi --help` lists them.
@@ -18,11 +18,17 @@ COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wadi", description="WaDi: one-step diffusion distillation with LoRaD.")
-    parser.add_argument("--version", action="version", version=f"wadi {__version__}")
+    parser.add_argument("--version", action="version", version=f"wadi {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"wadi.commands.{name}").register(sub)
     return parser
+
+
+def version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def _quiet_libraries() -> None:
@@ -40,30 +46,45 @@ OUT_OF_MEMORY = ("out of memory: lower the batch (train.batch_size, with train.g
                  "train.adam_8bit and mixed precision")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a command. Problems with what the user gave (settings, files, the disk) end as one
-    line on stderr and exit 2, running out of memory exits 3, an interrupt 130; anything else
-    is a bug and shows its traceback. WADI_DEBUG=1 shows the traceback of everything."""
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA's and the CPU allocator's out-of-memory (torch raises the latter as a RuntimeError)."""
     import torch
 
-    from .training import TrainingStopped
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
-    args = build_parser().parse_args(argv)
-    _quiet_libraries()
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command. Problems with what the user gave (settings, files, the disk) end as one
+    line on stderr and exit 2, running out of memory exits 3, an interrupt 130 (from the first
+    line: imports and parsing too); anything else is a bug and shows its traceback.
+    WADI_DEBUG=1 shows the traceback of everything. A command with --out holds that
+    output's lock (wadi.locks) for its whole life."""
+    command = "wadi"
     try:
-        return args.func(args)
+        from safetensors import SafetensorError
+
+        from . import locks
+        from .training import TrainingStopped
+
+        args = build_parser().parse_args(argv)
+        command = f"wadi {args.command}"
+        _quiet_libraries()
+        out = getattr(args, "out", None)
+        with locks.hold(out) if out else contextlib.nullcontext():
+            return args.func(args)
     except KeyboardInterrupt:
-        print(f"wadi {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
-    except (torch.cuda.OutOfMemoryError, MemoryError):
+    except Exception as e:
         if os.environ.get("WADI_DEBUG"):
             raise
-        print(f"wadi {args.command}: error: {OUT_OF_MEMORY}", file=sys.stderr)
-        return 3
-    except (ValueError, OSError, TrainingStopped) as e:
-        if os.environ.get("WADI_DEBUG"):
+        if _out_of_memory(e):
+            print(f"{command}: error: {OUT_OF_MEMORY}", file=sys.stderr)
+            return 3
+        if not isinstance(e, (ValueError, OSError, TrainingStopped, SafetensorError)):
             raise
-        print(f"wadi {args.command}: error: {describe(e)}", file=sys.stderr)
+        print(f"{command}: error: {describe(e)}", file=sys.stderr)
         return 2
 
 

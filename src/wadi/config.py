@@ -23,12 +23,15 @@ import yaml
 
 from .adapters import AdapterConfig, adapter_class
 from .backbones import KINDS, BackboneSpec, get_kind
+from .errors import brief
 from .process import SCHEDULER
+from .prompts import check_prompts
 from .targets import resolve_rule
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
 LR_SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")  # accelerate's trackers
+MAX_SEED = 2**64 - 1  # the largest torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -168,8 +171,28 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
+def _refuse_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: YAML keeps the last of two silently."""
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, typing.Hashable) and key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {brief(key)}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Loader.construct_mapping = _refuse_duplicates
+
+
 def load_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
+    """YAML as settings read it; nesting deeper than Python recurses is a YAMLError too."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -195,38 +218,38 @@ def _coerce(value, annotation, where: str):
             return value
         if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
             return value.lower() in _TRUE
-        raise ValueError(f"setting {where} must be true or false, got {value!r}")
+        raise ValueError(f"setting {where} must be true or false, got {brief(value)}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         try:
             return int(str(value))
         except ValueError:
-            raise ValueError(f"setting {where} must be an integer, got {value!r}") from None
+            raise ValueError(f"setting {where} must be an integer, got {brief(value)}") from None
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         try:
             return float(str(value))
         except ValueError:
-            raise ValueError(f"setting {where} must be a number, got {value!r}") from None
+            raise ValueError(f"setting {where} must be a number, got {brief(value)}") from None
     if annotation is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"setting {where} must be a string, got {value!r}")
+        raise ValueError(f"setting {where} must be a string, got {brief(value)}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"setting {where} must be a list, got {value!r}")
+            raise ValueError(f"setting {where} must be a list, got {brief(value)}")
         if origin is tuple:
             if len(value) != len(args):
-                raise ValueError(f"setting {where} must be a list of {len(args)} values, got {value!r}")
+                raise ValueError(f"setting {where} must be a list of {len(args)} values, got {brief(value)}")
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"setting {where} must be a mapping, got {value!r}")
+            raise ValueError(f"setting {where} must be a mapping, got {brief(value)}")
         return value
     raise TypeError(f"no conversion for the type of {where}: {annotation}")
 
@@ -246,11 +269,12 @@ def _build(cls, values: dict, where: str):
     for name, value in values.items():
         if name in _NESTED and cls is DistillConfig:
             if not isinstance(value, dict):
-                raise ValueError(f"setting {where}{name} must be a section of keys, got {value!r}")
+                raise ValueError(f"setting {where}{name} must be a section of keys, got {brief(value)}")
             value = _build(_NESTED[name], value, f"{where}{name}.")
         elif name == "targets" and cls is AdapterConfig:
             if value is not None and not isinstance(value, (str, dict)):
-                raise ValueError(f"setting {where}targets must be a preset name or include/exclude lists, got {value!r}")
+                raise ValueError(f"setting {where}targets must be a preset name or include/exclude lists, "
+                                 f"got {brief(value)}")
         else:
             value = _coerce(value, hints[name], where + name)
         kwargs[name] = value
@@ -280,9 +304,11 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of settings")
         preset = loaded.pop("preset", "") or ""
+        if not isinstance(preset, str):
+            raise ValueError(f"config file {path}: preset must be a preset name, got {brief(preset)}")
         base = preset_values(preset) if preset else {}
         if base is None:
-            raise ValueError(f"config file {path} names unknown preset {preset!r}")
+            raise ValueError(f"config file {path} names unknown preset {brief(preset)}")
         values = _deep_update(base, loaded)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -339,7 +365,7 @@ def _set_dotted(d: dict, key: str, value) -> None:
     for p in parts[:-1]:
         nxt = d.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ValueError(f"setting {p} must be a section of keys, got {nxt!r}")
+            raise ValueError(f"setting {p} must be a section of keys, got {brief(nxt)}")
         d = nxt
     d[parts[-1]] = value
 
@@ -348,11 +374,21 @@ def _set_dotted(d: dict, key: str, value) -> None:
 
 def _require(ok: bool, setting: str, what: str, value) -> None:
     if not ok:
-        raise ValueError(f"setting {setting} must be {what}, got {value!r}")
+        raise ValueError(f"setting {setting} must be {what}, got {brief(value)}")
 
 
-def _check_config(c: DistillConfig) -> None:
-    m, d, t, r = c.model, c.data, c.train, c.run
+def recorded_spec(values, where: str) -> BackboneSpec:
+    """A BackboneSpec from what a file records (an export's manifest): typed and checked
+    as the model settings are; unknown keys (a newer version's) are left out."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(BackboneSpec)}
+    spec = _build(BackboneSpec, {k: v for k, v in values.items() if k in names}, f"{where}.")
+    _check_model(spec)
+    return spec
+
+
+def _check_model(m: BackboneSpec) -> None:
     _require(m.kind is None or m.kind in KINDS, "model.kind", f"one of {', '.join(KINDS)}", m.kind)
     _require(m.resolution is None or m.resolution > 0, "model.resolution", "a positive number of pixels",
              m.resolution)
@@ -367,6 +403,11 @@ def _check_config(c: DistillConfig) -> None:
     abar = m.one_step_abar
     _require(abar in (None, SCHEDULER) or (not isinstance(abar, str) and 0 < abar < 1), "model.one_step_abar",
              f"a number in (0, 1) or {SCHEDULER!r}", abar)
+
+
+def _check_config(c: DistillConfig) -> None:
+    m, d, t, r = c.model, c.data, c.train, c.run
+    _check_model(m)
     for role, a in (("student", c.student), ("fake", c.fake)):
         if adapter_class(a.kind).ranked and a.targets is not None:
             resolve_rule(a.targets)  # an unknown preset or a bad rule raises here
@@ -392,7 +433,7 @@ def _check_config(c: DistillConfig) -> None:
     _require(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " or ".join(MIXED_PRECISION),
              t.mixed_precision)
     _require(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", "in (0, 1) or null", t.ema_decay)
-    _require(t.seed >= 0, "train.seed", "at least 0", t.seed)
+    _require(0 <= t.seed <= MAX_SEED, "train.seed", f"in 0..{MAX_SEED}", t.seed)
     _require(t.max_nonfinite >= 1, "train.max_nonfinite", "at least 1", t.max_nonfinite)
     _require(bool(r.root), "run.root", "a folder", r.root)
     _require("/" not in r.desc and "\\" not in r.desc, "run.desc", "a name without slashes", r.desc)
@@ -405,5 +446,6 @@ def _check_config(c: DistillConfig) -> None:
     if r.sample_every:
         _require(bool(d.sample_prompts) and all(p.strip() for p in d.sample_prompts), "data.sample_prompts",
                  "a list of non-empty prompts (or set run.sample_every=0)", d.sample_prompts)
-        _require(bool(r.sample_seeds) and all(s >= 0 for s in r.sample_seeds), "run.sample_seeds",
-                 "a list of seeds >= 0", r.sample_seeds)
+        check_prompts(d.sample_prompts, "setting data.sample_prompts")
+        _require(bool(r.sample_seeds) and all(0 <= s <= MAX_SEED for s in r.sample_seeds), "run.sample_seeds",
+                 f"a list of seeds in 0..{MAX_SEED}", r.sample_seeds)

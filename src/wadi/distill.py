@@ -299,6 +299,8 @@ class Distiller:
                     "num_processes": self.acc.num_processes, "adapter_checksums": checksums}
 
         def set_loop_state(state: dict) -> None:
+            if not all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", "nonfinite_streak")):
+                raise ckpt.CorruptFile("step and nonfinite_streak are not counts")
             if state["num_processes"] != self.acc.num_processes:
                 raise ValueError(f"written by {state['num_processes']} processes, this run has "
                                  f"{self.acc.num_processes}; resume with the same number")

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import describe
-from .files import atomic_path, check_out, write_text
+from .errors import CorruptFile, describe
+from .files import atomic_path, check_out, read_json_object, write_text
 from .images import read_images, save_png, to_uint8
 from .prompts import PromptSet
 from .sampling import Sampling
@@ -308,7 +308,9 @@ def check_resume(out: Path, settings: dict, force: bool) -> None:
     if not saved.is_file():
         check_out(out, force)
         return
-    old = json.loads(saved.read_text())
+    old = read_json_object(saved, "; use another --out")
+    if not isinstance(old.get("models", {}), dict):
+        raise CorruptFile(f"{saved}: models is not a mapping; use another --out")
     clash = [name for name, s in settings["models"].items() if old.get("models", {}).get(name, s) != s]
     if old.get("prompts") != settings["prompts"] or old.get("seed") != settings["seed"]:
         clash = list(old.get("models", {}))

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .backbones import BackboneSpec
-from .files import atomic_path, check_out
+from .errors import brief, describe
+from .files import atomic_path, check_out, read_json_object
 from .model_card import write_card
 from .run_folder import RunFolder
 
@@ -40,14 +41,16 @@ def is_export(path: Path) -> bool:
 
 def read_manifest(folder: Path) -> dict:
     """The manifest of an exported folder; `base` as a BackboneSpec."""
+    info = read_json_object(folder / MANIFEST, "; export the student again")
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{folder / MANIFEST}: unknown export format {brief(info.get('format'))}; "
+                         "export the student again")
+    from .config import recorded_spec
+
     try:
-        info = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{folder / MANIFEST} is unreadable ({e}); export the student again") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ValueError(f"{folder / MANIFEST}: unknown export format "
-                         f"{info.get('format') if isinstance(info, dict) else None!r}; export the student again")
-    return {**info, "base": BackboneSpec.from_dict(info["base"])}
+        return {**info, "base": recorded_spec(info.get("base"), "base")}
+    except ValueError as e:
+        raise ValueError(f"{folder / MANIFEST}: {describe(e)}; export the student again") from None
 
 
 def build_pipeline(loaded: "Loaded"):

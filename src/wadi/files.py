@@ -3,11 +3,14 @@ told to, and make files appear whole (write to a temporary name, then rename).""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import CorruptFile
 
 
 def check_out(out: str | Path, force: bool, option: str = "--out") -> Path:
@@ -34,8 +37,9 @@ def check_new_file(path: str | Path, force: bool, option: str = "--out") -> Path
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` to write a file or folder to; when the block ends
     without an error it replaces `path` (a folder whole), otherwise it is removed."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `.` and `..` named, links not followed
     tmp = path.with_name(path.name + ".tmp")
+    _remove(tmp)  # a killed writer's: whoever writes `path` now owns it (wadi.locks)
     try:
         yield tmp
         if tmp.is_dir():
@@ -43,10 +47,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
     finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -61,3 +69,15 @@ def replace_dir(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(src, dst)
+
+
+def read_json_object(path: str | Path, what: str = "") -> dict:
+    """A JSON file that must hold an object: its dict, or one ValueError naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptFile(f"{path} is not readable JSON ({e.__class__.__name__}){what}") from None
+    if not isinstance(data, dict):
+        raise CorruptFile(f"{path} must hold a JSON object, not {type(data).__name__}{what}")
+    return data

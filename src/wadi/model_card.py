@@ -4,10 +4,11 @@ student with stock diffusers in one step."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .backbones import BackboneSpec, get_kind
+from .errors import CorruptFile
+from .files import read_json_object
 from .run_folder import RunFolder
 
 PAPER = "https://arxiv.org/abs/2603.08258"
@@ -75,7 +76,13 @@ def run_settings(source: str) -> tuple[list[str], list[str]]:
     metrics = []
     results = Path(source) / "eval" / "results.json"
     if results.is_file():
-        for name, r in json.loads(results.read_text()).get("models", {}).items():
+        try:
+            models = read_json_object(results).get("models")
+        except (OSError, CorruptFile):
+            models = None  # a damaged evaluation leaves the card without scores
+        for name, r in models.items() if isinstance(models, dict) else ():
+            if not isinstance(r, dict):
+                continue
             scores = ", ".join(f"{k} {r[k]:.4g}" for k in ("fid", "clip_score", "precision", "recall", "alignment")
                                if isinstance(r.get(k), (int, float)))
             metrics.append(f"{name}: {scores} ({r.get('num_images')} images)")

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 FORMATS = ("auto", "txt", "jsonl", "coco")
+# Text encoders read 77 (CLIP) to 300 (T5) tokens and truncate the rest; a longer prompt is
+# a mistake (a file pasted as one), and would be copied into every PNG's metadata.
+MAX_PROMPT_CHARS = 4000
 PROTOCOLS = {"coco2014-30k": 30000, "coco2017-5k": 5000}  # zero-shot COCO: images (one caption each)
 _JSONL_KEYS = ("prompt", "caption", "text")
 
@@ -24,9 +27,13 @@ def _jsonl_prompt(obj: dict, where: str) -> str | None:
     if isinstance(task2, dict):  # JourneyDB: {"Task2": {"Caption": "..."}}
         for key in ("Caption", "Caption:", "caption"):
             if key in task2:
+                if not isinstance(task2[key], str):
+                    raise ValueError(f"{where}: Task2.{key} must be a string, got {type(task2[key]).__name__}")
                 return task2[key]
     for key in _JSONL_KEYS:
         if key in obj:
+            if not isinstance(obj[key], str):
+                raise ValueError(f"{where}: {key} must be a string, got {type(obj[key]).__name__}")
             return obj[key]
     raise ValueError(f"{where}: no prompt field; expected one of {', '.join(_JSONL_KEYS)} or JourneyDB's Task2.Caption")
 
@@ -57,7 +64,26 @@ def _coco_data(text: str, path: Path) -> dict:
 
 
 def _read_coco(text: str, path: Path) -> list[str]:
-    return [a.get("caption") for a in _coco_data(text, path)["annotations"] if isinstance(a, dict)]
+    captions = []
+    for i, a in enumerate(_coco_data(text, path)["annotations"]):
+        if not (isinstance(a, dict) and isinstance(a.get("caption"), str)):
+            raise ValueError(f"{path}: annotation {i} has no caption string; is it a COCO caption file?")
+        captions.append(a["caption"])
+    return captions
+
+
+def check_prompts(prompts: list[str], where: str) -> list[str]:
+    """Refuse a prompt longer than MAX_PROMPT_CHARS, or one that is not text (bytes that
+    were not UTF-8 on the command line), naming it by its number."""
+    for i, p in enumerate(prompts, 1):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: prompt {i} is not valid UTF-8 text") from None
+        if len(p) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{where}: prompt {i} is {len(p)} characters long; at most {MAX_PROMPT_CHARS} "
+                             "(text encoders read a few hundred tokens)")
+    return prompts
 
 
 def _detect(path: Path, text: str) -> str:
@@ -89,7 +115,7 @@ def read_prompts(path: str | Path, fmt: str = "auto", dedupe: bool = False) -> l
         prompts = _read_jsonl(text, path)
     else:
         prompts = _read_coco(text, path)
-    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    prompts = check_prompts([p.strip() for p in prompts if p.strip()], f"prompt file {path}")
     if dedupe:
         prompts = sorted(set(prompts))
     if not prompts:
@@ -120,7 +146,8 @@ def coco_prompts(path: str | Path, n: int, seed: int = 0) -> PromptSet:
     data = _coco_data(text, path)
     captions: dict[int, list[tuple[int, str]]] = {}
     for i, a in enumerate(data["annotations"]):
-        if not (isinstance(a, dict) and isinstance(a.get("caption"), str) and "image_id" in a and "id" in a):
+        if not (isinstance(a, dict) and isinstance(a.get("caption"), str)
+                and isinstance(a.get("image_id"), (int, str)) and isinstance(a.get("id"), (int, str))):
             raise ValueError(f"{path}: annotation {i} lacks an id, image_id or caption; is it a COCO caption file?")
         captions.setdefault(a["image_id"], []).append((a["id"], a["caption"].strip()))
     if n > len(captions):
@@ -134,6 +161,7 @@ def coco_prompts(path: str | Path, n: int, seed: int = 0) -> PromptSet:
     for image_id in chosen:
         caps = sorted(captions[image_id])  # by annotation id: independent of the file's order
         prompts.append(caps[rng.integers(len(caps))][1])
+    check_prompts(prompts, str(path))
     return PromptSet(prompts, f"{path} ({n} images, seed {seed})", [files.get(i, str(i)) for i in chosen])
 
 

@@ -9,14 +9,24 @@
         student.safetensors, fake.safetensors   the final adapters
         student/              the final student merged into a plain diffusers model
 
-Numbers are taken by creating the folder (an atomic mkdir), so two runs started at the
-same moment in one root get different numbers.
+A run folder appears whole with its config.yaml (written in a hidden folder, then renamed
+to its number), so no kill leaves a numbered folder that cannot be resumed; the rename
+fails on a taken number, so two runs started at the same moment in one root get
+different numbers. Its command holds `NNNNN-name.lock` beside it (wadi.locks).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
+
+from filelock import FileLock
+
+from . import locks
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _RUN_DIR = re.compile(r"^(\d+)-")
@@ -87,23 +97,38 @@ class RunFolder:
 
     @property
     def finished(self) -> bool:
+        """The final export is written with student.safetensors last."""
         return self.student_adapter.is_file()
 
     # --- numbering ------------------------------------------------------------------------
     @classmethod
-    def reserve(cls, root: str | Path, name: str) -> "RunFolder":
-        """Create root/NNNNN-name with NNNNN one past the highest number there; if another
-        process takes that number first, the next."""
+    def reserve(cls, root: str | Path, name: str, config: str | None = None) -> tuple["RunFolder", FileLock]:
+        """Create root/NNNNN-name holding `config` as its config.yaml, NNNNN one past the
+        highest number there (the next when another process takes it first), and take
+        its lock."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        number = max((int(m.group(1)) for p in root.iterdir() if (m := _RUN_DIR.match(p.name))), default=-1) + 1
-        while True:
-            path = root / f"{number:05d}-{name}"
-            try:
-                path.mkdir()
-                return cls(path)
-            except FileExistsError:
+        tmp = Path(tempfile.mkdtemp(prefix=".new-run-", dir=root))
+        try:
+            if config is not None:
+                (tmp / "config.yaml").write_text(config, encoding="utf-8")
+            number = max((int(m.group(1)) for p in root.iterdir() if (m := _RUN_DIR.match(p.name))), default=-1) + 1
+            while True:
+                path = root / f"{number:05d}-{name}"
                 number += 1
+                try:
+                    lock = locks.acquire(path)
+                except locks.InUse:
+                    continue
+                try:
+                    os.rename(tmp, path)  # fails on a taken number (an empty folder it would replace is past max)
+                    return cls(path), lock
+                except OSError as e:
+                    locks.release(lock)
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+                        raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename
 
     @classmethod
     def find(cls, root: str | Path, resume: str) -> "RunFolder":

@@ -17,7 +17,6 @@ gives wins over what a run or export records.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +29,9 @@ from .adapters import adapter_base_copy, load_adapter
 from .backbones import Backbone, BackboneSpec, Kind, detect_kind, get_kind, load_backbone
 from . import hub
 from .export import is_export, read_manifest
+from .files import read_json_object
 from .run_folder import RunFolder
-from .weights import TORCH_SUFFIXES, check_fits, load_weights
+from .weights import TORCH_SUFFIXES, check_finite, check_fits, load_weights
 
 
 @dataclass
@@ -81,14 +81,22 @@ def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: to
                  allow_bin: bool = False, allow_other_base: bool = False) -> Loaded:
     """The one-step student that `source` holds (see the module doc for what it can be).
     `allow_bin` reads torch state dicts (without running code); `allow_other_base` loads an
-    adapter file on a base whose weights differ from its own."""
-    spec = spec or BackboneSpec()
+    adapter file on a base whose weights differ from its own. Weights holding NaN or
+    infinity are refused, whatever the source."""
+    loaded = _load_student(source, spec or BackboneSpec(), dtype, allow_bin, allow_other_base)
+    check_finite(loaded.net.named_parameters(), f"the student {source}")
+    return loaded
+
+
+def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, allow_bin: bool,
+                  allow_other_base: bool) -> Loaded:
     path = Path(hub.resolve(source)).expanduser()
     if RunFolder.is_run(path):
         run = RunFolder(path)
         base = spec.filled(**run_spec(run).to_dict())
         backbone = load_backbone(base, dtype, allow_bin)
         if (run.student_model / "config.json").is_file():
+            read_json_object(run.student_model / "config.json")  # diffusers takes a damaged one for a hub id
             net = type(backbone.net).from_pretrained(run.student_model, torch_dtype=dtype, use_safetensors=True)
         elif run.student_adapter.is_file():
             net = adapter_student(backbone, run.student_adapter, allow_other_base)
@@ -115,7 +123,7 @@ def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: to
             net = _in_base(backbone, state, path)
         return Loaded(backbone, net.requires_grad_(False), str(path), backbone.spec, True)
     if (path / "config.json").is_file():
-        cls, denoiser = json.loads((path / "config.json").read_text()).get("_class_name"), base_kind(spec).denoiser
+        cls, denoiser = read_json_object(path / "config.json").get("_class_name"), base_kind(spec).denoiser
         if cls != denoiser:
             raise ValueError(f"{path} holds a {cls}, the base model's denoiser is a {denoiser}; "
                              "is --base the model it came from?")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .errors import brief
+
 _UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 _FAKE_EXCLUDE = ("proj_in", "proj_out", "time_emb_proj")
 
@@ -59,15 +61,22 @@ def resolve_rule(targets: str | TargetRule | dict) -> TargetRule:
         return targets
     if isinstance(targets, str):
         if targets not in PRESETS:
-            raise ValueError(f"unknown target preset {targets!r}; use one of {', '.join(PRESETS)} "
+            raise ValueError(f"unknown target preset {brief(targets)}; use one of {', '.join(PRESETS)} "
                              "or give include/exclude substrings")
         return PRESETS[targets]
     if isinstance(targets, dict):
         unknown = set(targets) - {"include", "exclude"}
         if unknown:
             raise ValueError(f"target rule has unknown keys {sorted(unknown)}; use 'include' and 'exclude'")
-        return TargetRule(tuple(targets.get("include", ())), tuple(targets.get("exclude", ())))
+        return TargetRule(_substrings(targets, "include"), _substrings(targets, "exclude"))
     raise TypeError(f"targets must be a preset name, a TargetRule or a dict, got {type(targets).__name__}")
+
+
+def _substrings(rule: dict, key: str) -> tuple[str, ...]:
+    value = rule.get(key, ())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
+        raise ValueError(f"target rule {key} must be a list of layer-name substrings, got {brief(value)}")
+    return tuple(value)
 
 
 def select_linears(model: nn.Module, rule: TargetRule) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from . import locks
 from .adapters import check_attach
 from .backbones import Backbone, check_model_path
 from .config import DistillConfig, resolve, resume_config
@@ -96,11 +98,14 @@ def save_checkpoint(distiller: Distiller, run: RunFolder) -> None:
 def export(distiller: Distiller, run: RunFolder) -> None:
     """The final student (its EMA when there is one) as adapter files and a merged plain model."""
     with distiller.final_weights():
-        distiller.student.save(run.student_adapter, {"step": distiller.step})
         distiller.fake.save(run.fake_adapter, {"step": distiller.step})
-        model = distiller.student.merged_model()
-    with atomic_path(run.student_model) as tmp:
-        model.save_pretrained(tmp)
+        # student.safetensors appears last (the run is finished), after the merged model; the
+        # adapter is saved first because merging spends it.
+        with atomic_path(run.student_adapter) as adapter:
+            distiller.student.save(adapter, {"step": distiller.step})
+            model = distiller.student.merged_model()
+            with atomic_path(run.student_model) as tmp:
+                model.save_pretrained(tmp)
 
 
 def sample_grid(distiller: Distiller, run: RunFolder, tracker: Tracker) -> None:
@@ -110,28 +115,66 @@ def sample_grid(distiller: Distiller, run: RunFolder, tracker: Tracker) -> None:
         tracker.image("samples", image, distiller.step, caption=" | ".join(distiller.cfg.data.sample_prompts))
 
 
+def _multi_cpu() -> bool:
+    """Several processes and no CUDA: gloo on the CPU (accelerate needs cpu=True to pick it)."""
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _process_state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=_multi_cpu())
+
+
 def distill(config: str | DistillConfig | None = None, overrides: list[str] = (), resume: str | None = None,
             progress: bool = True) -> Path:
-    """Run (or continue) a distillation; returns the run folder."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import broadcast_object_list
-    from tqdm.auto import tqdm
-
+    """Run (or continue) a distillation; returns the run folder. The run's lock
+    (wadi.locks) is held throughout: a second command on the same run refuses."""
     if resume:
+        if config and resume != "latest":
+            raise ValueError(f"--config goes with a new run or --resume latest (where it names run.root); --resume "
+                             f"{resume} continues with the run's own config.yaml (change what may change as "
+                             "key=value)")
         root = config.run.root if isinstance(config, DistillConfig) else (
             resolve(config, overrides).run.root if config else "runs")
         run = RunFolder.find(root, resume)
-        cfg = resume_config(run, overrides)
-    else:
-        cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
+        with locks.hold(run.path, "--resume"):
+            cfg = resume_config(run, overrides)
+            saved = resolve(str(run.config)).train.steps
+            if run.finished and cfg.train.steps < saved:
+                raise ValueError(f"--resume {run.path}: the run finished {saved} steps; train.steps={cfg.train.steps} "
+                                 "would record fewer")
+            cfg.check()
+            prompts, backbone = prepare(cfg)
+            return _train(cfg, prompts, backbone, run, True, progress)
+    cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
     cfg.check()
     prompts, backbone = prepare(cfg)
+    if not _process_state().is_main_process:
+        return _train(cfg, prompts, backbone, None, False, progress)
+    run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    try:
+        return _train(cfg, prompts, backbone, run, False, progress)
+    except Exception:
+        if not run.complete_checkpoints() and not (run.log.is_file() and run.log.stat().st_size):
+            shutil.rmtree(run.path, ignore_errors=True)  # failed before anything was trained: no run to keep
+        raise
+    finally:
+        locks.release(lock)
+
+
+def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunFolder | None, resume: bool,
+           progress: bool) -> Path:
+    """The run itself: `run` is None on the processes other than the main one of a new run."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
+    from tqdm.auto import tqdm
+
     tc, rc = cfg.train, cfg.run
-    # Several processes and no CUDA: gloo on the CPU (accelerate needs cpu=True to pick it).
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = PartialState(cpu=multi_cpu)
+    _process_state()
+    multi_cpu = _multi_cpu()
     if not resume:
-        run = broadcast_object_list([RunFolder.reserve(rc.root, _run_name(cfg)) if state.is_main_process else None])[0]
+        run = broadcast_object_list([run])[0]
     acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=multi_cpu, project_dir=str(run.trackers),
                       log_with=trackers_for(rc.report_to) or None)
     torch.manual_seed(tc.seed)
@@ -139,7 +182,10 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
     if resume and not _resume(distiller, run) and run.complete_checkpoints():
         torch.manual_seed(tc.seed)  # a checkpoint read in part: start over from a fresh state
         distiller = Distiller(cfg, backbone, prompts, acc)
-    if acc.is_main_process:
+    if distiller.step > tc.steps:
+        raise ValueError(f"--resume {run.path}: its checkpoint is at step {distiller.step}; train.steps={tc.steps} "
+                         "would record fewer")
+    if resume and acc.is_main_process:
         write_text(run.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     acc.wait_for_everyone()
 

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CorruptFile, describe
-from .files import atomic_path
+from .files import atomic_path, read_json_object
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 TORCH_SUFFIXES = (".bin", ".pth", ".pt")
@@ -36,6 +36,14 @@ class Weights:
     state_dict: dict[str, torch.Tensor]
     path: Path
     model_dir: Path | None = None  # the diffusers model folder; None for a single file
+
+
+def check_finite(named, what: str) -> None:
+    """Refuse weights holding NaN or infinity (a diverged run's): they sample black images
+    and score as if they were a model. `named` yields (name, tensor) pairs."""
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CorruptFile(f"{what}: {name} holds NaN or infinite values")
 
 
 def read_file(path: Path) -> dict[str, torch.Tensor]:
@@ -56,14 +64,19 @@ def read_file(path: Path) -> dict[str, torch.Tensor]:
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
         if not tensors:
             raise ValueError(f"{path} holds no state dict of tensors")
-        return tensors
-    if path.suffix != ".safetensors":
+        odd = next((k for k in tensors if not isinstance(k, str)), None)
+        if odd is not None:
+            raise CorruptFile(f"{path}: tensor names must be strings, found {odd!r}")
+    elif path.suffix != ".safetensors":
         raise ValueError(f"{path}: weights are read from .safetensors (or, without running code, "
                          f"{'/'.join(TORCH_SUFFIXES)} state dicts)")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise CorruptFile(f"{path} is not a readable safetensors file ({describe(e)})") from None
+    else:
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise CorruptFile(f"{path} is not a readable safetensors file ({describe(e)})") from None
+    check_finite(tensors.items(), str(path))
+    return tensors
 
 
 def model_dir(path: Path) -> Path:
@@ -87,7 +100,7 @@ def weight_files(folder: Path, allow_torch: bool = False) -> list[Path]:
     if index.is_file():  # sharded checkpoint
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
             raise ValueError(f"cannot read the shard index {index}: {e}") from None
         return [folder / s for s in shards]
     if (folder / WEIGHTS_NAME).is_file():
@@ -138,7 +151,7 @@ def model_like(folder: Path, state_dict: StateDict) -> nn.Module:
     import diffusers
     from accelerate import init_empty_weights
 
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json")
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     if cls is None:
         raise ValueError(f"{folder / 'config.json'} names no diffusers model class")

@@ -10,7 +10,8 @@ from ..config import preset_names
 def register(sub) -> None:
     p = sub.add_parser("distill", help="distill a one-step student (single process, or under accelerate launch)",
                        description="Presets: " + ", ".join(preset_names()))
-    p.add_argument("--config", help="preset name or YAML file (optional with --resume RUN_DIR)")
+    p.add_argument("--config", help="preset name or YAML file (not with --resume RUN_DIR; with --resume latest "
+                                    "its run.root is where the latest run is looked for)")
     p.add_argument("--resume", metavar="RUN_DIR|latest", help="continue a run from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.path=/data/sd15 train.steps=100")

@@ -14,8 +14,8 @@ from ..metrics import DEFAULT_CLIP
 from ..sampling import Sampling
 from ..students import load_student, load_teacher, teacher_for
 from ..worlds import get_world, worlds
-from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, positive,
-                         student_options)
+from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, check_seed, finite,
+                         positive, student_options)
 
 
 def register(sub) -> None:
@@ -93,6 +93,7 @@ def run(args) -> int:
         positive(value, option)
     if args.num is not None:
         positive(args.num, "--num")
+    finite(args.teacher_guidance, "--teacher-guidance")
     check_device(args.device)
     cache_dir = args.ref_cache or default_cache_dir()
     world = get_world(args.world).evaluation(args.num or 200, cache_dir) if args.world else None
@@ -105,6 +106,7 @@ def run(args) -> int:
                              args.clip_model, args.pr_k, args.alignment or (world.alignment if world else None),
                              args.metric_batch_size, features)
     prompts = prompt_set(args, world)
+    check_seed(args.seed, "--seed", len(prompts.prompts))  # image i uses seed + i
     sources = named_sources(args.models)
     if not sources and not args.teacher:
         raise ValueError("nothing to evaluate: name a student MODEL and/or pass --teacher")

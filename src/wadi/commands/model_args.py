@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..backbones import DTYPES, KINDS, BackboneSpec
+from ..config import MAX_SEED
 from ..process import SCHEDULER
+
+MAX_SEEDS = 100_000  # images per prompt; a longer range is a typo, not a request
 
 
 def add_base_args(p) -> None:
@@ -67,6 +72,20 @@ def positive(value: int, option: str) -> int:
     return value
 
 
+def finite(value: float, option: str) -> float:
+    """A guidance scale: nan or inf would make every image black."""
+    if not math.isfinite(value):
+        raise ValueError(f"{option} must be a finite number, got {value}")
+    return value
+
+
+def check_seed(seed: int, option: str, count: int = 1) -> int:
+    """`seed` .. `seed + count - 1` within what torch.Generator.manual_seed takes."""
+    if seed < 0 or seed + count - 1 > MAX_SEED:
+        raise ValueError(f"{option} must be in 0..{MAX_SEED}{' for every image' if count > 1 else ''}, got {seed}")
+    return seed
+
+
 def one_step_abar(text: str) -> float | str:
     if text == SCHEDULER:
         return text
@@ -82,9 +101,14 @@ def parse_seeds(text: str) -> list[int]:
     for part in text.split(","):
         lo, sep, hi = part.strip().partition("-")
         try:
-            seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+            first, last = int(lo), int(hi) if sep else int(lo)
         except ValueError:
             raise ValueError(f"bad --seeds {text!r}; write numbers and ranges like 0-3,7") from None
+        check_seed(first, "--seeds")
+        check_seed(last, "--seeds")
+        if last - first + 1 + len(seeds) > MAX_SEEDS:
+            raise ValueError(f"--seeds {text!r} asks for more than {MAX_SEEDS} seeds")
+        seeds += range(first, last + 1)
     if not seeds:
         raise ValueError("--seeds is empty")
     return seeds

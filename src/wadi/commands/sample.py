@@ -3,15 +3,16 @@ file) or, with --teacher, from the multi-step teacher, so both are compared by o
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
-from ..files import check_out
+from ..files import atomic_path, check_out
 from ..students import load_student, load_teacher
-from ..prompts import FORMATS, read_prompts
+from ..prompts import FORMATS, check_prompts, read_prompts
 from ..sampling import Sampling, sample_to_folder
-from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, parse_seeds, positive,
-                         student_options)
+from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, finite, parse_seeds,
+                         positive, student_options)
 
 
 def register(sub) -> None:
@@ -42,8 +43,9 @@ def run(args) -> int:
     seeds = parse_seeds(args.seeds)
     positive(args.batch_size, "--batch-size")
     positive(args.steps, "--steps")
+    finite(args.guidance, "--guidance")
     check_device(args.device)
-    prompts = args.prompt if args.prompt else read_prompts(args.prompts, args.format)
+    prompts = check_prompts(args.prompt, "--prompt") if args.prompt else read_prompts(args.prompts, args.format)
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")
     check_out(args.out, args.force)
@@ -58,9 +60,11 @@ def run(args) -> int:
                 else Sampling.student(model.backbone))
     sampling.check(model.backbone)
     text = {"model": model.source, "role": "teacher" if args.teacher else "student"}
-    paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, args.out, args.batch_size,
-                             text, with_grid=not args.no_grid)
-    (args.out / "samples.json").write_text(json.dumps(
-        {**text, "sampling": sampling.to_dict(), "prompts": prompts, "seeds": seeds}, indent=1) + "\n")
+    # A new folder appears whole (a failure leaves none); --force writes into an existing one.
+    with contextlib.nullcontext(args.out) if args.out.exists() else atomic_path(args.out) as out:
+        paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, out, args.batch_size,
+                                 text, with_grid=not args.no_grid)
+        (out / "samples.json").write_text(json.dumps(
+            {**text, "sampling": sampling.to_dict(), "prompts": prompts, "seeds": seeds}, indent=1) + "\n")
     print(f"wrote {len(paths)} files to {args.out}")
     return 0

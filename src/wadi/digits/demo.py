@@ -21,6 +21,7 @@ import torch
 from ..adapters import KINDS, adapter_class, attach
 from ..config import DistillConfig, preset_values, resolve
 from ..evaluate import Entry, Extractor, MetricSettings, Reference, Scorer, default_cache_dir, evaluate, image_path
+from .. import locks
 from ..files import check_out, write_text
 from ..images import read_images, save_png, to_uint8
 from ..run_folder import RunFolder
@@ -159,7 +160,9 @@ def _images(out: Path, name: str, n: int):
 
 def _folder(s: DemoSettings, out: str | Path | None, force: bool, name: str) -> Path:
     if out is None:
-        return RunFolder.reserve(s.root, name).path
+        folder, lock = RunFolder.reserve(s.root, name)
+        locks.release(lock)  # a new number: no other command looks for it
+        return folder.path
     out = check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
     return out
