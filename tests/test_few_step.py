@@ -110,6 +110,10 @@ def test_a_two_step_student_exports_to_a_stock_pipeline_with_two_steps(tmp_path,
     for s in (0, 1):
         ours = np.asarray(Image.open(tmp_path / "s" / f"00000-seed{s}.png")).astype(int)
         assert np.abs(ours - np.round(images[s] * 255)).max() <= 1  # within 1/255
+    assert main(["sample", str(tmp_path / "e"), "--prompt", "a cat", "--seeds", "0-1", "--out", str(tmp_path / "x")]) == 0
+    for s in (0, 1):  # the export samples in its two steps too
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "x" / f"00000-seed{s}.png")),
+                              np.asarray(Image.open(tmp_path / "s" / f"00000-seed{s}.png")))
     assert "num_inference_steps=2" in (tmp_path / "e" / "README.md").read_text()
     assert "sampling steps: 2" in (tmp_path / "e" / "README.md").read_text()
 

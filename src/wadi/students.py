@@ -17,7 +17,7 @@ gives wins over what a run or export records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -107,9 +107,8 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
     if is_export(path):
         base = read_manifest(path)["base"]
         mine = spec.filled(**base.to_dict())
-        backbone = load_backbone(BackboneSpec(kind=base.kind, path=str(path), resolution=mine.resolution,
-                                              max_length=mine.max_length, one_step_abar=mine.one_step_abar), dtype,
-                                 allow_bin)
+        # The export's own folder as the model, with every setting of how it was made and samples.
+        backbone = load_backbone(replace(mine, path=str(path), text_encoder=None), dtype, allow_bin)
         return Loaded(backbone, backbone.net, str(path), mine if spec.path or base.path else None, False)
     if path.is_file():
         if path.suffix in TORCH_SUFFIXES and not allow_bin:
