@@ -2,6 +2,9 @@
 one-step sampler bit for bit, and every kind of student source loads."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -169,3 +172,9 @@ def test_refusals_are_one_line_errors(runs, tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4 and "--force" in errors[0] and "--force" in errors[1]
     assert "does not exist" in errors[2] and "--seeds" in errors[3]
+
+
+def test_students_read_exports_without_importing_the_exporter():
+    """The manifest has its own module: loading a student does not pull in export.py (no cycle)."""
+    code = "import sys, wadi.students; assert 'wadi.export' not in sys.modules, 'wadi.export imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})

@@ -1,5 +1,6 @@
 """The `wadi` command line. Each tool lives in `wadi.commands.<name>` and defines
-`register(subparsers)`, which adds its parser with `func` set to its entry point."""
+`register(subparsers)`, which adds its parser with `func` set to its entry point; an
+embedded world's tools come from its plugin (wadi.worlds) and check its extra first."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import os
 import sys
 
 from . import __version__
-from .errors import describe
+from .errors import NeedsOption, describe
+from .worlds import check_installed, worlds
 
-# One line per tool, in the order `wadi --help` lists them.
-COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval", "demo", "digits_teacher",
-            "digits_classifier"]
+# The core's tools, in the order `wadi --help` lists them; the worlds' follow.
+COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"wadi.commands.{name}").register(sub)
+    for world_name, world in worlds().items():
+        before = set(sub.choices)
+        for module in world.commands:
+            importlib.import_module(module).register(sub)
+        for command in set(sub.choices) - before:
+            sub.choices[command].set_defaults(world_of_command=world_name)
     return parser
 
 
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        if getattr(args, "world_of_command", None):
+            check_installed(args.world_of_command)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"wadi {args.command}: interrupted", file=sys.stderr)
@@ -63,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, TrainingStopped) as e:
         if os.environ.get("WADI_DEBUG"):
             raise
-        print(f"wadi {args.command}: error: {describe(e)}", file=sys.stderr)
+        text = e.for_command_line if isinstance(e, NeedsOption) else describe(e)
+        print(f"wadi {args.command}: error: {text}", file=sys.stderr)
         return 2
 
 

@@ -13,3 +13,21 @@ def describe(e: BaseException) -> str:
 
 class CorruptFile(ValueError):
     """A file that exists but cannot be read back (truncated, garbled, another format)."""
+
+
+class NeedsOption(ValueError):
+    """A refusal that an option lifts. The Python API names the argument
+    (`allow_other_base=True`); the command line names its flag (`--allow-other-base`)."""
+
+    def __init__(self, message: str, argument: str):
+        self.message, self.argument = message, argument
+        super().__init__(f"{message} ({argument}=True)")
+
+    @property
+    def for_command_line(self) -> str:
+        return f"{self.message} (--{self.argument.replace('_', '-')})"
+
+
+def install_hint(extra: str) -> str:
+    """How to install one of wadi's extras, released or from a clone."""
+    return f'pip install "wadi-distill[{extra}]" (from a clone of wadi: pip install -e ".[{extra}]")'

@@ -9,8 +9,7 @@ step: DDIM with "trailing" spacing puts its only timestep at T-1, and with
 x0 = (x - sqrt(1 - abar_T) eps) / sqrt(abar_T) and adds nothing (eta = 0). Its
 arithmetic is our sampler's, so images agree to the last bit in float32.
 
-Every export carries `wadi.json` (this module owns its format): the base model's
-BackboneSpec, where the student came from, and how to run it. Kinds without a stock
+Every export carries `wadi.json` (its format: wadi.manifest). Kinds without a stock
 pipeline get the same components without a model_index.json, loadable by `wadi sample`.
 """
 
@@ -22,33 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .backbones import BackboneSpec
-from .files import atomic_path, check_out
-from .model_card import write_card
+from .config import run_config
+from .files import atomic_path, check_new_file, check_out
+from .manifest import write_manifest
+from .model_card import adapter_usage, lora_usage, one_liner, pipeline_usage, single_file_usage, write_card
 from .run_folder import RunFolder
 
 if TYPE_CHECKING:
     from .students import Loaded
 
-MANIFEST = "wadi.json"
-FORMAT = "wadi-export/2"
 FORMATS = ("pipeline", "adapter", "lora", "lora-kohya", "single-file")
 SINGLE_FILE = "student.safetensors"
-
-
-def is_export(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file()
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of an exported folder; `base` as a BackboneSpec."""
-    try:
-        info = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{folder / MANIFEST} is unreadable ({e}); export the student again") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ValueError(f"{folder / MANIFEST}: unknown export format "
-                         f"{info.get('format') if isinstance(info, dict) else None!r}; export the student again")
-    return {**info, "base": BackboneSpec.from_dict(info["base"])}
 
 
 def one_step_scheduler(scheduler_config: dict, abar: float):
@@ -107,9 +90,9 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
             one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
-        info = {"format": FORMAT, "base": base.to_dict(), "source": loaded.source, "usage": bb.kind.usage()}
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
-        write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source, bb.kind.usage())
+        write_manifest(tmp, base, loaded.source, one_liner(bb.kind, out.resolve()))
+        write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source,
+                   pipeline_usage(bb.kind, out.resolve()))
     return out  # with --force the new folder replaced the old one whole
 
 
@@ -133,43 +116,61 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
         path = save_lora(tensors, tmp, pipeline, kohya)
         one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-        usage = ("the LoRA in A1111 / ComfyUI on the base model, 1 sampling step from the last timestep, "
-                 "no guidance (CFG 1)" if kohya else
-                 f"pipe = {bb.kind.pipeline}.from_pretrained(BASE)\n"
-                 f"pipe.load_lora_weights(FOLDER)\n"
-                 f"pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
-                 f"image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")
+        note = (f"In A1111 or ComfyUI: the base model `{base.path}` with {path.name} at weight 1, one sampling "
+                "step, CFG scale 1, a DDIM sampler whose one step starts at the last timestep (trailing spacing). "
+                "In diffusers" if kohya else "")
         fmt = (f"a LoRA of rank {rank} in {'kohya' if kohya else 'diffusers'}' layout (the student's weight change, "
                f"{report.layers} layers; energy kept: median {report.to_dict()['energy_median']:.4f})")
-        write_card(tmp, fmt, base, student.source, usage)
+        write_card(tmp, fmt, base, student.source, lora_usage(bb.kind, base.path, out.resolve(), path.name), note)
     return out / path.name, report.to_dict()
+
+
+def single_file_paths(out: str | Path, force: bool = False) -> tuple[Path, Path, Path]:
+    """(checkpoint, scheduler folder, card) of a single-file export, checked for writing:
+    inside the folder `out`, or, for `out` = NAME.safetensors, that file with NAME.scheduler/
+    and NAME.md beside it (a checkpoint file is what A1111 and ComfyUI users keep)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        check_out(out, force)
+        return out / SINGLE_FILE, out / "scheduler", out / "README.md"
+    file, scheduler, card = out, out.with_suffix(".scheduler"), out.with_suffix(".md")
+    check_new_file(file, force)
+    check_new_file(card, force)
+    check_out(scheduler, force)
+    return file, scheduler, card
 
 
 def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Path, out: str | Path,
                        force: bool = False) -> Path:
     """The student as one checkpoint in the original layout, built on the base model's own
     single file `template` (its VAE and text encoder kept), with the one-step scheduler
-    beside it and a card."""
+    and a card beside it (see single_file_paths); returns the checkpoint."""
     from safetensors.torch import save_file
 
     from .single_file import student_checkpoint
     from .weights import read_file
 
-    out = check_out(out, force)
+    file, scheduler, card = single_file_paths(out, force)
     bb = student.backbone
     if bb.kind.name != "sd":
         raise ValueError(f"single-file checkpoints are Stable Diffusion's layout; the {bb.kind.name} kind has none")
     state = student_checkpoint(read_file(Path(template)), student.net, teacher.net)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        save_file(state, str(tmp / SINGLE_FILE))
-        one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(tmp / "scheduler")
-        usage = (f"pipe = StableDiffusionPipeline.from_single_file(\"FOLDER/{SINGLE_FILE}\")\n"
-                 "pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
-                 "image = pipe(prompt, num_inference_steps=1, guidance_scale=0).images[0]")
-        write_card(tmp, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, from_single_file)",
-                   teacher.backbone.spec, student.source, usage)
-    return out / SINGLE_FILE
+    usage = single_file_usage(bb.kind, teacher.backbone.spec.path, file.resolve(), scheduler.resolve())
+
+    def write(file_to: Path, scheduler_to: Path, card_to: Path) -> None:
+        save_file(state, str(file_to))
+        one_step_scheduler(bb.scheduler_config, bb.one_step_abar).save_pretrained(scheduler_to)
+        write_card(card_to.parent, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, "
+                   "from_single_file)", teacher.backbone.spec, student.source, usage, name=card_to.name)
+
+    if file == Path(out):
+        with atomic_path(scheduler) as s, atomic_path(card) as c, atomic_path(file) as f:
+            write(f, s, c)
+    else:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            write(tmp / file.name, tmp / scheduler.name, tmp / card.name)
+    return file
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: bool = False) -> list[Path]:
@@ -189,14 +190,8 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: 
         tmp.mkdir()
         for f in files:
             shutil.copy2(f, tmp / f.name)
-        base = _run_base(folder)
+        base = run_config(folder).model
         write_card(tmp, "wadi adapter files (LoRaD angles or peft tensors, with their base's fingerprint)", base,
-                   str(folder.path), f"wadi sample {out}/student.safetensors --base {base.path} --prompt ...")
+                   str(folder.path), adapter_usage(out.resolve() / folder.student_adapter.name, base.path))
     return [out / f.name for f in files]
-
-
-def _run_base(run: RunFolder) -> BackboneSpec:
-    from .config import resolve
-
-    return resolve(str(run.config)).model
 

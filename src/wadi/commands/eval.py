@@ -95,14 +95,15 @@ def run(args) -> int:
     check_device(args.device)
     cache_dir = args.ref_cache or default_cache_dir()
     world = get_world(args.world).evaluation(args.num or 200, cache_dir) if args.world else None
-    metric_names = [x.strip() for x in (args.metrics or (world.metrics if world else "fid,clip,pr")).split(",")]
-    ref = args.ref or (world.reference if world else None)
-    if ref is not None and not ref.exists():
-        raise FileNotFoundError(f"--ref {ref} does not exist")
-    features = Extractor(args.features or (world.features if world else INCEPTION))
-    metrics = MetricSettings([m for m in metric_names if m], Reference(ref, cache_dir) if ref else None,
-                             args.clip_model, args.pr_k, args.alignment or (world.alignment if world else None),
-                             args.metric_batch_size, features)
+    if world is not None:
+        metrics = world.metric_settings(cache_dir, args.metrics, args.ref, args.features, args.alignment,
+                                        args.clip_model, args.pr_k, args.metric_batch_size)
+    else:
+        if args.ref is not None and not args.ref.exists():
+            raise FileNotFoundError(f"--ref {args.ref} does not exist")
+        metrics = MetricSettings([m.strip() for m in (args.metrics or "fid,clip,pr").split(",") if m.strip()],
+                                 Reference(args.ref, cache_dir) if args.ref else None, args.clip_model, args.pr_k,
+                                 args.alignment, args.metric_batch_size, Extractor(args.features or INCEPTION))
     prompts = prompt_set(args, world)
     sources = named_sources(args.models)
     if not sources and not args.teacher:

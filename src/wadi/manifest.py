@@ -1,0 +1,36 @@
+"""`wadi.json`, the manifest every exported folder carries: the base model's BackboneSpec,
+where the student came from, and how to run it. Reading it tells an export from any
+other folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .backbones import BackboneSpec
+
+MANIFEST = "wadi.json"
+FORMAT = "wadi-export/2"
+
+
+def is_export(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def write_manifest(folder: Path, base: BackboneSpec, source: str, usage: str) -> Path:
+    path = folder / MANIFEST
+    info = {"format": FORMAT, "base": base.to_dict(), "source": source, "usage": usage}
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of an exported folder; `base` as a BackboneSpec."""
+    try:
+        info = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder / MANIFEST} is unreadable ({e}); export the student again") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise ValueError(f"{folder / MANIFEST}: unknown export format "
+                         f"{info.get('format') if isinstance(info, dict) else None!r}; export the student again")
+    return {**info, "base": BackboneSpec.from_dict(info["base"])}
