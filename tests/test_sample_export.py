@@ -178,3 +178,18 @@ def test_students_read_exports_without_importing_the_exporter():
     """The manifest has its own module: loading a student does not pull in export.py (no cycle)."""
     code = "import sys, wadi.students; assert 'wadi.export' not in sys.modules, 'wadi.export imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_normal_output_is_progress_and_one_summary_line(runs, tmp_path):
+    """The libraries' logger warnings (tiny CLIP configs trigger transformers' token-id one;
+    a machine without torchvision its image-processor one) stay out of what a user reads."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("WADI_DEBUG", None)
+    _, run = runs("sd")
+    for args in (["export", str(run), "--out", str(tmp_path / "export")],
+                 ["sample", str(tmp_path / "export"), "--prompt", "a cat", "--out", str(tmp_path / "s")]):
+        done = subprocess.run([sys.executable, "-m", "wadi.cli", *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert len(done.stdout.strip().splitlines()) == 1 and done.stdout.startswith("wrote "), done.stdout
+        noise = [line for line in done.stderr.replace("\r", "\n").splitlines() if line and "sampling" not in line]
+        assert noise == [], noise

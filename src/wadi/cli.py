@@ -33,13 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    """No per-file "Loading weights" bars from diffusers and transformers: our own bars and
-    one-line errors are what a user reads on stderr."""
+    """No per-file "Loading weights" bars and no warnings from diffusers' and transformers'
+    loggers (a missing torchvision, a tokenizer's token ids): our own bars, summary line
+    and one-line errors are what a user reads on stderr. WADI_DEBUG=1 keeps the warnings."""
     import diffusers
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    if not os.environ.get("WADI_DEBUG"):
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
 
 
 OUT_OF_MEMORY = ("out of memory: lower the batch (train.batch_size, with train.grad_accum to keep the "
