@@ -6,7 +6,7 @@ The main jobs, importable from here (loaded on first use, so `import wadi` stays
     student = wadi.load_student(run)                      # or an export, adapter, released file
     images = wadi.one_step(student.backbone, student.net, ["a cat"], seeds=[0])
     wadi.export_pipeline(student, "exported/")            # a stock diffusers pipeline folder
-    result = wadi.analyze(teacher_state_dict, student_state_dict)
+    result = wadi.analyze(wadi.load_teacher(run).net, student.net)
 
 `wadi.evaluate` scores students and teachers (see wadi.evaluate), `attach` / `load_adapter`
 put LoRaD (or LoRA, DoRA, full fine-tuning) on any diffusers model.
