@@ -209,7 +209,7 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
         main(["demo", "--adapter", "bogus"])
 
 
-MISSING_SKLEARN = ('error: the digits world needs scikit-learn, which is not installed: '
+MISSING_SKLEARN = ('error: the digits world needs scikit-learn, not installed here: '
                    'pip install "wadi-distill[digits]" (from a clone of wadi: pip install -e ".[digits]")')
 
 

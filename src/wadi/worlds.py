@@ -69,7 +69,7 @@ def check_installed(name: str) -> None:
     world = worlds()[name]
     missing = [package for module, package in world.requires.items() if not _installed(module)]
     if missing:
-        raise ValueError(f"the {name} world needs {', '.join(missing)}, which is not installed: "
+        raise ValueError(f"the {name} world needs {', '.join(missing)}, not installed here: "
                          f"{install_hint(world.extra)}")
 
 
