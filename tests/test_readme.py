@@ -55,3 +55,14 @@ def test_the_readme_python_runs_as_written_on_tiny_models(tmp_path, monkeypatch)
     assert tuple(namespace["images"].shape) == (1, 3, 16, 16)
     assert (tmp_path / "sd15-wadi-pipeline" / "model_index.json").is_file()
     assert (tmp_path / "student-unet" / "config.json").is_file() and namespace["again"].backbone == "sd"
+
+
+def test_wadi_distill_stays_the_function_once_the_engine_module_is_loaded():
+    import importlib
+
+    import wadi
+    import wadi.training
+
+    engine = importlib.import_module("wadi.distill")  # loaded: the import system set wadi.distill to it
+    assert wadi.distill is wadi.training.distill and wadi.distill is not engine
+    assert engine.Distiller  # the engine module stays importable by its full name

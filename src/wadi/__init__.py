@@ -14,6 +14,8 @@ put LoRaD (or LoRA, DoRA, full fine-tuning) on any diffusers model.
 
 import importlib
 import importlib.metadata
+import sys
+import types
 
 from .adapters import KINDS, Adapter, AdapterConfig, attach, load_adapter
 from .lorad import LoRaDLinear
@@ -21,10 +23,30 @@ from .lorad import LoRaDLinear
 __version__ = importlib.metadata.version("wadi-distill")
 
 _LAZY = {
-    "distill": "training", "resolve": "config", "load_student": "students", "load_teacher": "students",
+    "resolve": "config", "load_student": "students", "load_teacher": "students",
     "one_step": "sampling", "multi_step": "sampling", "export_pipeline": "export", "export_lora": "export",
     "evaluate": "evaluate", "analyze": "analysis", "load_weights": "weights", "BackboneSpec": "backbones",
 }
+
+
+class _Package(types.ModuleType):
+    """`wadi.distill` is the function, also after the engine module of the same name
+    (wadi/distill.py) is imported: the import system sets a package attribute for each
+    submodule it loads, which would otherwise replace the function with the module. The
+    module stays importable by its full name (`from wadi.distill import Distiller`)."""
+
+    @property
+    def distill(self):
+        from .training import distill
+
+        return distill
+
+    @distill.setter
+    def distill(self, module) -> None:
+        pass  # the submodule, set by the import system: sys.modules["wadi.distill"] keeps it
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
@@ -33,4 +55,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'wadi' has no attribute {name!r}")
 
 
-__all__ = ["KINDS", "Adapter", "AdapterConfig", "LoRaDLinear", "attach", "load_adapter", "__version__", *_LAZY]
+__all__ = ["KINDS", "Adapter", "AdapterConfig", "LoRaDLinear", "attach", "load_adapter", "distill", "__version__",
+           *_LAZY]
