@@ -119,8 +119,9 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
         note = (f"In A1111 or ComfyUI: the base model `{base.path}` with {path.name} at weight 1, one sampling "
                 "step, CFG scale 1, a DDIM sampler whose one step starts at the last timestep (trailing spacing). "
                 "In diffusers" if kohya else "")
-        fmt = (f"a LoRA of rank {rank} in {'kohya' if kohya else 'diffusers'}' layout (the student's weight change, "
-               f"{report.layers} layers; energy kept: median {report.to_dict()['energy_median']:.4f})")
+        layout = "kohya's layout (A1111, ComfyUI)" if kohya else "diffusers' layout"
+        fmt = (f"a LoRA of rank {rank} in {layout} (the student's weight change, {report.layers} layers; "
+               f"energy kept: median {report.to_dict()['energy_median']:.4f})")
         write_card(tmp, fmt, base, student.source, lora_usage(bb.kind, base.path, out.resolve(), path.name), note)
     return out / path.name, report.to_dict()
 

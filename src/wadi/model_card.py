@@ -47,7 +47,7 @@ PROMPT = "a photo of a cat"
 def _call(kind: Kind, pipe: str = "pipe") -> str:
     """The stock pipeline's one-step call, ending with the image."""
     extra = f", {kind.pipeline_kwargs}" if kind.pipeline_kwargs else ""
-    return f"{pipe}({PROMPT!r}, num_inference_steps=1, guidance_scale=0{extra}).images[0]"
+    return f"{pipe}({_py(PROMPT)}, num_inference_steps=1, guidance_scale=0{extra}).images[0]"
 
 
 def _sample(kind: Kind) -> str:
@@ -58,7 +58,7 @@ def one_liner(kind: Kind, folder: Path) -> str:
     """One line that samples an exported pipeline folder (what `wadi export` prints)."""
     if kind.pipeline is None:
         return f"wadi sample {_quoted(folder)} --prompt {_quoted(PROMPT)} --out samples"
-    return _call(kind, f"{kind.pipeline}.from_pretrained({str(folder)!r})")
+    return _call(kind, f"{kind.pipeline}.from_pretrained({_py(folder)})")
 
 
 def pipeline_usage(kind: Kind, folder: Path) -> tuple[str, str]:
@@ -66,30 +66,35 @@ def pipeline_usage(kind: Kind, folder: Path) -> tuple[str, str]:
     if kind.pipeline is None:
         return "bash", one_liner(kind, folder)
     return "python", (f"from diffusers import {kind.pipeline}\n\n"
-                      f"pipe = {kind.pipeline}.from_pretrained({str(folder)!r})\n{_sample(kind)}")
+                      f"pipe = {kind.pipeline}.from_pretrained({_py(folder)})\n{_sample(kind)}")
 
 
 def lora_usage(kind: Kind, base: str, folder: Path, weight_name: str) -> tuple[str, str]:
     """(language, snippet) that samples the base model with an exported LoRA."""
     return "python", (f"from diffusers import DDIMScheduler, {kind.pipeline}\n\n"
-                      f"pipe = {kind.pipeline}.from_pretrained({base!r})\n"
-                      f"pipe.load_lora_weights({str(folder)!r}, weight_name={weight_name!r})\n"
-                      f"pipe.scheduler = DDIMScheduler.from_pretrained({str(folder)!r}, subfolder=\"scheduler\")\n"
+                      f"pipe = {kind.pipeline}.from_pretrained({_py(base)})\n"
+                      f"pipe.load_lora_weights({_py(folder)}, weight_name={_py(weight_name)})\n"
+                      f"pipe.scheduler = DDIMScheduler.from_pretrained({_py(folder)}, subfolder=\"scheduler\")\n"
                       f"{_sample(kind)}")
 
 
 def single_file_usage(kind: Kind, base: str, file: Path, scheduler: Path) -> tuple[str, str]:
     """(language, snippet) that samples a single-file checkpoint; `base` gives the configs."""
-    config = f", config={base!r}" if base else ""
+    config = f", config={_py(base)}" if base else ""
     return "python", (f"from diffusers import DDIMScheduler, {kind.pipeline}\n\n"
-                      f"pipe = {kind.pipeline}.from_single_file({str(file)!r}{config})\n"
-                      f"pipe.scheduler = DDIMScheduler.from_pretrained({str(scheduler)!r})\n{_sample(kind)}")
+                      f"pipe = {kind.pipeline}.from_single_file({_py(file)}{config})\n"
+                      f"pipe.scheduler = DDIMScheduler.from_pretrained({_py(scheduler)})\n{_sample(kind)}")
 
 
 def adapter_usage(file: Path, base: str) -> tuple[str, str]:
     """(language, snippet) that samples an adapter file on its base."""
     return "bash", (f"wadi sample {_quoted(file)} --base {_quoted(base)} --prompt {_quoted(PROMPT)} "
                     "--out samples")
+
+
+def _py(text) -> str:
+    """A Python string literal of `text`, in double quotes as the rest of a snippet."""
+    return json.dumps(str(text))
 
 
 def _quoted(text) -> str:
