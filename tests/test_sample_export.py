@@ -193,3 +193,18 @@ def test_normal_output_is_progress_and_one_summary_line(runs, tmp_path):
         assert len(done.stdout.strip().splitlines()) == 1 and done.stdout.startswith("wrote "), done.stdout
         noise = [line for line in done.stderr.replace("\r", "\n").splitlines() if line and "sampling" not in line]
         assert noise == [], noise
+
+
+def test_the_python_api_names_its_arguments_where_the_command_line_names_flags(runs, tmp_path, capsys):
+    from wadi.export import export_pipeline
+
+    _, run = runs("sd")
+    (tmp_path / "x.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"x.bin is a torch state dict: pass allow_bin=True to read it"):
+        load_student(tmp_path / "x.bin")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("")
+    with pytest.raises(FileExistsError, match=r"exists and is not empty; pass force=True to write into it$"):
+        export_pipeline(load_student(run), tmp_path / "out")
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "exists and is not empty; pass --force to write into it" in capsys.readouterr().err

@@ -90,7 +90,7 @@ class AdapterFile:
         if len(theirs) != len(sample) or not torch.allclose(torch.tensor(theirs), torch.tensor(sample),
                                                              rtol=SAMPLE_RTOL, atol=1e-6):
             raise NeedsOption(f"{self.path} was trained on a base model with other weights (the same shapes, "
-                              "other values); load it on the model it was distilled from, or allow it explicitly",
+                              "other values); load it on the model it was distilled from, or allow it explicitly ({option})",
                               "allow_other_base")
 
 

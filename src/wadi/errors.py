@@ -16,16 +16,21 @@ class CorruptFile(ValueError):
 
 
 class NeedsOption(ValueError):
-    """A refusal that an option lifts. The Python API names the argument
-    (`allow_other_base=True`); the command line names its flag (`--allow-other-base`)."""
+    """A refusal that an option lifts. `message` says `{option}` where the option goes: the
+    Python API names the argument (`allow_other_base=True`), the command line its flag
+    (`--allow-other-base`)."""
 
     def __init__(self, message: str, argument: str):
         self.message, self.argument = message, argument
-        super().__init__(f"{message} ({argument}=True)")
+        super().__init__(message.format(option=f"{argument}=True"))
 
     @property
     def for_command_line(self) -> str:
-        return f"{self.message} (--{self.argument.replace('_', '-')})"
+        return self.message.format(option=f"--{self.argument.replace('_', '-')}")
+
+
+class OutputExists(NeedsOption, FileExistsError):
+    """An output that exists, refused without `force`."""
 
 
 def install_hint(extra: str) -> str:

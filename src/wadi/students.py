@@ -95,8 +95,8 @@ def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: to
                          f"{lora.parent / 'README.md'}); or sample the run it came from")
     if path.is_file():
         if path.suffix in TORCH_SUFFIXES and not allow_bin:
-            raise NeedsOption(f"{path} is a torch state dict: it is read as plain tensors only (no code runs) "
-                              "when allowed", "allow_bin")
+            raise NeedsOption(f"{path} is a torch state dict: pass {{option}} to read it (as plain tensors only, "
+                              "no code runs)", "allow_bin")
         if is_adapter_file(path):
             backbone = spec.load(dtype, allow_bin)
             net = adapter_student(backbone, path, allow_other_base)
