@@ -41,14 +41,10 @@ class WorldEval:
                         features: str | None = None, alignment: str | None = None, clip_model: str | None = None,
                         pr_k: int = 3, batch_size: int = 50):
         """The world's metrics (evaluate.MetricSettings), each setting given here replacing the world's own."""
-        from .evaluate import Extractor, MetricSettings, Reference
+        from .evaluate import metric_settings
 
-        names = [m.strip() for m in (metrics or self.metrics).split(",") if m.strip()]
-        ref = reference or self.reference
-        if not ref.exists():
-            raise FileNotFoundError(f"--ref {ref} does not exist")
-        return MetricSettings(names, Reference(ref, cache_dir), clip_model, pr_k, alignment or self.alignment,
-                              batch_size, Extractor(features or self.features))
+        return metric_settings(metrics or self.metrics, reference or self.reference, cache_dir, clip_model, pr_k,
+                               alignment or self.alignment, batch_size, features or self.features)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluate import INCEPTION, METRICS, Entry, Extractor, MetricSettings, Reference, default_cache_dir, evaluate
+from ..evaluate import INCEPTION, METRICS, Entry, default_cache_dir, evaluate, metric_settings
 from ..prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
 from ..metrics import DEFAULT_CLIP
 from ..sampling import Sampling
@@ -99,11 +99,8 @@ def run(args) -> int:
         metrics = world.metric_settings(cache_dir, args.metrics, args.ref, args.features, args.alignment,
                                         args.clip_model, args.pr_k, args.metric_batch_size)
     else:
-        if args.ref is not None and not args.ref.exists():
-            raise FileNotFoundError(f"--ref {args.ref} does not exist")
-        metrics = MetricSettings([m.strip() for m in (args.metrics or "fid,clip,pr").split(",") if m.strip()],
-                                 Reference(args.ref, cache_dir) if args.ref else None, args.clip_model, args.pr_k,
-                                 args.alignment, args.metric_batch_size, Extractor(args.features or INCEPTION))
+        metrics = metric_settings(args.metrics or "fid,clip,pr", args.ref, cache_dir, args.clip_model, args.pr_k,
+                                  args.alignment, args.metric_batch_size, args.features or INCEPTION)
     prompts = prompt_set(args, world)
     sources = named_sources(args.models)
     if not sources and not args.teacher:
