@@ -66,6 +66,29 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def adapted_share(net: torch.nn.Module, names: list[str], latent: int) -> float:
+    """The share of one UNet forward's FLOPs in the layers `names` (counted on the meta device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        empty = type(net).from_config(net.config)
+        x, text = torch.empty(1, 4, latent, latent), torch.empty(1, 77, net.config.cross_attention_dim)
+        t = torch.tensor([999])
+    with FlopCounterMode(display=False) as mode:
+        empty(x, t, encoder_hidden_states=text)
+    counts = {name.split(".", 1)[-1]: sum(ops.values()) for name, ops in mode.get_flop_counts().items()}
+    return sum(counts.get(n, 0) for n in names) / counts["Global"]
+
+
+def equal_work_bound(f_student: float, f_fake: float) -> float:
+    """The authors' time over the engine's if time followed FLOPs (BENCHMARKS.md). In units of
+    one forward: student forward and backward 2 + f_s, teacher scores 2, fake scores 2, fake
+    forward and backward 2 + f_f; the authors add the discarded frozen matmul of each adapted
+    layer, once in the student's forward, twice in the fake's scores, once in its training."""
+    engine = 8 + f_student + f_fake
+    return (engine + f_student + 3 * f_fake) / engine
+
+
 def main() -> None:
     from accelerate import Accelerator
 
@@ -166,13 +189,19 @@ def main() -> None:
         print(f"{row['scheme']:<9}" + "".join(f"{row[key]:>{len(title) + 3}{fmt}}" for title, key, fmt in columns))
     print("\nsaved = bytes autograd holds for backward in that graph (one storage counted once), parameters and "
           "buffers excluded" + ("; peak = max allocated during one iteration minus allocated before" if cuda else ""))
+    shares = (adapted_share(bb.net, engine.student.target_names, args.latent),
+              adapted_share(bb.net, engine.fake.target_names, args.latent))
+    bound = equal_work_bound(*shares)
     print(f"authors / engine: {rows[1]['ratio']:.2f}x wall-clock"
-          + ("" if cuda else f", {rows[1]['cpu_ratio']:.2f}x process CPU") + " (target >= 1.5)")
+          + ("" if cuda else f", {rows[1]['cpu_ratio']:.2f}x process CPU")
+          + f"; the equal-work bound: {bound:.2f}x (the adapted layers' share of a forward's FLOPs: student "
+            f"{shares[0]:.2f}, fake {shares[1]:.2f})")
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), device=str(accs[0].device), cpu=cpu, torch=torch.__version__,
-                           threads=torch.get_num_threads(), load_average=load, rows=rows), f, indent=2)
+                           threads=torch.get_num_threads(), load_average=load, rows=rows,
+                           adapted_share=dict(student=shares[0], fake=shares[1]), equal_work_bound=bound), f, indent=2)
 
 if __name__ == "__main__":
     main()

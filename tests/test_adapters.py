@@ -181,3 +181,59 @@ def test_bad_config_and_targets():
         attach(tiny_unet(), AdapterConfig(targets="unet-teacher"))
     with pytest.raises(ValueError, match="selects no nn.Linear layer"):
         attach(tiny_unet(), AdapterConfig(targets={"include": ["no_such_block"]}))
+
+
+def _without_backbone(path):
+    """The file as wadi wrote it before adapters recorded their backbone kind."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["backbone"]
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("kind", ["lorad", "lora"])
+def test_the_backbone_kind_is_recorded_not_guessed_and_old_files_still_load(tmp_path, kind):
+    from safetensors import safe_open
+
+    # A pixel UNet and an SD UNet are the same class: only the file can say which it was.
+    adapter = attach(tiny_unet(), AdapterConfig(kind=kind, rank=4), backbone="pixel")
+    perturb(adapter)
+    path = adapter.save(tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["backbone"] == "pixel"
+    loaded = load_adapter(tiny_unet(), path)
+    assert loaded.backbone == "pixel"
+    expected = run_unet(loaded.merged_model())
+
+    _without_backbone(path)
+    old = load_adapter(tiny_unet(), path)
+    assert old.backbone == "sd"  # the first kind whose denoiser class the model is
+    assert torch.equal(run_unet(old.merged_model()), expected)
+
+
+def test_another_base_is_refused_naming_the_python_argument(tmp_path):
+    adapter = attach(tiny_unet(seed=0), AdapterConfig(kind="lorad", rank=4))
+    perturb(adapter)
+    path = adapter.save(tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"or allow it explicitly \(allow_other_base=True\)$"):
+        load_adapter(tiny_unet(seed=1), path)
+    assert load_adapter(tiny_unet(seed=1), path, allow_other_base=True).backbone == "sd"
+
+
+def test_a_student_from_an_adapter_file_reads_the_file_once(tmp_path, monkeypatch):
+    import wadi.adapter_file
+    from tiny_pipes import save_tiny_sd
+    from wadi.backbones import BackboneSpec
+    from wadi.students import load_student
+
+    base = save_tiny_sd(tmp_path / "sd")
+    adapter = attach(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), AdapterConfig(kind="full"))
+    path = adapter.save(tmp_path / "full.safetensors")  # a full adapter: the whole UNet
+    reads, real = [], wadi.adapter_file.read
+    monkeypatch.setattr(wadi.adapter_file, "read", lambda p: reads.append(p) or real(p))
+    student = load_student(path, BackboneSpec(path=str(base)))
+    assert reads == [path]
+    assert torch.equal(student.net.state_dict()["conv_in.weight"], adapter.model.state_dict()["conv_in.weight"])

@@ -207,3 +207,29 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
     assert (tmp_path / "taken" / "report.md").read_text() == "another run's report"
     with pytest.raises(SystemExit):
         main(["demo", "--adapter", "bogus"])
+
+
+MISSING_SKLEARN = ('error: the digits world needs scikit-learn, not installed here: '
+                   'pip install "wadi-distill[digits]" (from a clone of wadi: pip install -e ".[digits]")')
+
+
+@pytest.mark.parametrize("args", [["eval", "--world", "digits", "--teacher", "--out", "{tmp}/eval"],
+                                  ["digits-classifier", "--out", "{tmp}/c.safetensors"],
+                                  ["digits-teacher", "--out", "{tmp}/teacher"],
+                                  ["demo", "--root", "{tmp}/runs"],
+                                  ["distill", "--config", "digits-wadi", "run.root={tmp}/runs"]])
+def test_every_way_into_the_world_says_what_to_install_without_its_extra(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "sklearn", None)  # as if scikit-learn were not installed
+    assert main([a.format(tmp=tmp_path) for a in args]) == 2
+    assert capsys.readouterr().err.strip() == f"wadi {args[0]}: {MISSING_SKLEARN}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_worlds_tools_come_from_its_plugin(monkeypatch):
+    import wadi.cli
+
+    assert {"demo", "digits-teacher", "digits-classifier"} <= set(wadi.cli.build_parser()._subparsers
+                                                                   ._group_actions[0].choices)
+    monkeypatch.setattr(wadi.cli, "worlds", lambda: {})
+    with pytest.raises(SystemExit):  # argparse: no such command without the world
+        main(["digits-teacher", "--out", "x"])

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import tiny_pipes
-from wadi.adapters import KINDS, AdapterConfig
+from wadi.adapters import KINDS
 from wadi.cli import main
 from tiny_pipes import make_cfg
 from wadi.config import DistillConfig

@@ -218,3 +218,100 @@ def test_single_file_export_loads_with_from_single_file(lorad_run, tmp_path):
     save_file(other, str(tmp_path / "other.safetensors"))
     assert main(["export", str(run), "--format", "single-file", "--template", str(tmp_path / "other.safetensors"),
                  "--out", str(tmp_path / "wrong")]) == 2  # another base's file is refused
+
+
+def card_snippet(card: str) -> tuple[str, str]:
+    """(language, code) of the fenced block under a card's "## Use"."""
+    use = card.split("## Use", 1)[1]
+    fence = use.index("```")
+    language, _, rest = use[fence + 3:].partition("\n")
+    return language.strip(), rest[:rest.index("```")].strip()
+
+
+def unbound_names(code: str) -> set[str]:
+    """Names a snippet uses that it neither imports nor assigns (builtins aside)."""
+    import ast
+    import builtins
+
+    tree = ast.parse(code)
+    bound = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+             for a in n.names}
+    bound |= {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return used - bound - set(dir(builtins))
+
+
+def test_every_cards_snippet_is_runnable_as_written(lorad_run, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    base, run, _ = lorad_run
+    save_file(tiny_pipes.original_layout(UNet2DConditionModel.from_pretrained(base, subfolder="unet")),
+              str(tmp_path / "base.safetensors"))
+    exports = {"pipeline": [], "adapter": [], "lora": ["--rank", "4"], "lora-kohya": ["--rank", "4"],
+               "single-file": ["--template", str(tmp_path / "base.safetensors")]}
+    snippets = {}
+    for fmt, extra in exports.items():
+        assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / fmt), *extra]) == 0
+        language, code = card_snippet((tmp_path / fmt / "README.md").read_text())
+        snippets[fmt] = code
+        for placeholder in ("BASE", "FOLDER", "OWNER", "prompt,", "..."):
+            assert placeholder not in code, (fmt, code)
+        if language == "python":
+            compile(code, fmt, "exec")
+            assert unbound_names(code) == set(), (fmt, code)
+            assert ".images[0]" in code and str((tmp_path / fmt).resolve()) in code
+        else:
+            assert language == "bash" and code.startswith("wadi sample ")
+    for fmt in ("adapter", "lora", "lora-kohya", "single-file"):
+        assert str(base) in snippets[fmt]  # the base model's real path
+    kohya = (tmp_path / "lora-kohya" / "README.md").read_text()
+    assert "in kohya's layout (A1111, ComfyUI)" in kohya and f"In A1111 or ComfyUI: the base model `{base}`" in kohya
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippets["pipeline"], "card", "exec"), {})  # the exported pipeline, as its card says
+    assert (tmp_path / "image.png").is_file()
+
+
+def test_a_single_file_export_named_as_a_file_is_that_file(lorad_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base, run, _ = lorad_run
+    save_file(tiny_pipes.original_layout(UNet2DConditionModel.from_pretrained(base, subfolder="unet")),
+              str(tmp_path / "base.safetensors"))
+    out = tmp_path / "models" / "wadi-1step.safetensors"
+    out.parent.mkdir()
+    args = ["export", str(run), "--format", "single-file", "--template", str(tmp_path / "base.safetensors"),
+            "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["wadi-1step.md", "wadi-1step.safetensors",
+                                                             "wadi-1step.scheduler"]
+    assert (out.parent / "wadi-1step.scheduler" / "scheduler_config.json").is_file()
+    assert load_file(str(out)).keys() == load_file(str(tmp_path / "base.safetensors")).keys()
+    assert f'from_single_file("{out.resolve()}"' in (out.parent / "wadi-1step.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 2  # not overwritten without --force
+    assert f"--out {out} exists; pass --force" in capsys.readouterr().err
+
+
+def test_export_options_that_do_not_belong_and_that_are_missing_read_differently(lorad_run, tmp_path, capsys):
+    _, run, _ = lorad_run
+    for extra, message in [(["--format", "pipeline", "--rank", "4"],
+                            "--rank is for --format lora or lora-kohya, not --format pipeline"),
+                           (["--format", "lora-kohya"], "--format lora-kohya needs --rank R, the LoRA's rank"),
+                           (["--format", "lora", "--template", "x"],
+                            "--template is for --format single-file, not --format lora"),
+                           (["--format", "single-file"], "--format single-file needs --template FILE")]:
+        extra = extra + (["--rank", "4"] if extra[1] == "lora" else [])
+        assert main(["export", str(run), "--out", str(tmp_path / "o"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_sampling_a_lora_export_says_how_in_one_line(lorad_run, tmp_path, capsys):
+    _, run, _ = lorad_run
+    assert main(["export", str(run), "--format", "lora", "--rank", "4", "--out", str(tmp_path / "lora")]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "lora"), "--prompt", "a cat", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a LoRA export, which wadi does not sample" in err, err
+    assert f"pipe.load_lora_weights({str(tmp_path / 'lora')!r}, weight_name='pytorch_lora_weights.safetensors')" in err

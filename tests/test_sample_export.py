@@ -2,6 +2,9 @@
 one-step sampler bit for bit, and every kind of student source loads."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -173,3 +176,39 @@ def test_refusals_are_one_line_errors(runs, tmp_path, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4 and "--force" in errors[0] and "--force" in errors[1]
     assert "does not exist" in errors[2] and "--seeds" in errors[3]
+
+
+def test_students_read_exports_without_importing_the_exporter():
+    """The manifest has its own module: loading a student does not pull in export.py (no cycle)."""
+    code = "import sys, wadi.students; assert 'wadi.export' not in sys.modules, 'wadi.export imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_normal_output_is_progress_and_one_summary_line(runs, tmp_path):
+    """The libraries' logger warnings (tiny CLIP configs trigger transformers' token-id one;
+    a machine without torchvision its image-processor one) stay out of what a user reads."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("WADI_DEBUG", None)
+    _, run = runs("sd")
+    for args in (["export", str(run), "--out", str(tmp_path / "export")],
+                 ["sample", str(tmp_path / "export"), "--prompt", "a cat", "--out", str(tmp_path / "s")]):
+        done = subprocess.run([sys.executable, "-m", "wadi.cli", *args], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert len(done.stdout.strip().splitlines()) == 1 and done.stdout.startswith("wrote "), done.stdout
+        noise = [line for line in done.stderr.replace("\r", "\n").splitlines() if line and "sampling" not in line]
+        assert noise == [], noise
+
+
+def test_the_python_api_names_its_arguments_where_the_command_line_names_flags(runs, tmp_path, capsys):
+    from wadi.export import export_pipeline
+
+    _, run = runs("sd")
+    (tmp_path / "x.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"x.bin is a torch state dict: pass allow_bin=True to read it"):
+        load_student(tmp_path / "x.bin")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("")
+    with pytest.raises(FileExistsError, match=r"exists and is not empty; pass force=True to write into it$"):
+        export_pipeline(load_student(run), tmp_path / "out")
+    assert main(["export", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "exists and is not empty; pass --force to write into it" in capsys.readouterr().err

@@ -6,7 +6,7 @@ The main jobs, importable from here (loaded on first use, so `import wadi` stays
     student = wadi.load_student(run)                      # or an export, adapter, released file
     images = wadi.one_step(student.backbone, student.net, ["a cat"], seeds=[0])
     wadi.export_pipeline(student, "exported/")            # a stock diffusers pipeline folder
-    result = wadi.analyze(teacher_state_dict, student_state_dict)
+    result = wadi.analyze(wadi.load_teacher(run).net, student.net)
 
 `wadi.evaluate` scores students and teachers (see wadi.evaluate), `attach` / `load_adapter`
 put LoRaD (or LoRA, DoRA, full fine-tuning) on any diffusers model.
@@ -14,6 +14,8 @@ put LoRaD (or LoRA, DoRA, full fine-tuning) on any diffusers model.
 
 import importlib
 import importlib.metadata
+import sys
+import types
 
 __version__ = importlib.metadata.version("wadi-distill")
 
@@ -22,10 +24,30 @@ __version__ = importlib.metadata.version("wadi-distill")
 _LAZY = {
     "KINDS": "adapters", "Adapter": "adapters", "AdapterConfig": "adapters", "attach": "adapters",
     "load_adapter": "adapters", "LoRaDLinear": "lorad",
-    "distill": "training", "resolve": "config", "load_student": "students", "load_teacher": "students",
+    "resolve": "config", "load_student": "students", "load_teacher": "students",
     "one_step": "sampling", "multi_step": "sampling", "export_pipeline": "export", "export_lora": "export",
     "evaluate": "evaluate", "analyze": "analysis", "load_weights": "weights", "BackboneSpec": "backbones",
 }
+
+
+class _Package(types.ModuleType):
+    """`wadi.distill` is the function, also after the engine module of the same name
+    (wadi/distill.py) is imported: the import system sets a package attribute for each
+    submodule it loads, which would otherwise replace the function with the module. The
+    module stays importable by its full name (`from wadi.distill import Distiller`)."""
+
+    @property
+    def distill(self):
+        from .training import distill
+
+        return distill
+
+    @distill.setter
+    def distill(self, module) -> None:
+        pass  # the submodule, set by the import system: sys.modules["wadi.distill"] keeps it
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):
@@ -34,4 +56,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'wadi' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["distill", "__version__", *_LAZY]

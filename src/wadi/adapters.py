@@ -6,32 +6,24 @@
   switch for it; we freeze them and leave them out of the trainable set).
 - full: full fine-tuning of every parameter of the model (the paper's 860M baseline).
 
-Adapter files are safetensors holding only the adapter's tensors, with the kind, rank,
-target rule and a fingerprint of the base model in their metadata.
+Adapter files (their format: wadi.adapter_file) hold only the adapter's tensors.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .errors import CorruptFile, describe
-
+from . import adapter_file
+from .adapter_file import AdapterFile, content_sample, fingerprint
 from .lorad import LoRaDLinear
 from .targets import TargetRule, resolve_rule, select_linears
-from .weights import check_finite
-
-FORMAT = "wadi-adapter/1"
 
 
 @dataclass
@@ -58,41 +50,13 @@ class AdapterConfig:
         return d
 
 
-def fingerprint(model: nn.Module, names: list[str]) -> str:
-    """A short hash of the model class and the names and shapes of the adapted layers."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name in names:
-        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
-            h.update(f"{name}.{pname}:{tuple(p.shape)};".encode())
-    return h.hexdigest()[:16]
-
-
-SAMPLE_LAYERS, SAMPLE_PER_LAYER = 16, 4
-SAMPLE_RTOL = 2e-2  # a base stored in bf16 is the same base; a fine-tune of it is not
-
-
-def content_sample(model: nn.Module, names: list[str]) -> list[float] | None:
-    """A few base weights at fixed places of up to 16 adapted layers: enough to tell a base
-    from another of the same shapes, cheap on any size (None on the meta device)."""
-    picked = names[:: max(1, len(names) // SAMPLE_LAYERS)][:SAMPLE_LAYERS]
-    values = []
-    for name in picked:
-        w = getattr(model.get_submodule(name), "weight", None)
-        if w is None:
-            continue
-        if w.is_meta:
-            return None
-        flat = w.detach().reshape(-1)
-        values += flat[torch.linspace(0, flat.numel() - 1, SAMPLE_PER_LAYER).long()].float().tolist()
-    return values
-
-
 @dataclass
 class Adapter:
     """An adapter attached to `model`. Create with `attach`."""
 
     model: nn.Module
     config: AdapterConfig
+    backbone: str  # the backbone kind (backbones.KINDS) of the model
     target_names: list[str]
     base_fingerprint: str
     base_sample: list[float] | None = None  # content_sample of the base at attach time
@@ -181,37 +145,22 @@ class Adapter:
             self.model.set_submodule(n, layer.get_base_layer())
         return self.model
 
-    def metadata(self, extra: dict | None = None) -> dict[str, str]:
-        meta = {
-            "format": FORMAT,
-            "config": json.dumps(self.config.to_dict()),
-            "base_class": type(self.model).__name__,
-            "base_fingerprint": self.base_fingerprint,
-            "base_sample": json.dumps(self.base_sample),
-            "base_model": str(getattr(getattr(self.model, "config", None), "_name_or_path", "") or ""),
-            "num_layers": str(len(self.target_names)),
-        }
-        meta.update({k: str(v) for k, v in (extra or {}).items()})
-        return meta
-
     def save(self, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
-        """Write the adapter tensors as safetensors (atomically: temp file, then rename)."""
+        """Write the adapter tensors with their metadata (atomically)."""
         if self.merged:
             raise RuntimeError("adapter is merged; unmerge before saving so the saved tensors are the adapter's")
-        path = Path(path)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=self.metadata(extra_metadata))
-        os.replace(tmp, path)
-        return path
+        meta = adapter_file.metadata(self.config.to_dict(), self.model, self.backbone, self.base_fingerprint,
+                                     self.base_sample, len(self.target_names), extra_metadata)
+        return adapter_file.write(path, self.state_dict(), meta)
 
-    def load(self, path: str | os.PathLike, allow_other_base: bool = False) -> None:
+    def load(self, source: str | os.PathLike | AdapterFile, allow_other_base: bool = False) -> None:
         """Load an adapter file saved for this base model, kind and rank; checks all before writing."""
         if self.merged:
             raise RuntimeError("adapter is merged; unmerge before loading another state")
-        meta, tensors = read_adapter_file(path)
-        _check_compatible(path, meta, self.config, self.model, self.base_fingerprint, self.base_sample,
-                          allow_other_base)
+        file = source if isinstance(source, AdapterFile) else adapter_file.read(source)
+        file.check(self.config.kind, self.config.rank, self.ranked, self.model, self.backbone,
+                   self.base_fingerprint, self.base_sample, allow_other_base)
+        tensors, path = file.tensors, file.path
         current = self.state_dict()
         missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
         if missing or extra:
@@ -259,9 +208,9 @@ class PeftAdapter(Adapter):
                     p.requires_grad_(False)
 
     def _prefix(self) -> str:
-        from .backbones import kind_of
+        from .backbones import get_kind
 
-        return f"{kind_of(self.model).subfolder}."
+        return f"{get_kind(self.backbone).subfolder}."
 
     def state_dict(self):
         from peft import get_peft_model_state_dict
@@ -318,102 +267,51 @@ def adapter_class(kind: str) -> type[Adapter]:
     return _CLASSES[kind]
 
 
-def check_attach(model: nn.Module, config: AdapterConfig) -> None:
+def check_attach(model: nn.Module, config: AdapterConfig, backbone: str | None = None) -> None:
     """Raise what `attach` would raise, on an empty (meta-device) copy of the architecture."""
     with torch.device("meta"):
         empty = type(model).from_config(model.config)
-    attach(empty, config)
+    attach(empty, config, backbone)
 
 
-def attach(model: nn.Module, config: AdapterConfig) -> Adapter:
+def attach(model: nn.Module, config: AdapterConfig, backbone: str | None = None) -> Adapter:
     """Freeze `model` and attach the adapter that `config` names to its target layers
-    (without targets: the student preset of the model's backbone kind)."""
-    if config.targets is None:
-        from .backbones import kind_of
+    (without targets: the student preset of the backbone kind). `backbone` names the kind
+    (backbones.KINDS); without it, the first kind whose denoiser class the model is."""
+    from .backbones import get_kind, kind_of
 
-        config = dataclasses.replace(config, targets=kind_of(model).targets[0])
+    kind = get_kind(backbone) if backbone else kind_of(model)
+    if config.targets is None:
+        config = dataclasses.replace(config, targets=kind.targets[0])
     cls = adapter_class(config.kind)
     names = cls.select(model, config)
     fp, sample = fingerprint(model, names), content_sample(model, names)
     model.requires_grad_(False)
     cls.inject(model, config, names)
-    return cls(model, config, names, fp, sample)
+    return cls(model, config, kind.name, names, fp, sample)
 
 
-def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Metadata and tensors of a wadi adapter file; a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CorruptFile(f"{path} is not a readable safetensors file ({describe(e)})") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a wadi adapter file (metadata format {meta.get('format')!r})")
-    _check_metadata(path, meta)
-    check_finite(tensors.items(), str(path))
-    return meta, tensors
+def adapter_base_copy(file: AdapterFile, model: nn.Module) -> nn.Module:
+    """The copy of `model` the adapter in `file` attaches to (see Adapter.base_copy)."""
+    return adapter_class(file.config["kind"]).base_copy(model)
 
 
-def _check_metadata(path: Path, meta: dict[str, str]) -> None:
-    """The metadata the loaders read: a config that builds an AdapterConfig, a base sample
-    that is a list of numbers or null. Damage is a CorruptFile, before anything reads it."""
-    try:
-        config = json.loads(meta["config"])
-        AdapterConfig(**config).rule  # noqa: B018 -- builds the target rule, which raises on damage
-        sample = json.loads(meta.get("base_sample", "null"))
-    except (KeyError, TypeError, ValueError, RecursionError) as e:
-        raise CorruptFile(f"{path}: its adapter metadata is damaged ({describe(e) or type(e).__name__})") from None
-    if sample is not None and not (isinstance(sample, list) and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in sample)):
-        raise CorruptFile(f"{path}: its adapter metadata is damaged (base_sample is not a list of numbers)")
-
-
-def _check_compatible(path, meta: dict, config: AdapterConfig, model: nn.Module, fp: str | None,
-                      sample: list[float] | None = None, allow_other_base: bool = False) -> None:
-    """Raise if the file's adapter does not fit `model`: class, kind, rank; the layers'
-    fingerprint and the base weights' sample when given."""
-    saved = AdapterConfig(**json.loads(meta["config"]))
-    checks = [("base model class", type(model).__name__, meta.get("base_class")),
-              ("kind", config.kind, saved.kind), ("rank", config.rank, saved.rank)]
-    if fp is not None:
-        checks.append(("base model layers (fingerprint)", fp, meta.get("base_fingerprint")))
-    for key, ours, theirs in checks:
-        if ours != theirs:
-            raise ValueError(f"{path}: adapter {key} is {theirs!r} but this model's is {ours!r}; "
-                             "load it into the model and adapter it was trained with")
-    theirs = json.loads(meta.get("base_sample", "null"))
-    if allow_other_base or sample is None or theirs is None or not adapter_class(config.kind).ranked:
-        return
-    if len(theirs) != len(sample) or not torch.allclose(torch.tensor(theirs), torch.tensor(sample),
-                                                         rtol=SAMPLE_RTOL, atol=1e-6):
-        raise ValueError(f"{path} was trained on a base model with other weights (the same shapes, other "
-                         "values); load it on the model it was distilled from, or allow it explicitly "
-                         "(--allow-other-base)")
-
-
-def adapter_base_copy(path: str | os.PathLike, model: nn.Module) -> nn.Module:
-    """The copy of `model` the adapter file at `path` attaches to (see Adapter.base_copy)."""
-    meta, _ = read_adapter_file(path)
-    return adapter_class(json.loads(meta["config"])["kind"]).base_copy(model)
-
-
-def load_adapter(model: nn.Module, path: str | os.PathLike, allow_other_base: bool = False) -> Adapter:
+def load_adapter(model: nn.Module, source: str | os.PathLike | AdapterFile, allow_other_base: bool = False,
+                 backbone: str | None = None) -> Adapter:
     """Attach the adapter described by a saved file to `model` and load its tensors.
 
-    The file is checked against the model before anything is attached (class, layers,
-    and a sample of the base weights, unless `allow_other_base`), so a mismatch leaves the
-    model as it was.
+    The file is checked against the model before anything is attached (class, backbone
+    kind, layers, and a sample of the base weights, unless `allow_other_base`), so a
+    mismatch leaves the model as it was. The backbone kind is the file's (`backbone` for
+    files that do not record it).
     """
-    meta, _ = read_adapter_file(path)
-    config = AdapterConfig(**json.loads(meta["config"]))
-    _check_compatible(path, meta, config, model, fp=None)
-    names = adapter_class(config.kind).select(model, config)
-    _check_compatible(path, meta, config, model, fingerprint(model, names), content_sample(model, names),
-                      allow_other_base)
-    adapter = attach(model, config)
-    adapter.load(path, allow_other_base)
+    file = source if isinstance(source, AdapterFile) else adapter_file.read(source)
+    config = AdapterConfig(**file.config)
+    cls = adapter_class(config.kind)
+    file.check(config.kind, config.rank, cls.ranked, model)
+    names = cls.select(model, config)
+    file.check(config.kind, config.rank, cls.ranked, model, backbone, fingerprint(model, names),
+               content_sample(model, names), allow_other_base)
+    adapter = attach(model, config, file.backbone or backbone)
+    adapter.load(file, allow_other_base)
     return adapter

@@ -244,13 +244,6 @@ class Kind:
     pipeline_kwargs: str = ""  # what a one-step call of the stock pipeline needs besides the prompt
     pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
 
-    def usage(self, steps: int = 1) -> str:
-        """How an exported folder of this kind samples a student of `steps` steps."""
-        if self.pipeline is None:
-            return "wadi sample FOLDER --prompt ..."
-        extra = f", {self.pipeline_kwargs}" if self.pipeline_kwargs else ""
-        return f"{self.pipeline}.from_pretrained(folder)(prompt, num_inference_steps={steps}, guidance_scale=0{extra})"
-
 
 KINDS: dict[str, Kind] = {
     # Stable Diffusion 1.5 / 2.1: CLIP text states, the UNet attends to all 77 of them.

@@ -1,5 +1,6 @@
 """The `wadi` command line. Each tool lives in `wadi.commands.<name>` and defines
-`register(subparsers)`, which adds its parser with `func` set to its entry point."""
+`register(subparsers)`, which adds its parser with `func` set to its entry point; an
+embedded world's tools come from its plugin (wadi.worlds) and check its extra first."""
 
 from __future__ import annotations
 
@@ -9,19 +10,26 @@ import importlib
 import os
 import sys
 
-from .errors import describe
+from .errors import NeedsOption, describe
 
-# One line per tool, in the order `wadi --help` lists them.
-COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval", "demo", "digits_teacher",
-            "digits_classifier"]
+# The core's tools, in the order `wadi --help` lists them; the worlds' follow.
+COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .worlds import worlds
+
     parser = argparse.ArgumentParser(prog="wadi", description="WaDi: one-step diffusion distillation with LoRaD.")
     parser.add_argument("--version", action="version", version=f"wadi {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"wadi.commands.{name}").register(sub)
+    for world_name, world in worlds().items():
+        before = set(sub.choices)
+        for module in world.commands:
+            importlib.import_module(module).register(sub)
+        for command in set(sub.choices) - before:
+            sub.choices[command].set_defaults(world_of_command=world_name)
     return parser
 
 
@@ -32,13 +40,17 @@ def version() -> str:
 
 
 def _quiet_libraries() -> None:
-    """No per-file "Loading weights" bars from diffusers and transformers: our own bars and
-    one-line errors are what a user reads on stderr."""
+    """No per-file "Loading weights" bars and no warnings from diffusers' and transformers'
+    loggers (a missing torchvision, a tokenizer's token ids): our own bars, summary line
+    and one-line errors are what a user reads on stderr. WADI_DEBUG=1 keeps the warnings."""
     import diffusers
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    if not os.environ.get("WADI_DEBUG"):
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
 
 
 OUT_OF_MEMORY = ("out of memory: lower the batch (train.batch_size, with train.grad_accum to keep the "
@@ -70,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = f"wadi {args.command}"
         _quiet_libraries()
+        if getattr(args, "world_of_command", None):
+            from .worlds import check_installed
+
+            check_installed(args.world_of_command)
         out = getattr(args, "out", None)
         with locks.hold(out) if out else contextlib.nullcontext():
             return args.func(args)
@@ -84,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         if not isinstance(e, (ValueError, OSError, TrainingStopped, SafetensorError)):
             raise
-        print(f"{command}: error: {describe(e)}", file=sys.stderr)
+        text = e.for_command_line if isinstance(e, NeedsOption) else describe(e)
+        print(f"{command}: error: {text}", file=sys.stderr)
         return 2
 
 

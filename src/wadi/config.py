@@ -336,10 +336,15 @@ RESUMABLE = {"train.steps", "train.max_nonfinite", "run.log_every", "run.checkpo
              "run.export", "run.report_to"}
 
 
+def run_config(run, overrides: list[str] = ()) -> DistillConfig:
+    """The resolved config of a run folder (a RunFolder), with `overrides`: the one reader of config.yaml."""
+    return resolve(str(run.config), overrides)
+
+
 def resume_config(run, overrides: list[str]) -> DistillConfig:
     """The config of a run folder with `overrides`, refused where they change the run itself."""
-    saved = resolve(str(run.config))
-    cfg = resolve(str(run.config), overrides)
+    saved = run_config(run)
+    cfg = run_config(run, overrides)
     old, new = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
     changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE]
     if changed:

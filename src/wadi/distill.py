@@ -105,10 +105,10 @@ def lr_lambda(warmup: int, schedule: str, total: int):
     return factor
 
 
-def adapted_copy(net: torch.nn.Module, adapter_cfg, checkpointing: bool) -> Adapter:
+def adapted_copy(net: torch.nn.Module, adapter_cfg, checkpointing: bool, backbone: str) -> Adapter:
     """The teacher's net with an adapter, sharing the teacher's frozen tensors (all but
     full fine-tuning's); the trainable parameters in float32 whatever the frozen dtype."""
-    adapter = attach(adapter_class(adapter_cfg.kind).base_copy(net), adapter_cfg)
+    adapter = attach(adapter_class(adapter_cfg.kind).base_copy(net), adapter_cfg, backbone)
     for p in adapter.trainable_parameters().values():
         p.data = p.data.float()
     if checkpointing:
@@ -135,8 +135,8 @@ class Distiller:
         self.weight_dtype = dtype_of(tc.mixed_precision)
         device = accelerator.device
         backbone.to(device, self.weight_dtype)  # the teacher and the frozen encoders, shared below
-        self.student = adapted_copy(backbone.net, cfg.student, tc.gradient_checkpointing)
-        self.fake = adapted_copy(backbone.net, cfg.fake, tc.gradient_checkpointing)
+        self.student = adapted_copy(backbone.net, cfg.student, tc.gradient_checkpointing, backbone.kind.name)
+        self.fake = adapted_copy(backbone.net, cfg.fake, tc.gradient_checkpointing, backbone.kind.name)
         adamw = optimizer_class(tc)
         kwargs = dict(betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.opt_s = adamw(list(self.student.trainable_parameters().values()), lr=tc.lr_student, **kwargs)

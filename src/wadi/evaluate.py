@@ -241,6 +241,17 @@ class MetricSettings:
         return d
 
 
+def metric_settings(names: str, reference: Path | None, cache_dir: Path, clip_model: str | None = None,
+                    pr_k: int = 3, alignment: str | None = None, batch_size: int = 50,
+                    features: str = INCEPTION) -> MetricSettings:
+    """MetricSettings from option values: comma-separated metric names, a reference that must exist."""
+    if reference is not None and not Path(reference).exists():
+        raise FileNotFoundError(f"--ref {reference} does not exist")
+    return MetricSettings([m.strip() for m in names.split(",") if m.strip()],
+                          Reference(Path(reference), cache_dir) if reference is not None else None, clip_model, pr_k,
+                          alignment, batch_size, Extractor(features))
+
+
 @dataclass
 class Scorer:
     """The metric models, each loaded once and used for every evaluated model."""

@@ -8,8 +8,7 @@ with the student as its UNet / transformer and the scheduler of its noise proces
 sampling; its arithmetic is
 our sampler's, so images agree to the last bit in float32.
 
-Every export carries `wadi.json` (this module owns its format): the base model's
-BackboneSpec, where the student came from, and how to run it. Kinds without a stock
+Every export carries `wadi.json` (its format: wadi.manifest). Kinds without a stock
 pipeline get the same components without a model_index.json, loadable by `wadi sample`.
 """
 
@@ -21,36 +20,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .backbones import BackboneSpec
-from .errors import brief, describe
-from .files import atomic_path, check_out, read_json_object
-from .model_card import write_card
+from .config import run_config
+from .files import atomic_path, check_new_file, check_out
+from .manifest import write_manifest
+from .model_card import adapter_usage, lora_usage, one_liner, pipeline_usage, single_file_usage, write_card
 from .run_folder import RunFolder
 
 if TYPE_CHECKING:
     from .students import Loaded
 
-MANIFEST = "wadi.json"
-FORMAT = "wadi-export/2"
 FORMATS = ("pipeline", "adapter", "lora", "lora-kohya", "single-file")
 SINGLE_FILE = "student.safetensors"
 
 
-def is_export(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file()
-
-
-def read_manifest(folder: Path) -> dict:
-    """The manifest of an exported folder; `base` as a BackboneSpec."""
-    info = read_json_object(folder / MANIFEST, "; export the student again")
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{folder / MANIFEST}: unknown export format {brief(info.get('format'))}; "
-                         "export the student again")
-    from .config import recorded_spec
-
-    try:
-        return {**info, "base": recorded_spec(info.get("base"), "base")}
-    except ValueError as e:
-        raise ValueError(f"{folder / MANIFEST}: {describe(e)}; export the student again") from None
 
 
 def build_pipeline(loaded: "Loaded"):
@@ -78,9 +60,10 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
             bb.student_scheduler().save_pretrained(tmp / "scheduler")
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
-        info = {"format": FORMAT, "base": base.to_dict(), "source": loaded.source, "usage": bb.kind.usage(bb.student_steps)}
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
-        write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source, bb.kind.usage(bb.student_steps))
+        steps = bb.student_steps
+        write_manifest(tmp, base, loaded.source, one_liner(bb.kind, out.resolve(), steps))
+        write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source,
+                   pipeline_usage(bb.kind, out.resolve(), steps))
     return out  # with --force the new folder replaced the old one whole
 
 
@@ -104,43 +87,65 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
         path = save_lora(tensors, tmp, pipeline, bb.kind.subfolder, kohya)
         bb.student_scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-        usage = ("the LoRA in A1111 / ComfyUI on the base model, 1 sampling step from the last timestep, "
-                 "no guidance (CFG 1)" if kohya else
-                 f"pipe = {bb.kind.pipeline}.from_pretrained(BASE)\n"
-                 f"pipe.load_lora_weights(FOLDER)\n"
-                 f"pipe.scheduler = {type(bb.student_scheduler()).__name__}.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
-                 f"image = pipe(prompt, num_inference_steps={bb.student_steps}, guidance_scale=0).images[0]")
-        fmt = (f"a LoRA of rank {rank} in {'kohya' if kohya else 'diffusers'}' layout (the student's weight change, "
-               f"{report.layers} layers; energy kept: median {report.to_dict()['energy_median']:.4f})")
-        write_card(tmp, fmt, base, student.source, usage)
+        note = (f"In A1111 or ComfyUI: the base model `{base.path}` with {path.name} at weight 1, "
+                f"{bb.student_steps} sampling step(s), CFG scale 1, a DDIM sampler whose first step starts at the "
+                "last timestep (trailing spacing). In diffusers" if kohya else "")
+        layout = "kohya's layout (A1111, ComfyUI)" if kohya else "diffusers' layout"
+        fmt = (f"a LoRA of rank {rank} in {layout} (the student's weight change, {report.layers} layers; "
+               f"energy kept: median {report.to_dict()['energy_median']:.4f})")
+        usage = lora_usage(bb.kind, base.path, out.resolve(), path.name, type(bb.student_scheduler()).__name__,
+                           bb.student_steps)
+        write_card(tmp, fmt, base, student.source, usage, note)
     return out / path.name, report.to_dict()
+
+
+def single_file_paths(out: str | Path, force: bool = False) -> tuple[Path, Path, Path]:
+    """(checkpoint, scheduler folder, card) of a single-file export, checked for writing:
+    inside the folder `out`, or, for `out` = NAME.safetensors, that file with NAME.scheduler/
+    and NAME.md beside it (a checkpoint file is what A1111 and ComfyUI users keep)."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        check_out(out, force)
+        return out / SINGLE_FILE, out / "scheduler", out / "README.md"
+    file, scheduler, card = out, out.with_suffix(".scheduler"), out.with_suffix(".md")
+    check_new_file(file, force)
+    check_new_file(card, force)
+    check_out(scheduler, force)
+    return file, scheduler, card
 
 
 def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Path, out: str | Path,
                        force: bool = False) -> Path:
     """The student as one checkpoint in the original layout, built on the base model's own
     single file `template` (its VAE and text encoder kept), with the one-step scheduler
-    beside it and a card."""
+    and a card beside it (see single_file_paths); returns the checkpoint."""
     from safetensors.torch import save_file
 
     from .single_file import student_checkpoint
     from .weights import read_file
 
-    out = check_out(out, force)
+    file, scheduler, card = single_file_paths(out, force)
     bb = student.backbone
     if bb.kind.name not in ("sd", "sdxl"):
         raise ValueError(f"single-file checkpoints are Stable Diffusion's layout; the {bb.kind.name} kind has none")
     state = student_checkpoint(read_file(Path(template)), student.net, teacher.net)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        save_file(state, str(tmp / SINGLE_FILE))
-        bb.student_scheduler().save_pretrained(tmp / "scheduler")
-        usage = (f"pipe = {bb.kind.pipeline}.from_single_file(\"FOLDER/{SINGLE_FILE}\")\n"
-                 "pipe.scheduler = DDIMScheduler.from_pretrained(FOLDER, subfolder=\"scheduler\")\n"
-                 f"image = pipe(prompt, num_inference_steps={bb.student_steps}, guidance_scale=0).images[0]")
-        write_card(tmp, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, from_single_file)",
-                   teacher.backbone.spec, student.source, usage)
-    return out / SINGLE_FILE
+    usage = single_file_usage(bb.kind, teacher.backbone.spec.path, file.resolve(), scheduler.resolve(),
+                              bb.student_steps)
+
+    def write(file_to: Path, scheduler_to: Path, card_to: Path) -> None:
+        save_file(state, str(file_to))
+        bb.student_scheduler().save_pretrained(scheduler_to)
+        write_card(card_to.parent, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, "
+                   "from_single_file)", teacher.backbone.spec, student.source, usage, name=card_to.name)
+
+    if file == Path(out):
+        with atomic_path(scheduler) as s, atomic_path(card) as c, atomic_path(file) as f:
+            write(f, s, c)
+    else:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            write(tmp / file.name, tmp / scheduler.name, tmp / card.name)
+    return file
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: bool = False) -> list[Path]:
@@ -160,14 +165,8 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: 
         tmp.mkdir()
         for f in files:
             shutil.copy2(f, tmp / f.name)
-        base = _run_base(folder)
+        base = run_config(folder).model
         write_card(tmp, "wadi adapter files (LoRaD angles or peft tensors, with their base's fingerprint)", base,
-                   str(folder.path), f"wadi sample {out}/student.safetensors --base {base.path} --prompt ...")
+                   str(folder.path), adapter_usage(out.resolve() / folder.student_adapter.name, base.path))
     return [out / f.name for f in files]
-
-
-def _run_base(run: RunFolder) -> BackboneSpec:
-    from .config import resolve
-
-    return resolve(str(run.config)).model
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import CorruptFile
+from .errors import CorruptFile, OutputExists
 
 
 def check_out(out: str | Path, force: bool, option: str = "--out") -> Path:
@@ -19,7 +19,7 @@ def check_out(out: str | Path, force: bool, option: str = "--out") -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{option} {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{option} {out} exists and is not empty; pass --force to write into it")
+        raise OutputExists(f"{option} {out} exists and is not empty; pass {{option}} to write into it", "force")
     return out
 
 
@@ -29,7 +29,7 @@ def check_new_file(path: str | Path, force: bool, option: str = "--out") -> Path
     if path.is_dir():
         raise FileExistsError(f"{option} {path} is a folder, not a file")
     if path.exists() and not force:
-        raise FileExistsError(f"{option} {path} exists; pass --force to replace it")
+        raise OutputExists(f"{option} {path} exists; pass {{option}} to replace it", "force")
     return path
 
 

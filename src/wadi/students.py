@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
-from .adapters import FORMAT as ADAPTER_FORMAT
+from . import adapter_file, hub
+from .adapter_file import is_adapter_file
 from .adapters import adapter_base_copy, load_adapter
 from .backbones import Backbone, BackboneSpec, Kind, detect_kind, get_kind, load_backbone
-from . import hub
-from .export import is_export, read_manifest
+from .config import run_config
+from .errors import NeedsOption
 from .files import read_json_object
+from .manifest import is_export, read_manifest
 from .run_folder import RunFolder
 from .weights import TORCH_SUFFIXES, check_finite, check_fits, load_weights
 
@@ -60,23 +61,6 @@ class Loaded:
         return self
 
 
-def run_spec(run: RunFolder) -> BackboneSpec:
-    """The base model a run was trained on (its config.yaml)."""
-    from .config import resolve
-
-    return resolve(str(run.config)).model
-
-
-def is_adapter_file(path: Path) -> bool:
-    if path.suffix != ".safetensors":
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == ADAPTER_FORMAT
-    except Exception:  # not safetensors at all: read_file names the problem
-        return False
-
-
 def load_student(source: str | Path, spec: BackboneSpec | None = None, dtype: torch.dtype = torch.float32,
                  allow_bin: bool = False, allow_other_base: bool = False) -> Loaded:
     """The one-step student that `source` holds (see the module doc for what it can be).
@@ -93,7 +77,7 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
     path = Path(hub.resolve(source)).expanduser()
     if RunFolder.is_run(path):
         run = RunFolder(path)
-        base = spec.filled(**run_spec(run).to_dict())
+        base = spec.filled(**run_config(run).model.to_dict())
         backbone = load_backbone(base, dtype, allow_bin)
         if (run.student_model / "config.json").is_file():
             read_json_object(run.student_model / "config.json")  # diffusers takes a damaged one for a hub id
@@ -110,9 +94,16 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
         # The export's own folder as the model, with every setting of how it was made and samples.
         backbone = load_backbone(replace(mine, path=str(path), text_encoder=None), dtype, allow_bin)
         return Loaded(backbone, backbone.net, str(path), mine if spec.path or base.path else None, False)
+    lora = lora_export_file(path)
+    if lora is not None:
+        raise ValueError(f"{lora} is a LoRA export, which wadi does not sample: load the base model in diffusers, "
+                         f"then pipe.load_lora_weights({str(lora.parent)!r}, weight_name={lora.name!r}), the scheduler "
+                         f"in {lora.parent / 'scheduler'}, 1 step, guidance 0 (the snippet in "
+                         f"{lora.parent / 'README.md'}); or sample the run it came from")
     if path.is_file():
         if path.suffix in TORCH_SUFFIXES and not allow_bin:
-            raise ValueError(f"{path}: pass --allow-bin to read a torch state dict (plain tensors only, no code runs)")
+            raise NeedsOption(f"{path} is a torch state dict: pass {{option}} to read it (as plain tensors only, "
+                              "no code runs)", "allow_bin")
         if is_adapter_file(path):
             backbone = spec.load(dtype, allow_bin)
             net = adapter_student(backbone, path, allow_other_base)
@@ -135,6 +126,15 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
     raise FileNotFoundError(f"student {source!r} does not exist")
 
 
+def lora_export_file(path: Path) -> Path | None:
+    """The LoRA file of a `wadi export --format lora / lora-kohya` folder, or that file itself."""
+    from .lora_export import KOHYA_FILE, LORA_FILE
+
+    if path.is_file():
+        return path if path.name in (LORA_FILE, KOHYA_FILE) else None
+    return next((path / name for name in (LORA_FILE, KOHYA_FILE) if (path / name).is_file()), None)
+
+
 def base_kind(spec: BackboneSpec) -> Kind:
     """The kind of the base model a spec names, without loading it."""
     if not spec.path:
@@ -148,7 +148,7 @@ def load_teacher(source: str | Path | None, spec: BackboneSpec | None = None,
     spec = spec or BackboneSpec()
     path = Path(source).expanduser() if source else None
     if path is not None and RunFolder.is_run(path):
-        spec = spec.filled(**run_spec(RunFolder(path)).to_dict())
+        spec = spec.filled(**run_config(RunFolder(path)).model.to_dict())
     elif path is not None and is_export(path):
         spec = spec.filled(**read_manifest(path)["base"].to_dict())
     elif source:
@@ -171,7 +171,9 @@ def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.
 
 def adapter_student(backbone: Backbone, path: Path, allow_other_base: bool = False) -> nn.Module:
     """The base net with the adapter file at `path` loaded and merged: a plain model."""
-    return load_adapter(adapter_base_copy(path, backbone.net), path, allow_other_base).merged_model().eval()
+    file = adapter_file.read(path)  # once: a full adapter's file is a whole denoiser
+    adapter = load_adapter(adapter_base_copy(file, backbone.net), file, allow_other_base, backbone.kind.name)
+    return adapter.merged_model().eval()
 
 
 def _in_base(backbone: Backbone, state: dict, where: Path) -> nn.Module:

@@ -21,6 +21,7 @@ import yaml
 from . import checkpoint as ckpt
 from . import locks
 from .adapters import check_attach
+from .errors import install_hint
 from .backbones import Backbone, check_model_path
 from .config import DistillConfig, resolve, resume_config
 from .distill import Distiller
@@ -48,7 +49,7 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError("train.mixed_precision=fp16 needs a CUDA GPU (on the CPU it is emulated and very slow); "
                          "use train.mixed_precision=bf16 or no")
     if cfg.run.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
-        raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: pip install 'wadi-distill[wandb]'")
+        raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: {install_hint('wandb')}")
     backbone = cfg.model.load()
     cfg.model.kind = backbone.kind.name
     cfg.model.one_step_abar = backbone.process.recorded_abar()  # recorded: which generator the run trains
@@ -62,7 +63,7 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
                          f"got {cfg.train.t_max}")
     for role, adapter in (("student", cfg.student), ("fake", cfg.fake)):
         try:
-            check_attach(backbone.net, adapter)
+            check_attach(backbone.net, adapter, backbone.kind.name)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{role} adapter: {e}") from None
     return prompts, backbone

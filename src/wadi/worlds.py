@@ -3,20 +3,26 @@
 A world registers an object under the entry-point group `wadi.worlds` (see
 pyproject.toml) with
 - `presets`: {name: function returning that preset's settings} for `wadi distill`;
-- `evaluation(num, cache_dir) -> WorldEval`: what `wadi eval --world NAME` uses.
+- `evaluation(num, cache_dir) -> WorldEval`: what `wadi eval --world NAME` uses;
+- `commands`: modules whose `register(subparsers)` adds the world's own tools to `wadi`;
+- `requires`: {module: pip package} it needs beyond the core, and `extra`, the
+  pyproject extra that installs them.
 The core never imports a world by name: worlds are found when they are asked for, so a
-world's own dependencies (a text encoder package, say) are needed only by its users.
+world's own dependencies (a text encoder package, say) are needed only by its users, and
+every way into a world (its presets, its evaluation, its tools) checks them first.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 
 from .backbones import BackboneSpec
+from .errors import install_hint
 from .prompts import PromptSet
 
 
@@ -31,6 +37,15 @@ class WorldEval:
     metrics: str  # the default --metrics
     teacher: BackboneSpec
 
+    def metric_settings(self, cache_dir: Path, metrics: str | None = None, reference: Path | None = None,
+                        features: str | None = None, alignment: str | None = None, clip_model: str | None = None,
+                        pr_k: int = 3, batch_size: int = 50):
+        """The world's metrics (evaluate.MetricSettings), each setting given here replacing the world's own."""
+        from .evaluate import metric_settings
+
+        return metric_settings(metrics or self.metrics, reference or self.reference, cache_dir, clip_model, pr_k,
+                               alignment or self.alignment, batch_size, features or self.features)
+
 
 @functools.lru_cache(maxsize=None)
 def worlds() -> dict[str, object]:
@@ -38,12 +53,37 @@ def worlds() -> dict[str, object]:
     return {ep.name: ep.load() for ep in entry_points(group="wadi.worlds")}
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ValueError, AttributeError):  # in sys.modules without a spec: blocked, or half-imported
+        return False
+
+
+def check_installed(name: str) -> None:
+    """Raise one line naming what to install when the world's extra is missing."""
+    world = worlds()[name]
+    missing = [package for module, package in world.requires.items() if not _installed(module)]
+    if missing:
+        raise ValueError(f"the {name} world needs {', '.join(missing)}, not installed here: "
+                         f"{install_hint(world.extra)}")
+
+
 def get_world(name: str):
+    """An installed world whose extra is installed too."""
     found = worlds()
     if name not in found:
         raise ValueError(f"unknown world {name!r}; installed: {', '.join(found) or 'none'}")
+    check_installed(name)
     return found[name]
 
 
 def world_presets() -> dict[str, Callable[[], dict]]:
-    return {name: make for world in worlds().values() for name, make in world.presets.items()}
+    """Every world's presets; each checks its world's extra before it is made."""
+    def checked(name, make):
+        def make_checked() -> dict:
+            check_installed(name)
+            return make()
+        return make_checked
+
+    return {preset: checked(name, make) for name, world in worlds().items() for preset, make in world.presets.items()}

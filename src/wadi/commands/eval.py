@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluate import INCEPTION, METRICS, Entry, Extractor, MetricSettings, Reference, default_cache_dir, evaluate
+from ..evaluate import INCEPTION, METRICS, Entry, default_cache_dir, evaluate, metric_settings
 from ..prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
 from ..metrics import DEFAULT_CLIP
 from ..sampling import Sampling
@@ -97,14 +97,12 @@ def run(args) -> int:
     check_device(args.device)
     cache_dir = args.ref_cache or default_cache_dir()
     world = get_world(args.world).evaluation(args.num or 200, cache_dir) if args.world else None
-    metric_names = [x.strip() for x in (args.metrics or (world.metrics if world else "fid,clip,pr")).split(",")]
-    ref = args.ref or (world.reference if world else None)
-    if ref is not None and not ref.exists():
-        raise FileNotFoundError(f"--ref {ref} does not exist")
-    features = Extractor(args.features or (world.features if world else INCEPTION))
-    metrics = MetricSettings([m for m in metric_names if m], Reference(ref, cache_dir) if ref else None,
-                             args.clip_model, args.pr_k, args.alignment or (world.alignment if world else None),
-                             args.metric_batch_size, features)
+    if world is not None:
+        metrics = world.metric_settings(cache_dir, args.metrics, args.ref, args.features, args.alignment,
+                                        args.clip_model, args.pr_k, args.metric_batch_size)
+    else:
+        metrics = metric_settings(args.metrics or "fid,clip,pr", args.ref, cache_dir, args.clip_model, args.pr_k,
+                                  args.alignment, args.metric_batch_size, args.features or INCEPTION)
     prompts = prompt_set(args, world)
     check_seed(args.seed, "--seed", len(prompts.prompts))  # image i uses seed + i
     sources = named_sources(args.models)

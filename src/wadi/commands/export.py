@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..export import FORMATS, export_adapter, export_lora, export_pipeline, export_single_file
+from ..export import FORMATS, export_adapter, export_lora, export_pipeline, export_single_file, single_file_paths
 from ..files import check_out
 from ..hub import push, resolve
+from ..model_card import one_liner
 from ..students import load_student, teacher_for
 from .model_args import DTYPES, add_base_args, base_spec, student_options
 
@@ -17,7 +18,9 @@ from .model_args import DTYPES, add_base_args, base_spec, student_options
 def register(sub) -> None:
     p = sub.add_parser("export", help="write the student as a stock diffusers pipeline, adapter files or a LoRA")
     p.add_argument("model", help="run folder, exported folder, adapter or released .safetensors file")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder; with --format single-file also NAME.safetensors (the scheduler and card "
+                        "beside it as NAME.scheduler/ and NAME.md)")
     p.add_argument("--format", choices=FORMATS, default="pipeline",
                    help="pipeline (default): a complete stock pipeline folder; adapter: the run's adapter files; "
                         "lora / lora-kohya: the student's weight change as a LoRA for load_lora_weights / "
@@ -47,26 +50,37 @@ def run(args) -> int:
 
 
 def export(args) -> int:
+    lora = args.format.startswith("lora")
     if args.fake and args.format != "adapter":
-        raise ValueError("--fake goes with --format adapter")
-    if (args.rank is not None) != args.format.startswith("lora"):
-        raise ValueError("--rank goes with --format lora or lora-kohya, and they need it")
-    if (args.template is not None) != (args.format == "single-file"):
-        raise ValueError("--template goes with --format single-file, and it needs one")
+        raise ValueError(f"--fake is for --format adapter, not --format {args.format}")
+    if args.rank is not None and not lora:
+        raise ValueError(f"--rank is for --format lora or lora-kohya, not --format {args.format}")
+    if args.rank is None and lora:
+        raise ValueError(f"--format {args.format} needs --rank R, the LoRA's rank (exact once it reaches the "
+                         "widest adapted layer's)")
+    if args.template is not None and args.format != "single-file":
+        raise ValueError(f"--template is for --format single-file, not --format {args.format}")
+    if args.template is None and args.format == "single-file":
+        raise ValueError("--format single-file needs --template FILE, the base model's own single-file checkpoint")
     if args.format == "adapter":
         for path in export_adapter(args.model, args.out, args.force, args.fake):
             print(f"wrote {path}")
         return 0
-    check_out(args.out, args.force)  # before minutes of loading
+    # Before minutes of loading.
+    if args.format == "single-file":
+        single_file_paths(args.out, args.force)
+    else:
+        check_out(args.out, args.force)
     model = load_student(args.model, base_spec(args), DTYPES[args.dtype], **student_options(args))
     if args.format == "pipeline":
         out = export_pipeline(model, args.out, args.force)
-        print(f"wrote {out}; run it with {model.backbone.kind.usage(model.backbone.student_steps)}")
+        print(f"wrote {out}; sample it with {one_liner(model.backbone.kind, out.resolve(), model.backbone.student_steps)}")
         return 0
     teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype])
     if args.format == "single-file":
         path = export_single_file(model, teacher, resolve(args.template), args.out, args.force)
-        print(f"wrote {path}; load it with StableDiffusionPipeline.from_single_file")
+        print(f"wrote {path}; load it with StableDiffusionPipeline.from_single_file and the one-step scheduler "
+              "beside it (its model card shows how)")
         return 0
     path, report = export_lora(model, teacher, args.out, args.rank, kohya=args.format == "lora-kohya",
                                force=args.force)

