@@ -119,10 +119,11 @@ PRESETS: dict[str, dict] = {
     "pixart-wadi": {"model": {"kind": "pixart", "path": "PixArt-alpha/PixArt-XL-2-256x256", "resolution": 256},
                     "student": {"rank": 128},
                     "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
-    # SDXL at 1024 px: SD 1.5's recipe; r=128 is 10.3% of its 2567M-parameter UNet (wadi params).
+    # SDXL at 1024 px: SD 1.5's recipe; r=128 is 10.3% of its 2567M-parameter UNet (wadi params);
+    # 16 prompts per process as 2 x 8, which the computed budget fits in 24 GB (README, Memory).
     "sdxl-wadi": _deep_update(_SD, {"model": {"kind": "sdxl", "resolution": 1024,
                                               "path": "stabilityai/stable-diffusion-xl-base-1.0"},
-                                    "student": {"rank": 128}}),
+                                    "student": {"rank": 128}, "train": {"batch_size": 8, "grad_accum": 2}}),
     # The flow-matching transformers (docs/method.md, section 4): rank for about 10% of the
     # denoiser, as the paper's 83.8M of SD 1.5's 860M (wadi params: SD3.5 medium r=128 9.4%,
     # Sana 1.6B r=256 8.7% of its linear layers' share), bf16 as PixArt.
