@@ -277,3 +277,17 @@ def test_student_and_fake_share_the_teachers_frozen_tensors(pipes, tmp_path, stu
     merged = UNet2DConditionModel.from_pretrained(run.student_model).state_dict()
     changed = [n for n in merged if not torch.equal(merged[n], before[n])]
     assert changed and (student == "full" or all(any(t in n for t in d.student.target_names) for n in changed))
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3"])
+def test_cached_conditioning_with_extra_tensors_trains_as_encoded_every_step(pipes, tmp_path, kind):
+    """Pooled embeddings and time ids travel through the prompt cache (and CFG batching,
+    prompt dropout) as the token states do: cached and uncached runs are the same run."""
+    runs = []
+    for cached in (False, True):
+        cfg = make_cfg(pipes, tmp_path / str(cached), kind=kind, steps=2)
+        cfg.data.cache_embeddings = cached
+        runs.append(distill(cfg, progress=False))
+    for which in ("student", "fake"):
+        a, b = (load_file(str(r / f"{which}.safetensors")) for r in runs)
+        assert all(torch.equal(a[k], b[k]) for k in a), which
