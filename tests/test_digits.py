@@ -227,9 +227,10 @@ def test_every_way_into_the_world_says_what_to_install_without_its_extra(args, t
 
 def test_the_worlds_tools_come_from_its_plugin(monkeypatch):
     import wadi.cli
+    import wadi.worlds
 
     assert {"demo", "digits-teacher", "digits-classifier"} <= set(wadi.cli.build_parser()._subparsers
                                                                    ._group_actions[0].choices)
-    monkeypatch.setattr(wadi.cli, "worlds", lambda: {})
+    monkeypatch.setattr(wadi.worlds, "worlds", lambda: {})
     with pytest.raises(SystemExit):  # argparse: no such command without the world
         main(["digits-teacher", "--out", "x"])
