@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import os
 import sys
+import warnings
 
 from .errors import NeedsOption, describe
 
@@ -49,8 +50,13 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     if not os.environ.get("WADI_DEBUG"):
+        import huggingface_hub
+
         diffusers.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
+        huggingface_hub.utils.logging.set_verbosity_error()  # "... thrown while requesting HEAD" offline
+        # diffusers still passes huggingface_hub an argument it has deprecated
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
 
 
 OUT_OF_MEMORY = ("out of memory: lower the batch (train.batch_size, with train.grad_accum to keep the "
