@@ -1,4 +1,4 @@
-"""`wadi digits-teacher`: train the digits world's teacher (reproduces the shipped one)."""
+"""`wadi digits-teacher`: train a digits world's teacher (reproduces the shipped ones)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("digits-teacher", help="train the handwritten-digits teacher UNet (wadi demo's teacher)")
-    p.add_argument("--out", required=True, type=Path, help="diffusers folder to write (unet/, scheduler/)")
+    from ..digits.paths import TEACHERS
+
+    p = sub.add_parser("digits-teacher", help="train a handwritten-digits teacher (wadi demo's teacher)")
+    p.add_argument("--world", default="digits", choices=list(TEACHERS),
+                   help="whose teacher: digits (UNet, v-prediction) or digits-flow (MMDiT, rectified flow) "
+                        "(default digits)")
+    p.add_argument("--out", required=True, type=Path, help="diffusers folder to write (unet/ or transformer/, "
+                                                            "scheduler/, training.json)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -25,6 +31,6 @@ def run(args) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
     out = train_teacher(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        progress=not args.no_progress)
+                        name=args.world, progress=not args.no_progress)
     print(f"teacher: {out}")
     return 0

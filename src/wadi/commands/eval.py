@@ -50,7 +50,8 @@ def register(sub) -> None:
     t = p.add_argument_group("teacher sampling")
     t.add_argument("--teacher-steps", type=int, default=25)
     t.add_argument("--teacher-guidance", type=float, default=3.0)
-    t.add_argument("--teacher-scheduler", choices=["ddim", "dpm", "euler"], default="ddim")
+    t.add_argument("--teacher-scheduler", choices=["ddim", "dpm", "euler"],
+                   help="the teacher's sampler (default: its process's: ddim for VP, euler for a flow)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
     p.add_argument("--out", type=Path, required=True, help="output folder (images, prompts.jsonl, results.json)")
     p.add_argument("--force", action="store_true", help="start over where --out holds images of other settings")
