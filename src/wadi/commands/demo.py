@@ -43,8 +43,9 @@ def run(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    settings = DemoSettings(world=args.world, adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank, steps=args.steps,
-                            seeds=parse_seeds(args.seeds), per_class=args.per_class, root=args.root, overrides=args.overrides)
+    settings = DemoSettings(world=args.world, adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank,
+                            steps=args.steps, seeds=parse_seeds(args.seeds), per_class=args.per_class, root=args.root,
+                            overrides=args.overrides)
     check(settings, args.compare)
     # Process-wide, so only once every setting is known to be good.
     torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))

@@ -40,8 +40,8 @@ BAR = {"alignment": 0.95,  # every seed: at least this share of the teacher's al
 # The student's learning rate per adapter, each in its own units (angles, low-rank factors,
 # weights), from short sweeps in this world (docs/digits.md).
 # LoRaD's is each world's preset's; the others were swept on the digits world only.
-STUDENT_LR = {"lorad": preset_values(plugin.WORLD.preset_name)["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4,
-              "full": 3e-5}
+STUDENT_LR = {"lorad": preset_values(plugin.WORLD.preset_name)["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4,
+              "dora-frozen": 3e-4, "full": 3e-5}
 
 
 @dataclass
@@ -199,7 +199,8 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     student_rows = rows[3:]
     for row, seed, run, secs in zip(student_rows, s.seeds, runs, seconds):
         row.update(seed=seed, run_dir=str(run), distill_seconds=round(secs, 1))
-    summary = {"world": s.world, "preset": WORLDS[s.world].preset_name, "settings": asdict(s), "trainable": trainable(cfg, teacher.net), "bar": BAR,
+    summary = {"world": s.world, "preset": WORLDS[s.world].preset_name, "settings": asdict(s),
+               "trainable": trainable(cfg, teacher.net), "bar": BAR,
                "distill": {"adapter": cfg.student.kind, "student_rank": cfg.student.rank if
                            adapter_class(cfg.student.kind).ranked else None, "fake_rank": cfg.fake.rank,
                            "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
@@ -256,7 +257,8 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = Fa
     panels = {rows[0]["name"]: _images(folder / "eval", "teacher-25", n)}
     panels.update({kind: _images(folder / "eval", f"student-{kind}", n) for kind in KINDS})
     report.side_by_side(panels, columns=4).save(folder / "grid.png")
-    summary = {"world": s.world, "preset": WORLDS[s.world].preset_name, "settings": asdict(s), "teacher_params": sum(p.numel() for p in teacher.net.parameters()),
+    summary = {"world": s.world, "preset": WORLDS[s.world].preset_name, "settings": asdict(s),
+               "teacher_params": sum(p.numel() for p in teacher.net.parameters()),
                "teachers": rows[:1], "adapters": adapters, "seconds": round(time.perf_counter() - t0, 1)}
     write_text(folder / "compare.json", json.dumps(summary, indent=1) + "\n")
     write_text(folder / "compare.md", report.compare_markdown(summary))
