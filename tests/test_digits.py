@@ -1,5 +1,6 @@
-"""The digits world behind `wadi demo`: prompts, data split, the shipped classifier and
-teacher, the metrics on known inputs, and a shortened demo run end to end."""
+"""The digits worlds behind `wadi demo`: prompts, data split, the shipped classifier and
+teachers (the UNet of `digits`, the rectified-flow MMDiT of `digits-flow`), the metrics on
+known inputs, and shortened demo runs end to end."""
 
 import json
 from pathlib import Path
@@ -14,6 +15,8 @@ from wadi.digits import metrics, paths, world
 from wadi.digits.classifier import accuracy, load_classifier
 from wadi.digits.demo import STUDENT_LR, DemoSettings, criteria, run_compare, run_demo
 from wadi.digits.teacher import load_teacher, train_teacher
+from wadi.process import Flow
+from wadi.worlds import get_world
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +126,34 @@ def test_shipped_teacher_loads_and_predicts(teacher):
 def test_teacher_training_writes_a_loadable_folder(tmp_path):
     out = train_teacher(tmp_path / "t", steps=2, batch_size=4, progress=False)
     record = json.loads((out / "training.json").read_text())
-    assert record["steps"] == 2 and "wadi digits-teacher" in record["command"]
+    assert record["steps"] == 2 and "wadi digits-teacher --out" in record["command"]
     assert load_teacher(out).net.config.cross_attention_dim == 384
+
+
+def test_shipped_flow_teacher_loads_and_predicts_velocities():
+    teacher = load_teacher(name="digits-flow")
+    assert teacher.kind.name == "pixel-mmdit" and isinstance(teacher.process, Flow)
+    assert teacher.latent_shape == (1, 8, 8) and teacher.vae is None
+    assert teacher.net.config.joint_attention_dim == teacher.net.config.pooled_projection_dim == 384
+    cond = teacher.encode_prompts(["a handwritten seven", ""])
+    assert cond.embeds.shape == (2, paths.MAX_LENGTH, 384) and cond.extra["pooled"].shape == (2, 384)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    v = teacher.predict(teacher.net, x, teacher.process.time(torch.tensor([999, 10])), cond)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    # Trained, the one-step x0 = z - v(z, 1) lands in the digits' range [-1, 1], far from the noise z.
+    x0 = teacher.process.generate(v[:1], x[:1])
+    assert x0.abs().max() < 1.5 and (x0 - x[:1]).abs().mean() > 0.5
+
+
+def test_flow_teacher_training_writes_a_loadable_folder(tmp_path):
+    out = main(["digits-teacher", "--world", "digits-flow", "--out", str(tmp_path / "t"), "--steps", "2",
+                "--batch-size", "4", "--no-progress"])
+    assert out == 0
+    record = json.loads((tmp_path / "t" / "training.json").read_text())
+    assert record["steps"] == 2 and "wadi digits-teacher --world digits-flow --out" in record["command"]
+    teacher = load_teacher(tmp_path / "t", name="digits-flow")
+    assert teacher.kind.name == "pixel-mmdit" and isinstance(teacher.process, Flow)
+    assert (tmp_path / "t" / "transformer").is_dir() and not (tmp_path / "t" / "unet").exists()
 
 
 def test_preset_points_at_the_shipped_world():
@@ -133,6 +162,20 @@ def test_preset_points_at_the_shipped_world():
     assert (paths.TEACHER / "unet").is_dir() and (paths.TEACHER / "scheduler").is_dir()
     assert cfg.model.path == str(paths.TEACHER) and cfg.data.prompts == str(paths.PROMPTS)
     assert cfg.model.text_encoder == str(paths.minilm_dir())
+
+
+def test_flow_world_registers_with_its_preset(tmp_path):
+    w = get_world("digits-flow")
+    assert w.name == "digits-flow" and list(w.presets) == ["digits-flow-wadi"]
+    cfg = resolve("digits-flow-wadi")
+    assert cfg.model.kind == "pixel-mmdit" and cfg.model.path == str(paths.FLOW_TEACHER)
+    assert (cfg.student.targets, cfg.fake.targets) == ("mmdit-student", "mmdit-fake")
+    assert cfg.data.prompts == str(paths.PROMPTS)  # the same prompts as the digits world
+    # The same evaluation as the digits world's, against its own teacher.
+    ev, digits_ev = w.evaluation(20, tmp_path), get_world("digits").evaluation(20, tmp_path)
+    assert ev.teacher.path == str(paths.FLOW_TEACHER) and ev.teacher.kind == "pixel-mmdit"
+    assert ev.prompts.prompts == digits_ev.prompts.prompts and ev.reference == digits_ev.reference
+    assert (ev.alignment, ev.features, ev.metrics) == (digits_ev.alignment, digits_ev.features, digits_ev.metrics)
 
 
 # --- the demo -------------------------------------------------------------------------
@@ -160,6 +203,22 @@ def test_shortened_demo_over_two_seeds_writes_one_report(tmp_path):
     assert c["worst_fid"] == max(summary["rows"][3]["fid"], summary["rows"][4]["fid"])
     report = (out / "report.md").read_text()
     assert "| teacher, 25 steps | 50 |" in report and "| student-seed3 | 1 |" in report and "median" in report
+    assert summary["world"] == "digits" and "world `digits`" in report and "preset `digits-wadi`" in report
+
+
+def test_shortened_flow_demo_names_its_world(tmp_path):
+    assert main(["demo", "--world", "digits-flow", "--steps", "2", "--per-class", "1", "--root", str(tmp_path / "runs"),
+                 "--no-progress", *SHORT]) == 0
+    out = next((tmp_path / "runs").iterdir())
+    assert out.name.endswith("digits-flow-demo")
+    for name in ("report.md", "grid.png", "loss.png", "metrics.json", "eval/results.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["world"] == "digits-flow" and summary["preset"] == "digits-flow-wadi"
+    assert summary["teacher_sampling"]["scheduler"] == "euler"  # the flow's own sampler
+    assert [r.name for r in (out / "runs").iterdir()] == ["00000-digits-flow-wadi-lorad-seed0"]
+    report = (out / "report.md").read_text()
+    assert "world `digits-flow`" in report and "`wadi eval --world digits-flow`" in report
 
 
 def test_shortened_compare_writes_one_table(tmp_path):
@@ -194,7 +253,8 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
                           (["train.seed=3"], "use --seeds"),
                           (["--compare", "--seeds", "1,2"], "--compare runs every adapter at one seed"),
                           (["--compare", "--adapter", "dora"], "--compare runs every adapter at one seed"),
-                          (["train.batch_size=0"], "train.batch_size must be at least 1")]:
+                          (["train.batch_size=0"], "train.batch_size must be at least 1"),
+                          (["--world", "digits-3d"], "unknown world 'digits-3d'")]:
         assert main(["demo", "--root", str(tmp_path / "runs"), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err

@@ -51,7 +51,7 @@ def register(sub) -> None:
     t.add_argument("--teacher-steps", type=int, default=25)
     t.add_argument("--teacher-guidance", type=float, default=3.0)
     t.add_argument("--teacher-scheduler", choices=["ddim", "dpm", "euler"],
-                   help="default: ddim for VP models, euler for flow-matching ones")
+                   help="the teacher's sampler (default: its process's: ddim for VP, euler for a flow)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
     p.add_argument("--out", type=Path, required=True, help="output folder (images, prompts.jsonl, results.json)")
     p.add_argument("--force", action="store_true", help="start over where --out holds images of other settings")
@@ -116,8 +116,8 @@ def run(args) -> int:
                                      for name, src in sources)]
     if args.teacher:
         teacher = teacher_for(entries[0].model, spec, dtype) if entries else load_teacher(None, spec, dtype)
-        entries.append(Entry("teacher", teacher, Sampling(False, args.teacher_steps, args.teacher_guidance,
-                                                          args.teacher_scheduler)))
+        scheduler = args.teacher_scheduler or teacher.backbone.process.default_sampler  # recorded by name
+        entries.append(Entry("teacher", teacher, Sampling(False, args.teacher_steps, args.teacher_guidance, scheduler)))
     results = evaluate(entries, prompts, args.seed, args.out, metrics, args.batch_size, args.force,
                        not args.no_progress, args.device)
     if results:

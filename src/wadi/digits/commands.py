@@ -18,9 +18,16 @@ def register(sub) -> None:
 
 
 def _register_demo(sub) -> None:
-    p = sub.add_parser("demo", help="distill the shipped digits teacher into a one-step student and report",
-                       description="Distils the shipped handwritten-digits teacher with the WaDi engine (preset "
-                                   "digits-wadi) and writes report.md, grid.png, loss.png and metrics.json.")
+    p = sub.add_parser("demo", help="distill a shipped digits teacher into a one-step student and report",
+                       description="Distils a shipped handwritten-digits teacher with the WaDi engine (the world's "
+                                   "preset: digits-wadi, or digits-flow-wadi for --world digits-flow) and writes "
+                                   "report.md, grid.png, loss.png and metrics.json.")
+    # Checked by the demo's settings, not argparse: a wrong name is refused in one line.
+    p.add_argument("--world", default="digits",
+                   help="digits (the UNet teacher, v-prediction) or digits-flow (the MMDiT teacher, rectified flow) "
+                        "(default digits)")
+    p.add_argument("--student-steps", type=int,
+                   help="a student of this many sampling steps (model.student_steps; default 1)")
     p.add_argument("--adapter", default="lorad", choices=KINDS, help="the student's adapter (default lorad)")
     p.add_argument("--rank", type=int, help="student adapter rank (default: the preset's)")
     p.add_argument("--fake-rank", type=int, help="fake score model LoRaD rank (default: the preset's)")
@@ -47,8 +54,10 @@ def _demo_command(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    settings = DemoSettings(adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank, steps=args.steps,
-                            seeds=parse_seeds(args.seeds), per_class=args.per_class, root=args.root, overrides=args.overrides)
+    overrides = args.overrides + ([f"model.student_steps={args.student_steps}"] if args.student_steps else [])
+    settings = DemoSettings(world=args.world, adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank,
+                            steps=args.steps, seeds=parse_seeds(args.seeds), per_class=args.per_class, root=args.root,
+                            overrides=overrides)
     check(settings, args.compare)
     # Process-wide, so only once every setting is known to be good.
     torch.set_num_threads(args.threads or min(4, os.cpu_count() or 1))
@@ -62,8 +71,14 @@ def _demo_command(args) -> int:
 
 
 def _register_teacher(sub) -> None:
-    p = sub.add_parser("digits-teacher", help="train the handwritten-digits teacher UNet (wadi demo's teacher)")
-    p.add_argument("--out", required=True, type=Path, help="diffusers folder to write (unet/, scheduler/)")
+    from .paths import TEACHERS
+
+    p = sub.add_parser("digits-teacher", help="train a handwritten-digits teacher (wadi demo's teacher)")
+    p.add_argument("--world", default="digits", choices=list(TEACHERS),
+                   help="whose teacher: digits (UNet, v-prediction) or digits-flow (MMDiT, rectified flow) "
+                        "(default digits)")
+    p.add_argument("--out", required=True, type=Path, help="diffusers folder to write (unet/ or transformer/, "
+                                                            "scheduler/, training.json)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -80,7 +95,7 @@ def _teacher_command(args) -> int:
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
     out = train_teacher(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        progress=not args.no_progress)
+                        name=args.world, progress=not args.no_progress)
     print(f"teacher: {out}")
     return 0
 

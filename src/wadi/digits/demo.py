@@ -1,8 +1,9 @@
-"""`wadi demo`: distill the shipped digits teacher into a one-step student with the same
-engine as Stable Diffusion (preset digits-wadi), once per seed, and report what it got.
+"""`wadi demo`: distill a digits world's shipped teacher into a one-step student with the
+same engine as Stable Diffusion (the world's preset: digits-wadi for the UNet, digits-flow-wadi
+for the rectified-flow MMDiT), once per seed, and report what it got.
 
 One demo folder holds everything: the distillation runs (`runs/`), the evaluation
-(`eval/`, written by wadi.evaluate exactly as `wadi eval --world digits` writes it: the
+(`eval/`, written by wadi.evaluate exactly as `wadi eval --world WORLD` writes it: the
 teacher at 25 steps with the distilled guidance, at one step with and without it, every
 student), and the report (`report.md`, `metrics.json`, `grid.png`, `loss.png`).
 `--compare` runs the paper's adapter ablation in the same way.
@@ -29,7 +30,7 @@ from ..sampling import Sampling
 from ..students import load_student, load_teacher
 from . import paths, plugin, report, world
 
-PRESET = "digits-wadi"
+WORLDS = {w.name: w for w in (plugin.WORLD, plugin.FLOW_WORLD)}
 TEACHER_STEPS = 25
 # What "distillation works" means here (docs/digits.md), as shares of the 25-step teacher's
 # numbers and of where the student starts (the unguided one-step teacher).
@@ -39,12 +40,14 @@ BAR = {"alignment": 0.95,  # every seed: at least this share of the teacher's al
        "teacher": 3.0}  # the teacher distilled: at most this many times the real digits' own Frechet
 # The student's learning rate per adapter, each in its own units (angles, low-rank factors,
 # weights), from short sweeps in this world (docs/digits.md).
-STUDENT_LR = {"lorad": preset_values(PRESET)["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4, "dora-frozen": 3e-4,
-              "full": 3e-5}
+# LoRaD's is each world's preset's; the others were swept on the digits world only.
+STUDENT_LR = {"lorad": preset_values(plugin.WORLD.preset_name)["train"]["lr_student"], "lora": 3e-4, "dora": 3e-4,
+              "dora-frozen": 3e-4, "full": 3e-5}
 
 
 @dataclass
 class DemoSettings:
+    world: str = plugin.WORLD.name
     adapter: str = "lorad"
     rank: int | None = None  # None: the preset's
     fake_rank: int | None = None
@@ -55,6 +58,8 @@ class DemoSettings:
     overrides: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        if self.world not in WORLDS:
+            raise ValueError(f"unknown world {self.world!r}; the demo runs one of {', '.join(WORLDS)}")
         if self.adapter not in KINDS:
             raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(KINDS)}")
         for name in ("rank", "fake_rank", "steps"):
@@ -71,12 +76,14 @@ class DemoSettings:
 
 def distill_config(s: DemoSettings, root: Path, seed: int, adapter: str | None = None) -> DistillConfig:
     adapter = adapter or s.adapter
-    overrides = [f"student.kind={adapter}", f"train.lr_student={STUDENT_LR[adapter]}", f"run.root={root}",
+    preset = WORLDS[s.world].preset_name
+    lr = preset_values(preset)["train"]["lr_student"] if adapter == "lorad" else STUDENT_LR[adapter]
+    overrides = [f"student.kind={adapter}", f"train.lr_student={lr}", f"run.root={root}",
                  f"run.desc={adapter}-seed{seed}", f"train.seed={seed}"]
     overrides += [f"student.rank={s.rank}"] if s.rank else []
     overrides += [f"fake.rank={s.fake_rank}"] if s.fake_rank else []
     overrides += [f"train.steps={s.steps}"] if s.steps else []
-    return resolve(PRESET, overrides + list(s.overrides))
+    return resolve(preset, overrides + list(s.overrides))
 
 
 def check(s: DemoSettings, compare: bool = False) -> list[DistillConfig]:
@@ -99,8 +106,8 @@ def trainable(cfg: DistillConfig, net: torch.nn.Module) -> dict[str, int]:
 
 
 def _metric_settings(s: DemoSettings) -> tuple[MetricSettings, object]:
-    """The digits world's evaluation, as `wadi eval --world digits` runs it."""
-    ev = plugin.evaluation(10 * s.per_class, default_cache_dir())
+    """The world's evaluation, as `wadi eval --world WORLD` runs it."""
+    ev = WORLDS[s.world].evaluation(10 * s.per_class, default_cache_dir())
     return ev.metric_settings(default_cache_dir()), ev
 
 
@@ -174,7 +181,7 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     paths.minilm_dir()  # a missing text encoder fails here, before any work
     configs = check(s)  # bad settings fail before any folder
     metrics, ev = _metric_settings(s)
-    folder = _folder(s, out, force, "digits-demo")
+    folder = _folder(s, out, force, f"{s.world}-demo")
     runs, seconds = [], []
     for seed in s.seeds:
         start = time.perf_counter()
@@ -193,13 +200,15 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     student_rows = rows[3:]
     for row, seed, run, secs in zip(student_rows, s.seeds, runs, seconds):
         row.update(seed=seed, run_dir=str(run), distill_seconds=round(secs, 1))
-    summary = {"settings": asdict(s), "trainable": trainable(cfg, teacher.net), "bar": BAR,
+    summary = {"world": s.world, "preset": WORLDS[s.world].preset_name, "settings": asdict(s),
+               "trainable": trainable(cfg, teacher.net), "bar": BAR,
                "distill": {"adapter": cfg.student.kind, "student_rank": cfg.student.rank if
                            adapter_class(cfg.student.kind).ranked else None, "fake_rank": cfg.fake.rank,
                            "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
                            "lr_student": cfg.train.lr_student, "lr_fake": cfg.train.lr_fake,
-                           "guidance": cfg.train.guidance, "t_max": cfg.train.t_max},
-               "teacher_sampling": {"steps": TEACHER_STEPS, "guidance": cfg.train.guidance, "scheduler": "ddim"},
+                           "guidance": cfg.train.guidance, "t_min": cfg.train.t_min, "t_max": cfg.train.t_max},
+               "teacher_sampling": {"steps": TEACHER_STEPS, "guidance": cfg.train.guidance,
+                                    "scheduler": teacher.backbone.process.default_sampler},
                "seconds": {"distill": [round(x, 1) for x in seconds], "evaluate": round(eval_s, 1),
                            "total": round(time.perf_counter() - t0, 1)},
                "rows": rows + [real],
@@ -229,7 +238,7 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = Fa
     seed = s.seeds[0]
     configs = dict(zip(KINDS, check(s, compare=True)))
     metrics, ev = _metric_settings(s)
-    folder = _folder(s, out, force, "digits-compare")
+    folder = _folder(s, out, force, f"{s.world}-compare")
     shared = configs["lorad"]
     teacher = load_teacher(None, shared.model)
     entries, results_extra = [_teacher_entries(teacher, shared.train.guidance)[0]], {}
@@ -250,7 +259,8 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = Fa
     panels = {rows[0]["name"]: _images(folder / "eval", "teacher-25", n)}
     panels.update({kind: _images(folder / "eval", f"student-{kind}", n) for kind in KINDS})
     report.side_by_side(panels, columns=4).save(folder / "grid.png")
-    summary = {"settings": asdict(s), "teacher_params": sum(p.numel() for p in teacher.net.parameters()),
+    summary = {"world": s.world, "preset": WORLDS[s.world].preset_name, "settings": asdict(s),
+               "teacher_params": sum(p.numel() for p in teacher.net.parameters()),
                "teachers": rows[:1], "adapters": adapters, "seconds": round(time.perf_counter() - t0, 1)}
     write_text(folder / "compare.json", json.dumps(summary, indent=1) + "\n")
     write_text(folder / "compare.md", report.compare_markdown(summary))

@@ -9,6 +9,8 @@ from ..errors import install_hint
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER = ASSETS / "teacher"  # a diffusers folder: unet/ and scheduler/
+FLOW_TEACHER = ASSETS / "flow-teacher"  # transformer/ and scheduler/ (the digits-flow world)
+TEACHERS = {"digits": TEACHER, "digits-flow": FLOW_TEACHER}  # each world's shipped teacher
 CLASSIFIER = ASSETS / "classifier.safetensors"
 PROMPTS = ASSETS / "prompts.txt"  # world.all_prompts(), one a line, for `wadi distill`
 

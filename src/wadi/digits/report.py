@@ -14,6 +14,7 @@ from . import world
 GRID_COLUMNS = len(world.TEMPLATES)  # one column per phrasing
 SCALE = 5  # 8x8 digits become 40x40 pixels
 TITLE_HEIGHT = 18
+SAMPLERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "euler": "flow-matching Euler"}  # the processes' stock samplers
 
 
 def class_by_phrasing(images: np.ndarray, columns: int = GRID_COLUMNS) -> np.ndarray:
@@ -98,20 +99,21 @@ def demo_markdown(s: dict) -> str:
     adapter = d["adapter"] + (f" r={d['student_rank']}" if d["student_rank"] else "")
     seeds = ", ".join(str(r["seed"]) for r in students)
     lines = [
-        "# WaDi on handwritten digits",
+        f"# WaDi on handwritten digits (world `{s['world']}`)",
         "",
-        f"One-step students distilled from the {_millions(n['teacher'])}-parameter digits teacher by the WaDi engine "
-        f"(preset `digits-wadi`), one per seed ({seeds}): VSD with guidance {d['guidance']} on teacher and fake "
-        f"score model, t in [20, {d['t_max']}], {d['steps']} steps of batch {d['batch_size']}, learning rates "
-        f"{d['lr_student']:g} (student) and {d['lr_fake']:g} (fake).",
+        f"One-step students distilled from the {_millions(n['teacher'])}-parameter {s['world']} teacher by the WaDi "
+        f"engine (preset `{s['preset']}`), one per seed ({seeds}): VSD with guidance {d['guidance']} on teacher and "
+        f"fake score model, t in [{d['t_min']}, {d['t_max']}], {d['steps']} steps of batch {d['batch_size']}, "
+        f"learning rates {d['lr_student']:g} (student) and {d['lr_fake']:g} (fake).",
         "",
         f"- student adapter: {adapter}, **{_millions(n['student'])} trainable parameters** "
         f"({100 * n['student'] / n['teacher']:.1f}% of the teacher); fake model: LoRaD r={d['fake_rank']}, "
         f"{_millions(n['fake'])} trainable",
         f"- wall time: distillation {' + '.join(f'{x:.0f}' for x in sec['distill'])} s, evaluation "
         f"{sec['evaluate']:.0f} s, total {sec['total']:.0f} s",
-        f"- evaluation (`eval/`, as `wadi eval --world digits` writes it): {teacher['n']} images per model, "
-        f"{teacher['n'] // 10} per digit, the same prompts and seeds for every model; the teacher samples with DDIM "
+        f"- evaluation (`eval/`, as `wadi eval --world {s['world']}` writes it): {teacher['n']} images per model, "
+        f"{teacher['n'] // 10} per digit, the same prompts and seeds for every model; the teacher samples with "
+        f"{SAMPLERS[s['teacher_sampling']['scheduler']]} "
         f"and guidance {s['teacher_sampling']['guidance']}",
         "",
         metrics_table(rows[:3] + students + [real]),
@@ -159,9 +161,9 @@ def compare_markdown(s: dict) -> str:
              r["precision"], r["recall"], f"{r['distill_seconds']:.0f}"] for r in s["adapters"]]
     st = s["settings"]
     lines = [
-        "# Adapter ablation on handwritten digits",
+        f"# Adapter ablation on handwritten digits (world `{s['world']}`)",
         "",
-        f"The same distillation (preset `digits-wadi`{', ' + str(st['steps']) + ' steps' if st['steps'] else ''}, "
+        f"The same distillation (preset `{s['preset']}`{', ' + str(st['steps']) + ' steps' if st['steps'] else ''}, "
         f"seed {st['seeds'][0]}) with each adapter on the student; the teacher has "
         f"{_millions(s['teacher_params'])} parameters. {s['teachers'][0]['n']} one-step images per student, the "
         f"same prompts and seeds. Each adapter trains at its own learning rate (`lr`, in its own units: angles, "

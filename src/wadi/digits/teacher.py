@@ -1,23 +1,30 @@
-"""The digits teacher: a small pixel-space UNet2DConditionModel on MiniLM token states,
-laid out like Stable Diffusion's, trained with the v-prediction loss (SD 2.1's) and
-classifier-free-guidance dropout.
+"""The digits teachers: small pixel-space networks on MiniLM token states, trained on the
+train digits with their process's loss and classifier-free-guidance dropout, one per world:
 
-Its noise schedule is Stable Diffusion's (1000 steps, scaled-linear betas 0.00085 to
-0.012), so the one-step generator at t = 999 meets the same abar_T = 0.0047 as on SD.
-Saved as a diffusers folder (unet/, scheduler/) that `wadi.backbones.load_backbone`
-loads as the "pixel" kind.
+- `digits`: a UNet2DConditionModel laid out like Stable Diffusion's, on Stable Diffusion's
+  noise schedule (1000 steps, scaled-linear betas 0.00085 to 0.012) with SD 2.1's
+  v-prediction, so the one-step generator at t = 999 meets the same abar_T = 0.0047 as on
+  SD; loaded as the "pixel" kind.
+- `digits-flow`: an SD3Transformer2DModel (MMDiT) over 8x8 pixels (patch size 1) as a
+  rectified flow (SD3's velocity loss, FlowMatchEulerDiscreteScheduler); loaded as the
+  "pixel-mmdit" kind.
+
+Each is saved as a diffusers folder (the kind's denoiser folder, scheduler/, training.json)
+that `wadi.backbones.load_backbone` loads.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..backbones import Backbone, BackboneSpec, load_backbone
+from ..backbones import Backbone, BackboneSpec, get_kind, load_backbone
 from ..distill import lr_lambda
 from ..files import atomic_path
 from . import paths, world
@@ -38,40 +45,102 @@ UNET_CONFIG = dict(
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                         beta_end=0.012, prediction_type="v_prediction", clip_sample=False,
                         steps_offset=1)
+# SD3's joint blocks on 64 one-pixel tokens and the 16 MiniLM tokens (their 384-wide states
+# and masked mean are the context and pooled inputs): about the UNet teacher's size.
+MMDIT_CONFIG = dict(
+    sample_size=8, patch_size=1, in_channels=1, out_channels=1, num_layers=6, attention_head_dim=16,
+    num_attention_heads=4, joint_attention_dim=384, caption_projection_dim=64, pooled_projection_dim=384,
+    pos_embed_max_size=8,
+)
+# Rectified flow as SD3 trains it, unshifted: at 8x8 there is little to gain from spending
+# more training time at high noise (SD3's shift 3 is for 1024 px).
+FLOW_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
 
 
-def load_teacher(folder: str | Path = paths.TEACHER) -> Backbone:
-    """The (shipped) teacher as a pixel backbone with the MiniLM text encoder."""
-    from .plugin import teacher_spec
+@dataclass(frozen=True)
+class Recipe:
+    """What a world's teacher is: its backbone kind, its network and its noise process."""
 
-    spec = teacher_spec()
-    spec.path = str(folder)
-    return load_backbone(spec)
+    kind: str
+    net: Callable[[], torch.nn.Module]
+    scheduler: Callable[[], object]
+    folder: Path  # the shipped one
 
 
-def _fresh_backbone(seed: int) -> Backbone:
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def _ddpm():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER_CONFIG)
+
+
+def _mmdit():
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(**MMDIT_CONFIG)
+
+
+def _flow():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER_CONFIG)
+
+
+RECIPES = {"digits": Recipe("pixel", _unet, _ddpm, paths.TEACHERS["digits"]),
+           "digits-flow": Recipe("pixel-mmdit", _mmdit, _flow, paths.TEACHERS["digits-flow"])}
+DEFAULT_WORLD = "digits"
+
+
+def recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown digits world {name!r}; choose one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def teacher_spec(name: str = DEFAULT_WORLD, folder: str | Path | None = None) -> BackboneSpec:
+    """A world's (shipped) teacher with the MiniLM text encoder (raises the install hint if it is missing)."""
+    r = recipe(name)
+    return BackboneSpec(kind=r.kind, path=str(folder or r.folder), text_encoder=str(paths.minilm_dir()),
+                        max_length=paths.MAX_LENGTH)
+
+
+def load_teacher(folder: str | Path | None = None, name: str = DEFAULT_WORLD) -> Backbone:
+    """A world's (shipped) teacher as its backbone kind with the MiniLM text encoder."""
+    return load_backbone(teacher_spec(name, folder))
+
+
+def _fresh_backbone(r: Recipe, seed: int) -> Backbone:
     """An untrained teacher with the MiniLM text encoder, as `load_teacher` would return it."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(seed)
-    net = UNet2DConditionModel(**UNET_CONFIG)
+    net = r.net()
     folder = paths.minilm_dir()
     encoder = AutoModel.from_pretrained(folder).requires_grad_(False).eval()
-    spec = BackboneSpec(kind="pixel", path="", text_encoder=str(folder), max_length=paths.MAX_LENGTH)
-    return Backbone(spec, net, encoder, AutoTokenizer.from_pretrained(folder), dict(DDPMScheduler(**SCHEDULER_CONFIG).config))
+    spec = BackboneSpec(kind=r.kind, path="", text_encoder=str(folder), max_length=paths.MAX_LENGTH)
+    scheduler = r.scheduler()
+    # The class name, as in the saved config, is what says which process it is.
+    config = {"_class_name": type(scheduler).__name__, **scheduler.config}
+    return Backbone(spec, net, encoder, AutoTokenizer.from_pretrained(folder), config)
 
 
 def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-                  uncond_prob: float = 0.1, ema_decay: float = 0.999, progress: bool = True) -> Path:
-    """Train the teacher on the train split and save its EMA weights to `out`."""
+                  uncond_prob: float = 0.1, ema_decay: float = 0.999, name: str = DEFAULT_WORLD,
+                  progress: bool = True) -> Path:
+    """Train world `name`'s teacher on the train split and save its EMA weights to `out`."""
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps and batch size must be positive, got {steps} and {batch_size}")
+    r = recipe(name)
     out = Path(out)
-    bb = _fresh_backbone(seed)
+    bb = _fresh_backbone(r, seed)
     net = bb.net.train()
     images, labels = world.load("train")
     prompts = world.all_prompts()
@@ -83,7 +152,7 @@ def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 64, lr: 
     ema = EMAModel(params, decay=ema_decay)
     g = torch.Generator().manual_seed(seed)
     losses, t0 = [], time.time()
-    for step in tqdm(range(steps), desc="digits teacher", disable=not progress, dynamic_ncols=True):
+    for step in tqdm(range(steps), desc=f"{name} teacher", disable=not progress, dynamic_ncols=True):
         b = torch.randint(len(images), (batch_size,), generator=g)
         # Each image gets a random phrasing of its class; uncond_prob of them the empty prompt.
         which = labels[b] * per_class + torch.randint(per_class, (batch_size,), generator=g)
@@ -92,7 +161,7 @@ def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 64, lr: 
         t = bb.process.time(torch.randint(bb.num_train_timesteps, (batch_size,), generator=g))
         eps = torch.randn(images[b].shape, generator=g)
         x_t = bb.process.add_noise(images[b], eps, t)
-        # The loss on what the net predicts: v = alpha eps - sigma x0 (or eps).
+        # The loss on what the net predicts (v or eps on VP, the velocity eps - x0 on a flow).
         loss = F.mse_loss(bb.kind.call(bb, net, x_t, t, cond), bb.process.target(images[b], eps, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -102,16 +171,16 @@ def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 64, lr: 
         ema.step(params)
         losses.append(loss.item())
     ema.copy_to(params)
-    from diffusers import DDPMScheduler
-
     window = max(1, steps // 20)
+    # The default world needs no --world: its recorded command stays the one it was made with.
+    flag = "" if name == DEFAULT_WORLD else f" --world {name}"
     record = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "uncond_prob": uncond_prob,
               "ema_decay": ema_decay, "wall_time_s": round(time.time() - t0, 1),
               "final_loss": sum(losses[-window:]) / window,
-              "command": f"wadi digits-teacher --out {out} --steps {steps} --batch-size {batch_size} "
+              "command": f"wadi digits-teacher{flag} --out {out} --steps {steps} --batch-size {batch_size} "
                          f"--lr {lr} --seed {seed}"}
     with atomic_path(out) as tmp:  # the folder appears whole
-        net.eval().save_pretrained(tmp / "unet")
-        DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(tmp / "scheduler")
+        net.eval().save_pretrained(tmp / get_kind(r.kind).subfolder)
+        r.scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     return out
