@@ -81,7 +81,8 @@ class DigitsWorld:
 WORLD = DigitsWorld("digits", "digits-wadi",
                     train={"steps": 1500, "batch_size": 32, "lr_student": 1e-3, "lr_fake": 1e-2, "guidance": 1.5,
                            "warmup_steps": 50, "lr_schedule": "cosine"},
-                    student={"rank": 16}, fake={"rank": 8})
+                    student={"rank": 16}, fake={"rank": 8},
+                    commands=("wadi.digits.commands",))  # wadi demo, digits-teacher, digits-classifier
 # `digits-flow-wadi`: the same engine on the rectified-flow MMDiT teacher, measured there
 # (docs/digits.md, section 6): guidance 1, as the flow teacher's own samples drift from
 # real digits with any guidance (Frechet 4.3 at 1, 5.6 at 1.25, 13.1 at 1.5), a larger
