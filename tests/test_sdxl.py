@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from safetensors.torch import save_file
 
 import tiny_pipes
 from wadi.backbones import BackboneSpec, detect_kind
@@ -77,14 +76,8 @@ def test_lora_exports_load_in_the_sdxl_pipeline_exactly(sdxl, tmp_path, fmt, fil
 
 
 def test_single_file_export_loads_with_sdxl_from_single_file(sdxl, tmp_path):
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
     base, run, student = sdxl
-    teacher = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    template = tiny_pipes.original_layout(teacher)
-    back = convert_ldm_unet_checkpoint(template, dict(teacher.config))  # the test's layout is diffusers' own
-    assert all(torch.equal(back[k], v) for k, v in teacher.state_dict().items()) and len(back) == len(template)
-    save_file(template, str(tmp_path / "base.safetensors"))
+    tiny_pipes.save_template(base, tmp_path / "base.safetensors")  # its label_emb included
     assert main(["export", str(run), "--format", "single-file", "--template", str(tmp_path / "base.safetensors"),
                  "--out", str(tmp_path / "single")]) == 0
     reference = stock(base)

@@ -213,6 +213,20 @@ def make_cfg(pipes: dict, tmp_path: Path, kind: str = "sd", student: str = "lora
                       log_every=1, sample_seeds=[0]))
 
 
+def save_template(base: Path, path: Path) -> Path:
+    """The base's UNet as an original single-file checkpoint at `path`, after checking that
+    diffusers' own conversion reads this layout back to the same tensors."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from safetensors.torch import save_file
+
+    teacher = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+    template = original_layout(teacher)
+    back = convert_ldm_unet_checkpoint(template, dict(teacher.config))
+    assert all(torch.equal(back[k], v) for k, v in teacher.state_dict().items()) and len(back) == len(template)
+    save_file(template, str(path))
+    return path
+
+
 def original_layout(unet) -> dict:
     """A UNet's tensors under the original Stable Diffusion checkpoint's keys
     (model.diffusion_model.*), for tests of the single-file export's template. Written
