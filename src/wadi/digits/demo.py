@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -111,6 +111,11 @@ def _metric_settings(s: DemoSettings) -> tuple[MetricSettings, object]:
     return ev.metric_settings(default_cache_dir()), ev
 
 
+def _one_step(spec):
+    """The teacher's spec for its one-step rows, whatever steps the students take."""
+    return replace(spec, student_steps=None, student_timesteps=None)
+
+
 def _teacher_entries(teacher, guidance: float) -> list[Entry]:
     return [Entry("teacher-25", teacher, Sampling(one_step=False, steps=TEACHER_STEPS, guidance=guidance)),
             Entry("teacher-1", teacher, Sampling(guidance=guidance)),
@@ -189,7 +194,7 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
         seconds.append(time.perf_counter() - start)
     cfg = configs[0]
     t_eval = time.perf_counter()
-    teacher = load_teacher(None, cfg.model)
+    teacher = load_teacher(None, _one_step(cfg.model))
     students = {f"student-seed{seed}": load_student(run) for seed, run in zip(s.seeds, runs)}
     entries = _teacher_entries(teacher, cfg.train.guidance) + [Entry(n, m, Sampling.student(m.backbone)) for n, m in students.items()]
     results = evaluate(entries, ev.prompts, 0, folder / "eval", metrics, batch_size=100, progress=progress,
@@ -206,7 +211,8 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
                            adapter_class(cfg.student.kind).ranked else None, "fake_rank": cfg.fake.rank,
                            "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,
                            "lr_student": cfg.train.lr_student, "lr_fake": cfg.train.lr_fake,
-                           "guidance": cfg.train.guidance, "t_min": cfg.train.t_min, "t_max": cfg.train.t_max},
+                           "guidance": cfg.train.guidance, "t_min": cfg.train.t_min, "t_max": cfg.train.t_max,
+                           "student_steps": cfg.model.student_steps or 1},
                "teacher_sampling": {"steps": TEACHER_STEPS, "guidance": cfg.train.guidance,
                                     "scheduler": teacher.backbone.process.default_sampler},
                "seconds": {"distill": [round(x, 1) for x in seconds], "evaluate": round(eval_s, 1),
@@ -240,7 +246,7 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = Fa
     metrics, ev = _metric_settings(s)
     folder = _folder(s, out, force, f"{s.world}-compare")
     shared = configs["lorad"]
-    teacher = load_teacher(None, shared.model)
+    teacher = load_teacher(None, _one_step(shared.model))
     entries, results_extra = [_teacher_entries(teacher, shared.train.guidance)[0]], {}
     for kind in KINDS:
         start = time.perf_counter()

@@ -17,6 +17,11 @@ TITLE_HEIGHT = 18
 SAMPLERS = {"ddim": "DDIM", "dpm": "DPM-Solver", "euler": "flow-matching Euler"}  # the processes' stock samplers
 
 
+def _steps_word(d: dict) -> str:
+    steps = d.get("student_steps") or 1
+    return "One-step" if steps == 1 else f"{steps}-step"
+
+
 def class_by_phrasing(images: np.ndarray, columns: int = GRID_COLUMNS) -> np.ndarray:
     """Evaluation images (ordered round by round, one digit of each class per round) as
     a row per class and a column per round; round i uses phrasing i (world.eval_prompts)."""
@@ -101,7 +106,7 @@ def demo_markdown(s: dict) -> str:
     lines = [
         f"# WaDi on handwritten digits (world `{s['world']}`)",
         "",
-        f"One-step students distilled from the {_millions(n['teacher'])}-parameter {s['world']} teacher by the WaDi "
+        f"{_steps_word(d)} students distilled from the {_millions(n['teacher'])}-parameter {s['world']} teacher by the WaDi "
         f"engine (preset `{s['preset']}`), one per seed ({seeds}): VSD with guidance {d['guidance']} on teacher and "
         f"fake score model, t in [{d['t_min']}, {d['t_max']}], {d['steps']} steps of batch {d['batch_size']}, "
         f"learning rates {d['lr_student']:g} (student) and {d['lr_fake']:g} (fake).",
@@ -137,7 +142,8 @@ def demo_markdown(s: dict) -> str:
         f"- every seed covers at least half the way from where it starts (the unguided one-step teacher, "
         f"{unguided['fid']:.1f}): at most {max(c['from_start_ratios']):.2f} of it remains "
         f"(at most {bar['from_start']:g}: {_verdict(c['from_start_ok'])})",
-        f"- one student image costs 1 network evaluation, the {teacher['name']} {teacher['nfe']}",
+        f"- one student image costs {students[0]['nfe']} network evaluation(s), the {teacher['name']} "
+        f"{teacher['nfe']}",
         "",
         "## Samples",
         "",
