@@ -175,7 +175,8 @@ def test_files_of_the_wrong_structure_are_one_line(world, tmp_path, capsys):
     export = tmp_path / "export"
     assert main(["export", str(run), "--out", str(export)]) == 0
     for manifest in ('["wadi-export/2"]', '{"format": "wadi-export/2", "base": [1]}',
-                     '{"format": "wadi-export/2", "base": {"kind": "sd", "resolution": "big"}}'):
+                     '{"format": "wadi-export/2", "base": {"kind": "sd", "resolution": "big"}}',
+                     '{"format": "wadi-export/2", "format": "wadi-export/2"}'):
         (export / "wadi.json").write_text(manifest)
         refused(capsys, ["sample", export, "--prompt", "a", "--out", out], "export the student again", tmp_path)
     evaluation = tmp_path / "eval"
@@ -278,10 +279,14 @@ def test_a_run_folder_appears_with_its_config_and_a_config_less_one_is_passed_ov
     from wadi.run_folder import RunFolder
 
     root = tmp_path / "runs"
+    for name, age in ((".new-run-killed", 3600), (".new-run-making", 1)):  # a SIGKILLed reservation, a live one
+        (root / name).mkdir(parents=True)
+        (root / name / "config.yaml").write_text("a: 0\n")
+        os.utime(root / name, (time.time() - age,) * 2)
     run, lock = RunFolder.reserve(root, "custom", "a: 1\n")
     try:
         assert run.name == "00000-custom" and run.config.read_text() == "a: 1\n"
-        assert sorted(p.name for p in root.iterdir()) == ["00000-custom", "00000-custom.lock"]
+        assert sorted(p.name for p in root.iterdir()) == [".new-run-making", "00000-custom", "00000-custom.lock"]
     finally:
         locks.release(lock)
     (root / "00001-custom").mkdir()  # an older version killed between mkdir and its config

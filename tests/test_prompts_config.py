@@ -34,6 +34,7 @@ def test_coco_captions(tmp_path):
 @pytest.mark.parametrize("name, content, message", [
     ("p.jsonl", '{"prompt": "ok"}\nnot json\n', r"p.jsonl:2 is not valid JSON"),
     ("p.jsonl", '{"url": "x"}\n', "no prompt field"),
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "a", "prompt": "b"}\n', r"p.jsonl:2 has a duplicate key 'prompt'"),
     ("p.json", '{"images": []}', "not a COCO caption file"),
     ("p.txt", "", "holds no prompts"),
 ])

@@ -71,11 +71,32 @@ def replace_dir(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict:
+    """An object's pairs as a dict; a key given twice is refused (json keeps the last silently)."""
+    data = {}
+    for key, value in pairs:
+        if key in data:
+            raise DuplicateKey(f"duplicate key {key!r}")
+        data[key] = value
+    return data
+
+
+def loads_json(text: str):
+    """json.loads that refuses an object with a key given twice (DuplicateKey, a ValueError)."""
+    return json.loads(text, object_pairs_hook=_unique)
+
+
 def read_json_object(path: str | Path, what: str = "") -> dict:
     """A JSON file that must hold an object: its dict, or one ValueError naming the file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(path.read_text(encoding="utf-8"))
+    except DuplicateKey as e:
+        raise CorruptFile(f"{path} is not readable JSON ({e}){what}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CorruptFile(f"{path} is not readable JSON ({e.__class__.__name__}){what}") from None
     if not isinstance(data, dict):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import DuplicateKey, loads_json
+
 FORMATS = ("auto", "txt", "jsonl", "coco")
 # Text encoders read 77 (CLIP) to 300 (T5) tokens and truncate the rest; a longer prompt is
 # a mistake (a file pasted as one), and would be copied into every PNG's metadata.
@@ -44,7 +46,9 @@ def _read_jsonl(text: str, path: Path) -> list[str]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = loads_json(line)
+        except DuplicateKey as e:
+            raise ValueError(f"{path}:{i} has a {e}: which one is the prompt?") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i} is not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):

@@ -10,7 +10,8 @@
         student/              the final student merged into a plain diffusers model
 
 A run folder appears whole with its config.yaml (written in a hidden folder, then renamed
-to its number), so no kill leaves a numbered folder that cannot be resumed; the rename
+to its number), so no kill leaves a numbered folder that cannot be resumed (a hidden one
+left by a kill in those milliseconds is removed by a later run in the root); the rename
 fails on a taken number, so two runs started at the same moment in one root get
 different numbers. Its command holds `NNNNN-name.lock` beside it (wadi.locks).
 """
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from filelock import FileLock
@@ -30,6 +32,20 @@ from . import locks
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _RUN_DIR = re.compile(r"^(\d+)-")
+_NEW_RUN = ".new-run-"  # a run folder being made; renamed to its number within milliseconds
+STALE_RESERVATION_S = 600
+
+
+def _remove_stale_reservations(root: Path) -> None:
+    """Hidden folders of runs killed between making and renaming them (nothing else
+    writes there); young ones may be another process's, still being made."""
+    now = time.time()
+    for p in root.glob(_NEW_RUN + "*"):
+        try:
+            if now - p.stat().st_mtime > STALE_RESERVATION_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:  # gone meanwhile
+            pass
 
 
 class RunFolder:
@@ -108,7 +124,8 @@ class RunFolder:
         its lock."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".new-run-", dir=root))
+        _remove_stale_reservations(root)
+        tmp = Path(tempfile.mkdtemp(prefix=_NEW_RUN, dir=root))
         try:
             if config is not None:
                 (tmp / "config.yaml").write_text(config, encoding="utf-8")
