@@ -5,7 +5,8 @@ import json
 import pytest
 import yaml
 
-from wadi.config import PRESETS, resolve
+from wadi.config import resolve
+from wadi.presets import PRESETS
 from wadi.prompts import read_prompts
 
 

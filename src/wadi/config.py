@@ -1,16 +1,14 @@
-"""Distillation settings: dataclasses, named presets, YAML files and dotted overrides.
+"""Distillation settings: dataclasses, YAML files and dotted overrides over a preset (wadi.presets).
 
 `resolve("sd15-wadi", ["model.path=/data/sd15", "train.steps=1000"])` expands a preset
 (or a YAML file, which may name a preset under `preset:`), applies the overrides, converts
 every value to its field's type and checks every key, range and relation, so that a bad
 setting is one clear line before anything is loaded or written. The resolved config is
-written into each run folder. Presets of the embedded worlds come from the worlds
-themselves (wadi.worlds).
+written into each run folder.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
@@ -25,6 +23,7 @@ from .adapters import AdapterConfig, adapter_class
 from .backbones import KINDS, BackboneSpec, get_kind
 from .errors import brief
 from .process import SCHEDULER
+from .presets import deep_update, preset_names, preset_values
 from .prompts import check_prompts
 from .targets import resolve_rule
 
@@ -101,61 +100,6 @@ class DistillConfig:
         """Every range and relation that needs no model; raises ValueError naming the setting."""
         _check_config(self)
         return self
-
-
-def _deep_update(base: dict, new: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in new.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-_SD = {"train": {"mixed_precision": "fp16", "gradient_checkpointing": True, "adam_8bit": True}}
-PRESETS: dict[str, dict] = {
-    "sd15-wadi": _deep_update(_SD, {"model": {"kind": "sd", "resolution": 512,
-                                              "path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}}),
-    "sd21-wadi": _deep_update(_SD, {"model": {"kind": "sd", "resolution": 512,
-                                              "path": "stabilityai/stable-diffusion-2-1-base"}}),
-    "pixart-wadi": {"model": {"kind": "pixart", "path": "PixArt-alpha/PixArt-XL-2-256x256", "resolution": 256},
-                    "student": {"rank": 128},
-                    "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
-    # SDXL at 1024 px: SD 1.5's recipe; r=128 is 10.3% of its 2567M-parameter UNet (wadi params);
-    # 16 prompts per process as 2 x 8, which the computed budget fits in 24 GB (README, Memory).
-    "sdxl-wadi": _deep_update(_SD, {"model": {"kind": "sdxl", "resolution": 1024,
-                                              "path": "stabilityai/stable-diffusion-xl-base-1.0"},
-                                    "student": {"rank": 128}, "train": {"batch_size": 8, "grad_accum": 2}}),
-    # The flow-matching transformers (docs/method.md, section 4): rank for about 10% of the
-    # denoiser, as the paper's 83.8M of SD 1.5's 860M (wadi params: SD3.5 medium r=128 9.4%,
-    # Sana 1.6B r=256 8.7% of its linear layers' share), bf16 as PixArt.
-    "sd3-wadi": {"model": {"kind": "sd3", "path": "stabilityai/stable-diffusion-3.5-medium", "resolution": 1024},
-                 "student": {"rank": 128},
-                 "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
-    "sana-wadi": {"model": {"kind": "sana", "path": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
-                            "resolution": 1024},
-                  "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
-}
-# The paper's rank ablation (student r) and adapter ablation (same targets, matched budget).
-for _r in (64, 128, 512):
-    PRESETS[f"sd15-wadi-r{_r}"] = _deep_update(PRESETS["sd15-wadi"], {"student": {"rank": _r}})
-for _kind in ("lorad", "lora", "dora", "dora-frozen", "full"):
-    PRESETS[f"sd15-ablation-{_kind}"] = _deep_update(PRESETS["sd15-wadi"],
-                                                     {"student": {"kind": _kind}, "train": {"steps": 10000}})
-
-
-def preset_names() -> list[str]:
-    from .worlds import world_presets
-
-    return list(PRESETS) + list(world_presets())
-
-
-def preset_values(name: str) -> dict | None:
-    """A preset's settings: ours, or one an embedded world registers; None if unknown."""
-    if name in PRESETS:
-        return copy.deepcopy(PRESETS[name])
-    from .worlds import world_presets
-
-    make = world_presets().get(name)
-    return make() if make else None
 
 
 # --- YAML and types ----------------------------------------------------------------
@@ -310,7 +254,7 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
         base = preset_values(preset) if preset else {}
         if base is None:
             raise ValueError(f"config file {path} names unknown preset {brief(preset)}")
-        values = _deep_update(base, loaded)
+        values = deep_update(base, loaded)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -322,7 +266,7 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
         _set_dotted(values, key, parsed)
     values["preset"] = preset
     # Start from the defaults so a section that sets one key keeps the others.
-    cfg = _build(DistillConfig, _deep_update(DistillConfig().to_dict(), values), "")
+    cfg = _build(DistillConfig, deep_update(DistillConfig().to_dict(), values), "")
     kind = get_kind(cfg.model.kind) if cfg.model.kind else None
     for role, adapter in (("student", cfg.student), ("fake", cfg.fake)):
         if adapter.targets is None and kind is not None:  # the backbone's preset for this role

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..config import preset_names
+from ..presets import preset_names
 
 
 def register(sub) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from ..adapters import KINDS, adapter_class, attach
-from ..config import DistillConfig, preset_values, resolve
+from ..config import DistillConfig, resolve
+from ..presets import preset_values
 from .. import locks
 from ..evaluate import Entry, MetricSettings, Scorer, default_cache_dir, evaluate, image_path
 from ..files import check_out, write_text
