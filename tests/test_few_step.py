@@ -3,6 +3,7 @@ transcriptions of DDIM (eta 0) and flow-matching Euler, the N-step sampler again
 stock schedulers, the backward simulation of training, the stock pipelines with
 `num_inference_steps=N`, resume, and settings that cannot be."""
 
+import importlib
 import json
 
 import numpy as np
@@ -77,15 +78,49 @@ def test_training_stops_each_sample_at_its_step_with_gradient_only_there():
         return oracle(x, t) * w
 
     stop = torch.tensor([0, 2, 1, 2])
-    got = run_student(vp, times, predict, z, stop)
-    assert calls == [True, True, True]  # steps 0..2 (each some sample's stop), none past the last stop
+    got, sample = run_student(vp, times, predict, z, stop)
+    assert calls == [True, True, True, False]  # steps 0..2 are some sample's stop; the last is not
     full = run_student(vp, times, oracle, z)  # every sample to the end
     for i, k in enumerate(stop.tolist()):
         alone = run_student(vp, times[:k + 1], oracle, z[i:i + 1])
         torch.testing.assert_close(got[i:i + 1].detach(), alone, rtol=0, atol=1e-6)
     assert not torch.allclose(got, full)
+    torch.testing.assert_close(sample, full, rtol=0, atol=1e-6)  # what the student samples
+    assert not sample.requires_grad
     got.sum().backward()
     assert w.grad is not None and torch.isfinite(w.grad)
+
+
+def test_the_fake_model_learns_the_images_the_student_samples(tmp_path, monkeypatch):
+    """A four-step student is trained at each sample's drawn step, but the fake model is fed
+    its last step's images (the student's samples), never the earlier steps' x0."""
+    from accelerate import Accelerator
+
+    from wadi.training import prepare
+
+    distill_module = importlib.import_module("wadi.distill")  # the package exports a function of that name
+
+    (tmp_path / "prompts.txt").write_text("a cat\na red car\n")
+    pipes = {"sd": tiny_pipes.save_tiny_sd(tmp_path / "sd"), "prompts": tmp_path / "prompts.txt"}
+    cfg = tiny_pipes.make_cfg(pipes, tmp_path, steps=1, batch_size=8, fake_steps=2)
+    cfg.model.student_steps = 4
+    prompts, bb = prepare(cfg)
+    d = distill_module.Distiller(cfg, bb, prompts, Accelerator(cpu=True))
+    made, fed = [], []
+
+    def recording(process, times, predict, z, stop):
+        with torch.no_grad():  # the same noise sampled to the end, as `wadi sample` does
+            made.append((run_student(process, times, predict, z), stop))
+        return run_student(process, times, predict, z, stop)
+
+    fake_loss = d._fake_loss
+    monkeypatch.setattr(distill_module, "run_student", recording)
+    monkeypatch.setattr(d, "_fake_loss", lambda x0, cond, noise: fed.append(x0) or fake_loss(x0, cond, noise))
+    d.train_step()
+    assert len(fed) == 2 and len(made) == 2  # the student's batch, then a fresh one for the second fake step
+    for (samples, stop), x0 in zip(made, fed):
+        torch.testing.assert_close(x0, samples, rtol=0, atol=1e-6)
+    assert (made[0][1] < 3).any()  # some samples were trained at an earlier step than they are fed
 
 
 @pytest.mark.parametrize("kind", ["sd", "sd3"])

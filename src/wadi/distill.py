@@ -4,6 +4,8 @@ One step: the student makes x0 in one evaluation at t = T-1; it is noised at t i
 [t_min, t_max] and scored by the frozen teacher and the fake model, each with guidance
 in one batched forward of [uncond; cond]; the student descends the VSD loss. Then the
 fake model learns to denoise the student's x0 (10% empty prompts), `fake_steps` times.
+A student of N steps is trained at one of its steps per sample, on the input its own
+earlier steps make; the fake model learns its last step's images, the ones it samples.
 AdamW, clipping at 1.0, gradient accumulation over micro-batches; accelerate spreads it
 over processes. The run around it (folders, logs, checkpoints) is wadi.training.
 """
@@ -180,13 +182,18 @@ class Distiller:
         """Each sample's process time, from an index drawn uniformly in [low, high]."""
         return self.bb.process.time(noise.integers(low, high))
 
-    def _generate(self, cond: Cond, noise: Noise) -> torch.Tensor:
-        """x0 of the student from fresh noise, in float32 (graph kept when grad is on). A
-        student of N steps is trained at one of them per sample, drawn uniformly, on the
-        input its own earlier steps make (without gradient)."""
+    def _generate(self, cond: Cond, noise: Noise) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's x0 from fresh noise, in float32 (graph kept when grad is on), and the
+        images it samples (detached). A student of N steps is trained at one of them per
+        sample, drawn uniformly, on the input its own earlier steps make (without gradient);
+        its samples are its last step's x0: the fake model learns those alone, for a fake
+        model of every step's x0 would score the last step against a blurrier mixture and
+        push it past the teacher (docs/method.md)."""
         bb = self.bb
         z = noise.normal(bb.latent_shape)
-        stop = noise.integers(0, bb.student_steps - 1) if bb.student_steps > 1 else None
+        n = len(z)
+        stop = (noise.integers(0, bb.student_steps - 1) if bb.student_steps > 1 else
+                torch.zeros(n, dtype=torch.long, device=z.device))
 
         def predict(x, t):
             with self.acc.autocast():
@@ -250,10 +257,9 @@ class Distiller:
         loss_s, nonfinite = 0.0, 0
         for i, b in enumerate(batches):
             with self._sync(self.student_net, last=i == ga - 1):
-                x0 = self._generate(b.cond, b.noise)
+                x0, b.x0 = self._generate(b.cond, b.noise)
                 loss, bad = self._student_loss(x0, b.cond, b.noise)
                 self.acc.backward(loss / ga)
-            b.x0 = x0.detach()
             loss_s, nonfinite = loss_s + loss.item() / ga, nonfinite + bad
         numel = sum(b.x0.numel() for b in batches)
         ok_s = self._agreed_ok(torch.tensor(loss_s), nonfinite / numel)
@@ -266,7 +272,7 @@ class Distiller:
                 x0 = b.x0
                 if k:
                     with torch.no_grad():
-                        x0 = self._generate(b.cond, b.noise)
+                        x0 = self._generate(b.cond, b.noise)[1]
                 with self._sync(self.fake_net, last=i == ga - 1):
                     loss = self._fake_loss(x0, b.cond, b.noise)
                     self.acc.backward(loss / ga)

@@ -309,27 +309,29 @@ def student_times(process: Process, steps: int) -> list:
 
 
 def run_student(process: Process, times: list[torch.Tensor], predict, z: torch.Tensor,
-                stop: torch.Tensor | None = None) -> torch.Tensor:
+                stop: torch.Tensor | None = None):
     """x0 of the student's sampling from noise z, in float32: at each time its prediction
     `predict(x, t)`, x0 from it (the generator's formula at the first time), re-noised to the
-    next time as the stock scheduler steps. With `stop` (a step index per sample), each
-    sample's x0 at that step: the steps before it run without gradient, as the student
-    samples (the backward simulation of training several steps)."""
+    next time as the stock scheduler steps.
+
+    With `stop` (a step index per sample: the backward simulation of training several steps),
+    a pair: each sample's x0 at its stop step, the only step run with gradient for it, and
+    the last step's x0 of every sample without gradient, the images the student samples
+    (what the fake model learns)."""
     n, last = len(z), len(times) - 1
-    stop = torch.full((n,), last, device=z.device) if stop is None else stop
+    stops = torch.full((n,), last, device=z.device) if stop is None else stop
     x, out = z, None
     for k, t in enumerate(times):
         t = t.expand(n)
-        here = stop == k
+        here = stops == k
         with torch.set_grad_enabled(torch.is_grad_enabled() and bool(here.any())):
             pred = predict(x, t)
             x0 = process.generate(pred, x) if k == 0 else process.denoise(pred, x, t)
         out = x0 if out is None else torch.where(_view(here), x0, out)
-        if k == last or not bool((stop > k).any()):
-            return out
-        with torch.no_grad():
-            x = process.renoise(x0.detach(), pred.detach(), x, t, times[k + 1].expand(n))
-    return out
+        if k < last:
+            with torch.no_grad():
+                x = process.renoise(x0.detach(), pred.detach(), x, t, times[k + 1].expand(n))
+    return out if stop is None else (out, x0.detach())
 
 
 def process_of(scheduler_config: dict, one_step_abar: float | str | None = None) -> Process:
