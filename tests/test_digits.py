@@ -254,6 +254,7 @@ def test_demo_rejects_bad_settings(tmp_path, capsys):
                           (["--compare", "--seeds", "1,2"], "--compare runs every adapter at one seed"),
                           (["--compare", "--adapter", "dora"], "--compare runs every adapter at one seed"),
                           (["train.batch_size=0"], "train.batch_size must be at least 1"),
+                          (["--student-steps", "0"], "model.student_steps must be at least 1"),
                           (["--world", "digits-3d"], "unknown world 'digits-3d'")]:
         assert main(["demo", "--root", str(tmp_path / "runs"), *args]) == 2
         err = capsys.readouterr().err

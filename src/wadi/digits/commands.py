@@ -54,7 +54,7 @@ def _demo_command(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    overrides = args.overrides + ([f"model.student_steps={args.student_steps}"] if args.student_steps else [])
+    overrides = args.overrides + ([f"model.student_steps={args.student_steps}"] if args.student_steps is not None else [])
     settings = DemoSettings(world=args.world, adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank,
                             steps=args.steps, seeds=parse_seeds(args.seeds), per_class=args.per_class, root=args.root,
                             overrides=overrides)
