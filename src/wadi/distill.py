@@ -191,9 +191,8 @@ class Distiller:
         push it past the teacher (docs/method.md)."""
         bb = self.bb
         z = noise.normal(bb.latent_shape)
-        n = len(z)
         stop = (noise.integers(0, bb.student_steps - 1) if bb.student_steps > 1 else
-                torch.zeros(n, dtype=torch.long, device=z.device))
+                torch.zeros(len(z), dtype=torch.long, device=z.device))
 
         def predict(x, t):
             with self.acc.autocast():

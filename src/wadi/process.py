@@ -309,7 +309,7 @@ def student_times(process: Process, steps: int) -> list:
 
 
 def run_student(process: Process, times: list[torch.Tensor], predict, z: torch.Tensor,
-                stop: torch.Tensor | None = None):
+                stop: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x0 of the student's sampling from noise z, in float32: at each time its prediction
     `predict(x, t)`, x0 from it (the generator's formula at the first time), re-noised to the
     next time as the stock scheduler steps.
