@@ -5,7 +5,7 @@
   ops under autograd: every adapted matmul runs twice, and autograd keeps W' (for dx)
   and Theta (for the cos and sin backward) alive until backward, beside views of the
   frozen W; cos and sin themselves are only saved where W requires grad.
-- install_hook_lorad: HookLoRaD on every target layer of a model (a wadi.targets preset).
+- install_hook_lorad: HookLoRaD on every target layer of a model (a wadi.adapters.targets preset).
 - AuthorsScheme: one WaDi iteration with those layers and four separate denoiser calls
   for the guided scores, every network a full copy. Losses, optimizer, clipping and order are
   wadi's (docs/method.md).
@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wadi.backbones import dtype_of
-from wadi.distill import Noise
-from wadi.losses import guide, vsd_loss
-from wadi.targets import resolve_rule, select_linears
+from wadi.adapters.targets import resolve_rule, select_linears
+from wadi.engine.distiller import Noise
+from wadi.engine.losses import vsd_loss
+from wadi.models.backbones import dtype_of
+from wadi.models.guidance import guide
 
 
 class HookLoRaD(nn.Module):
@@ -109,7 +110,7 @@ class AuthorsScheme:
         opt.zero_grad(set_to_none=True)
 
     def train_step(self, prompts: list[str], positions: list[int]) -> dict:
-        # The same per-sample draws, in the same order, as wadi.distill.Distiller.train_step.
+        # The same per-sample draws, in the same order, as wadi.engine.distiller.Distiller.train_step.
         tc, bb, device, wd = self.cfg.train, self.bb, self.acc.device, self.weight_dtype
         n, noise = len(prompts), Noise(tc.seed, positions, device)
         cond = bb.encode_prompts(prompts).to(device, wd)

@@ -1,8 +1,8 @@
 """Inference benchmark: what one-step distillation buys, and what merging LoRaD costs.
 
 1. Time to an image (batch 1: text encoding, denoising, VAE decode) for the merged
-   one-step student (`wadi.sampling.one_step`) against its teacher at 25 DDIM steps with
-   classifier-free guidance 3 (`wadi.sampling.multi_step`, the paper's setting: 50 UNet
+   one-step student (`wadi.models.sampling.sample_student`) against its teacher at 25 DDIM steps with
+   classifier-free guidance 3 (`wadi.models.sampling.sample_teacher`, the paper's setting: 50 UNet
    evaluations). Student and teacher are the same architecture and size.
 2. One UNet forward of the merged student against the unadapted base model: after
    `merged_model()` the student is a plain UNet2DConditionModel with rotated weights,
@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 import torch
-
-from wadi.adapters import AdapterConfig, attach
 from common import char_tokenizer
-from wadi.backbones import DTYPES, Backbone, BackboneSpec
-from wadi.sampling import multi_step, one_step
+
+from wadi.adapters.core import AdapterConfig, attach
+from wadi.models.backbones import DTYPES, Backbone, BackboneSpec
+from wadi.models.sampling import sample_student, sample_teacher
 
 SIZES = {
     "cpu": dict(
@@ -148,8 +148,8 @@ def main() -> None:
     run = timer(device)
     with torch.inference_mode():
         image = interleaved({
-            "student, 1 step": lambda: one_step(bb, student, [PROMPT], [0]),
-            f"teacher, {args.steps} steps, cfg {args.guidance:g}": lambda: multi_step(
+            "student, 1 step": lambda: sample_student(bb, student, [PROMPT], [0]),
+            f"teacher, {args.steps} steps, cfg {args.guidance:g}": lambda: sample_teacher(
                 bb, bb.net, [PROMPT], [0], steps=args.steps, guidance=args.guidance, scheduler="ddim"),
         }, args.rounds, run)
         c = bb.encode_prompts([PROMPT]).to(device, dtype)

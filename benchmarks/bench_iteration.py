@@ -2,7 +2,7 @@
 
 Both train the same SD-1.5-shaped UNet (random weights; width and latent size scaled
 down by default) from the same seed, on the same prompts:
-- engine:  wadi.distill.Distiller.train_step (LoRaDLinear on the teacher's shared weights, scores each
+- engine:  wadi.engine.distiller.Distiller.train_step (LoRaDLinear on the teacher's shared weights, scores each
            one batched forward of [uncond; cond]);
 - authors: benchmarks/authors_scheme.AuthorsScheme (hooked LoRaD, four denoiser calls).
 Before timing, the first iterations of both must give the same losses (equal work).
@@ -28,12 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from authors_scheme import AuthorsScheme
 from common import SavedForBackward, sd_backbone
-from wadi.adapters import AdapterConfig
-from wadi.config import DistillConfig, TrainConfig
-from wadi.distill import Distiller
+
+from wadi.adapters.core import AdapterConfig
+from wadi.engine.config import DistillConfig, TrainConfig
+from wadi.engine.distiller import Distiller
 
 PROMPTS = ["a photo of a cat on a windowsill", "a red car on a mountain road", "a bowl of fruit",
            "an astronaut riding a horse", "a lighthouse at night", "a dog on the table"]

@@ -8,7 +8,7 @@ measures, per method and rank:
 - the memory autograd saves for backward during the forward.
 
 Methods: the frozen plain layer, full fine-tuning, LoRA and DoRA (peft, through
-wadi.adapters.attach), our LoRaD (wadi.lorad.LoRaDLinear, through attach) and the
+wadi.adapters.core.attach), our LoRaD (wadi.adapters.lorad.LoRaDLinear, through attach) and the
 authors' hook scheme (benchmarks/authors_scheme.HookLoRaD, the baseline).
 
     python benchmarks/bench_layer.py [--tokens 4096] [--dim 1280] [--ranks 64 256]
@@ -27,9 +27,9 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-
 from authors_scheme import HookLoRaD
-from wadi.adapters import AdapterConfig, attach
+
+from wadi.adapters.core import AdapterConfig, attach
 
 
 def build(kind: str, rank: int | None, base: nn.Linear) -> nn.Module:

@@ -77,13 +77,13 @@ def _storage_bytes(models) -> int:
 
 def worker(args) -> dict:
     from accelerate import Accelerator
-
     from authors_scheme import AuthorsScheme
     from common import SavedForBackward, sd_backbone, sdxl_backbone
-    from wadi.adapters import AdapterConfig
-    from wadi.backbones import dtype_of
-    from wadi.config import DistillConfig, TrainConfig
-    from wadi.distill import Distiller
+
+    from wadi.adapters.core import AdapterConfig
+    from wadi.engine.config import DistillConfig, TrainConfig
+    from wadi.engine.distiller import Distiller
+    from wadi.models.backbones import dtype_of
 
     size = SIZES[args.size]
     torch.set_num_threads(args.threads)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from wadi.backbones import Backbone, BackboneSpec
+from wadi.models.backbones import Backbone, BackboneSpec
 
 
 def char_tokenizer(folder: Path, max_length: int = 77):
@@ -60,13 +60,13 @@ def sd_backbone(width: int, latent: int, text_layers: int, folder: Path, vae=Non
 
 
 def sdxl_backbone(latent: int, text_layers: int, folder: Path) -> Backbone:
-    """SDXL's UNet itself (wadi.archs) at `latent` (SDXL: 128 for 1024 px), CLIP-L- and
+    """SDXL's UNet itself (wadi.models.archs) at `latent` (SDXL: 128 for 1024 px), CLIP-L- and
     CLIP-G-shaped text encoders with `text_layers` layers each, SD's noise schedule; random
     weights, no VAE."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from wadi.archs import get_arch
+    from wadi.models.archs import get_arch
 
     tok = char_tokenizer(folder)
     shapes = dict(vocab_size=len(tok), num_hidden_layers=text_layers, max_position_embeddings=77)

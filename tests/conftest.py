@@ -66,7 +66,13 @@ def unet():
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A random CLIP a few thousand weights large, saved with its processor: no downloads."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+    )
 
     letters = string.ascii_lowercase
     vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
@@ -92,7 +98,8 @@ def tiny_run(tmp_path_factory):
     and shared by the sample / export / eval / downstream tests (a training step moves
     the student off its teacher)."""
     import tiny_pipes
-    from wadi.training import distill
+
+    from wadi.engine.training import distill
 
     savers = {"sd": tiny_pipes.save_tiny_sd, "pixart": tiny_pipes.save_tiny_pixart, "pixel": tiny_pipes.save_tiny_pixel,
               "sd3": tiny_pipes.save_tiny_sd3, "sana": tiny_pipes.save_tiny_sana, "sdxl": tiny_pipes.save_tiny_sdxl}

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import pixart_inputs, tiny_pixart, tiny_unet, unet_inputs
 from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
-from conftest import pixart_inputs, tiny_pixart, tiny_unet, unet_inputs
-from wadi import KINDS, AdapterConfig, attach, load_adapter
-from wadi.lorad import LoRaDLinear
-from wadi.targets import PRESETS, select_linears
+from wadi import ADAPTERS, AdapterConfig, attach, load_adapter
+from wadi.adapters.lorad import LoRaDLinear
+from wadi.adapters.targets import PRESETS, select_linears
 
 
 def run_unet(model):
@@ -26,7 +26,7 @@ def perturb(adapter, seed=3):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ADAPTERS)
 def test_attach_starts_at_base_and_trains_only_adapter(kind):
     base_out = run_unet(tiny_unet())
     adapter = attach(tiny_unet(), AdapterConfig(kind=kind, rank=4, targets="unet-student"))
@@ -64,7 +64,7 @@ def test_lorad_count_and_targets_follow_the_rule():
     assert all(isinstance(model.get_submodule(n), LoRaDLinear) for n in names)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ADAPTERS)
 def test_merge_equals_unmerged_and_unmerge_restores(kind):
     adapter = attach(tiny_unet(), AdapterConfig(kind=kind, rank=4))
     perturb(adapter)
@@ -77,7 +77,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(kind):
         torch.testing.assert_close(v, before[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ADAPTERS)
 def test_save_load_into_fresh_model_same_output(kind, tmp_path):
     adapter = attach(tiny_unet(), AdapterConfig(kind=kind, rank=4))
     perturb(adapter)
@@ -224,16 +224,17 @@ def test_another_base_is_refused_naming_the_python_argument(tmp_path):
 
 
 def test_a_student_from_an_adapter_file_reads_the_file_once(tmp_path, monkeypatch):
-    import wadi.adapter_file
     from tiny_pipes import save_tiny_sd
-    from wadi.backbones import BackboneSpec
-    from wadi.students import load_student
+
+    import wadi.adapters.file
+    from wadi.artifacts.students import load_student
+    from wadi.models.backbones import BackboneSpec
 
     base = save_tiny_sd(tmp_path / "sd")
     adapter = attach(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), AdapterConfig(kind="full"))
     path = adapter.save(tmp_path / "full.safetensors")  # a full adapter: the whole UNet
-    reads, real = [], wadi.adapter_file.read
-    monkeypatch.setattr(wadi.adapter_file, "read", lambda p: reads.append(p) or real(p))
+    reads, real = [], wadi.adapters.file.read
+    monkeypatch.setattr(wadi.adapters.file, "read", lambda p: reads.append(p) or real(p))
     student = load_student(path, BackboneSpec(path=str(base)))
     assert reads == [path]
     assert torch.equal(student.net.state_dict()["conv_in.weight"], adapter.model.state_dict()["conv_in.weight"])

@@ -10,12 +10,22 @@ from conftest import tiny_unet
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from wadi.analysis import (HYBRIDS, analyze, analyze_layer, as_rows, cumulative_energy, make_hybrid,
-                           rank_for_energy, row_changes, squared_singular_values, unit_rows)
-from wadi.analysis_report import format_summary
+from wadi.adapters.lorad import rotate_pairs
 from wadi.cli import main
-from wadi.weights import load_weights
-from wadi.lorad import rotate_pairs
+from wadi.evaluation.analysis import (
+    HYBRIDS,
+    analyze,
+    analyze_layer,
+    as_rows,
+    cumulative_energy,
+    make_hybrid,
+    rank_for_energy,
+    row_changes,
+    squared_singular_values,
+    unit_rows,
+)
+from wadi.evaluation.analysis_report import format_summary
+from wadi.files.weights import load_weights
 
 
 def gen(seed=0):

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_pipes
 import torch
 import yaml
 from safetensors.torch import save_file
 
-import tiny_pipes
 from wadi.cli import main
-from wadi.training import distill
+from wadi.engine.training import distill
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
@@ -284,7 +284,7 @@ def test_output_under_a_regular_file_is_one_line(world, tmp_path, capsys):
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(world, tmp_path, capsys, monkeypatch):
-    import wadi.checkpoint as ckpt
+    import wadi.engine.checkpoint as ckpt
 
     cfg = yaml.safe_load(world["config"].read_text())
     cfg["run"]["root"] = str(tmp_path / "runs")
@@ -311,7 +311,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(world, tmp_path,
 # --- 8. logs stay valid JSON ---------------------------------------------------------------
 
 def test_log_lines_are_strict_json(world, tmp_path, monkeypatch):
-    from wadi.process import VP
+    from wadi.models.process import VP
 
     real = VP.score_difference
     monkeypatch.setattr(VP, "score_difference", lambda *a: real(*a) * float("inf"))

@@ -16,11 +16,11 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
 from test_bad_inputs import refused, snapshot, world  # noqa: F401 -- the shared finished run
-from wadi import locks
+
 from wadi.cli import main
-from wadi.prompts import MAX_PROMPT_CHARS
+from wadi.files import locks
+from wadi.files.prompts import MAX_PROMPT_CHARS
 
 
 def wadi(*args, preexec_fn=None) -> subprocess.CompletedProcess:
@@ -265,14 +265,14 @@ def test_a_run_that_runs_out_of_memory_at_its_first_step_leaves_no_folder(world,
 
 # A Ctrl-C delivered exactly when the command starts importing its engine (not after a
 # sleep that a fast machine outruns): an import hook sends the process SIGINT at the first
-# import of torch or wadi.training, whichever comes first. Python's own handler is put back
+# import of torch or wadi.engine.training, whichever comes first. Python's own handler is put back
 # first, in case the child inherited an ignored SIGINT.
 INTERRUPT_AT_TORCH = """
 import os, runpy, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 class Interrupt:
     def find_spec(self, name, path=None, target=None):
-        if name in ("torch", "wadi.training"):
+        if name in ("torch", "wadi.engine.training"):
             sys.meta_path.remove(self)
             os.kill(os.getpid(), signal.SIGINT)
         return None
@@ -292,7 +292,7 @@ def test_ctrl_c_while_importing_is_one_line():
 
 
 def test_a_run_folder_appears_with_its_config_and_a_config_less_one_is_passed_over(world, tmp_path, capsys):
-    from wadi.run_folder import RunFolder
+    from wadi.engine.run_folder import RunFolder
 
     root = tmp_path / "runs"
     for name, age in ((".new-run-killed", 3600), (".new-run-making", 1)):  # a SIGKILLed reservation, a live one
@@ -312,7 +312,7 @@ def test_a_run_folder_appears_with_its_config_and_a_config_less_one_is_passed_ov
 
 
 def test_a_run_killed_in_its_final_export_is_not_finished_and_resumes(world, tmp_path, monkeypatch, capsys):
-    import wadi.training as training
+    import wadi.engine.training as training
 
     run = tmp_path / "run"
     shutil.copytree(world["run"], run)

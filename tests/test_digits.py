@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from wadi.adapters import KINDS
+from wadi.adapters.core import ADAPTERS
 from wadi.cli import main
-from wadi.config import resolve
 from wadi.digits import metrics, paths, world
 from wadi.digits.classifier import accuracy, load_classifier
 from wadi.digits.demo import STUDENT_LR, DemoSettings, criteria, run_compare, run_demo
 from wadi.digits.teacher import load_teacher, train_teacher
-from wadi.process import Flow
+from wadi.engine.config import resolve
+from wadi.models.process import Flow
 from wadi.worlds import get_world
 
 
@@ -79,8 +79,8 @@ def test_classifier_accuracy_on_heldout_digits(classifier):
 def test_metrics_on_known_inputs(classifier):
     """The world's Frechet distance and precision/recall, in the classifier's features of
     uint8 images as evaluation reads them back."""
-    from wadi.images import to_uint8
-    from wadi.metrics import frechet_distance_features, precision_recall
+    from wadi.evaluation.metrics import frechet_distance_features, precision_recall
+    from wadi.files.images import to_uint8
 
     images, labels = world.load("train")
     ref = metrics.features(to_uint8(images))
@@ -104,7 +104,7 @@ def test_metrics_on_known_inputs(classifier):
 
 
 def test_prompt_alignment_for_wadi_eval(classifier):
-    from wadi.images import to_uint8
+    from wadi.files.images import to_uint8
 
     images, labels = world.load("heldout")
     prompts = [world.class_prompts(int(y))[0] for y in labels[:40]]
@@ -226,8 +226,8 @@ def test_shortened_compare_writes_one_table(tmp_path):
                             overrides=["train.batch_size=2", "run.sample_every=0", "run.checkpoint_every=0"])
     out = run_compare(settings, tmp_path / "compare", progress=False)
     summary = json.loads((out / "compare.json").read_text())
-    assert [r["adapter"] for r in summary["adapters"]] == list(KINDS)
-    assert [r["lr"] for r in summary["adapters"]] == [STUDENT_LR[k] for k in KINDS]
+    assert [r["adapter"] for r in summary["adapters"]] == list(ADAPTERS)
+    assert [r["lr"] for r in summary["adapters"]] == [STUDENT_LR[k] for k in ADAPTERS]
     table = (out / "compare.md").read_text()
     assert f"| lorad | 16 | {STUDENT_LR['lorad']:g} |" in table and f"| full | - | {STUDENT_LR['full']:g} |" in table
 

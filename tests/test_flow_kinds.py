@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from wadi.backbones import BackboneSpec, detect_kind
+from wadi.artifacts.students import load_student, load_teacher
 from wadi.cli import main
-from wadi.students import load_student, load_teacher
+from wadi.models.backbones import BackboneSpec, detect_kind
 
 PROMPTS = ["a cat", "The red car  "]
 
@@ -71,7 +71,8 @@ def test_sana_conditioning_is_the_pipelines_with_its_instruction(backbones):
 def moved_run(tiny_run, tmp_path_factory):
     """A tiny student moved well off its teacher (a large learning rate)."""
     import tiny_pipes
-    from wadi.training import distill
+
+    from wadi.engine.training import distill
 
     def make(kind):
         root = tmp_path_factory.mktemp(f"moved-{kind}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from wadi.lorad import LoRaDLinear, _LoRaDMatmul, wrap_angle
+from wadi.adapters.lorad import LoRaDLinear, _LoRaDMatmul, wrap_angle
 
 
 def looped_rotated_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ known values and the gradient VSD is defined by (the process-shaped parts: test_
 
 import torch
 
-from wadi.losses import guide, vsd_loss
+from wadi.engine.losses import vsd_loss
+from wadi.models.guidance import guide
 
 
 def test_guide_known_values():

@@ -1,4 +1,4 @@
-"""wadi.metrics: FID maths, precision/recall, clean resize, Inception features, stats cache, CLIP score."""
+"""wadi.evaluation.metrics: FID maths, precision/recall, clean resize, Inception features, stats cache, CLIP score."""
 
 import sys
 
@@ -7,10 +7,21 @@ import pytest
 import torch
 from PIL import Image
 
-from wadi.metrics import (ClipScorer, clean_resize, clip_score, extract_features, frechet_distance,
-                          frechet_distance_features, gaussian_stats, load_stats, precision_recall,
-                          reference_stats, save_stats, to_rgb_uint8)
-from wadi.metrics import inception
+from wadi.evaluation.metrics import (
+    ClipScorer,
+    clean_resize,
+    clip_score,
+    extract_features,
+    frechet_distance,
+    frechet_distance_features,
+    gaussian_stats,
+    inception,
+    load_stats,
+    precision_recall,
+    reference_stats,
+    save_stats,
+    to_rgb_uint8,
+)
 
 rng = np.random.default_rng(0)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from wadi.losses import vsd_loss
-from wadi.process import VP, Flow, process_of
+from wadi.engine.losses import vsd_loss
+from wadi.models.process import VP, Flow, process_of
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 FLOW_SCHEDULE = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}

@@ -5,9 +5,9 @@ import json
 import pytest
 import yaml
 
-from wadi.config import resolve
-from wadi.presets import PRESETS
-from wadi.prompts import read_prompts
+from wadi.engine.config import resolve
+from wadi.engine.presets import PRESETS
+from wadi.files.prompts import read_prompts
 
 
 def test_plain_text_skips_blank_lines(tmp_path):

@@ -8,10 +8,10 @@ prompts, and settings that make the run two steps of a tiny student.
 """
 
 import re
-import tomllib
 from pathlib import Path
 
 import tiny_pipes
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -61,8 +61,8 @@ def test_wadi_distill_stays_the_function_once_the_engine_module_is_loaded():
     import importlib
 
     import wadi
-    import wadi.training
+    import wadi.engine.training
 
-    engine = importlib.import_module("wadi.distill")  # loaded: the import system set wadi.distill to it
-    assert wadi.distill is wadi.training.distill and wadi.distill is not engine
+    engine = importlib.import_module("wadi.engine.distiller")  # loaded: the import system set wadi.engine.distiller to it
+    assert wadi.engine.distiller is wadi.engine.training.distill and wadi.engine.distiller is not engine
     assert engine.Distiller  # the engine module stays importable by its full name

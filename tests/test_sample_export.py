@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from wadi.artifacts.students import load_student, load_teacher
 from wadi.cli import main
-from wadi.backbones import BackboneSpec
-from wadi.images import png_text, to_uint8
-from wadi.sampling import multi_step, one_step
-from wadi.students import load_student, load_teacher
+from wadi.files.images import png_text, to_uint8
+from wadi.models.backbones import BackboneSpec
+from wadi.models.sampling import sample_student, sample_teacher
 
 PROMPTS = ["a cat", "a red car"]
 SEEDS = [0, 1]
@@ -72,10 +72,10 @@ def test_stock_pipeline_reproduces_wadi_sample(runs, tmp_path, kind):
         np.testing.assert_array_equal(ours[key], np.asarray(stock[i]))
     # Floats: the library sampler against the pipeline's [0, 1] tensors.
     student = load_student(run)
-    expected = one_step(student.backbone, student.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2)
+    expected = sample_student(student.backbone, student.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2)
     got = stock_images(tmp_path / "export", kind, output_type="pt")
     assert (got - (expected / 2 + 0.5)).abs().max().item() < 1e-6
-    assert not torch.equal(expected, one_step(student.backbone, student.backbone.net, PROMPTS * 2, SEEDS * 2)), \
+    assert not torch.equal(expected, sample_student(student.backbone, student.backbone.net, PROMPTS * 2, SEEDS * 2)), \
         "the trained student should differ from its teacher"
 
 
@@ -143,7 +143,7 @@ def test_teacher_sampling_matches_multi_step(runs, tmp_path):
     _, run = runs("sd")
     ours = cli_sample(run, tmp_path, "--teacher", "--steps", "2", "--guidance", "2.0")
     teacher = load_teacher(run)
-    expected = multi_step(teacher.backbone, teacher.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2,
+    expected = sample_teacher(teacher.backbone, teacher.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2,
                           steps=2, guidance=2.0)
     for i, key in enumerate(ours):
         np.testing.assert_array_equal(ours[key], to_uint8(expected)[i])
@@ -156,13 +156,15 @@ def test_guided_one_step_is_one_trailing_ddim_step(runs):
     _, run = runs("sd")
     teacher = load_teacher(run)
     bb = teacher.backbone
-    guided = one_step(bb, teacher.net, PROMPTS, SEEDS, guidance=3.0)
-    from wadi.process import VP  # the export's DDIM, trailing, its last alpha the generator's 0.0047
+    guided = sample_student(bb, teacher.net, PROMPTS, SEEDS, guidance=3.0)
+    from wadi.models.process import (
+        VP,  # the export's DDIM, trailing, its last alpha the generator's 0.0047
+    )
 
     bb.process = VP(dict(bb.process.one_step_scheduler().config), bb.process.one_step_abar)
-    ddim = multi_step(bb, teacher.net, PROMPTS, SEEDS, steps=1, guidance=3.0)
+    ddim = sample_teacher(bb, teacher.net, PROMPTS, SEEDS, steps=1, guidance=3.0)
     assert (guided - ddim).abs().max().item() < 1e-5
-    assert (guided - one_step(bb, teacher.net, PROMPTS, SEEDS)).abs().max().item() > 1e-3
+    assert (guided - sample_student(bb, teacher.net, PROMPTS, SEEDS)).abs().max().item() > 1e-3
 
 
 def test_refusals_are_one_line_errors(runs, tmp_path, capsys):
@@ -180,7 +182,7 @@ def test_refusals_are_one_line_errors(runs, tmp_path, capsys):
 
 def test_students_read_exports_without_importing_the_exporter():
     """The manifest has its own module: loading a student does not pull in export.py (no cycle)."""
-    code = "import sys, wadi.students; assert 'wadi.export' not in sys.modules, 'wadi.export imported'"
+    code = "import sys, wadi.artifacts.students; assert 'wadi.artifacts.export' not in sys.modules, 'wadi.artifacts.export imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
 
 
@@ -200,7 +202,7 @@ def test_normal_output_is_progress_and_one_summary_line(runs, tmp_path):
 
 
 def test_the_python_api_names_its_arguments_where_the_command_line_names_flags(runs, tmp_path, capsys):
-    from wadi.export import export_pipeline
+    from wadi.artifacts.export import export_pipeline
 
     _, run = runs("sd")
     (tmp_path / "x.bin").write_bytes(b"")

@@ -9,14 +9,14 @@ import sys
 import warnings
 
 import pytest
+import tiny_pipes
 import torch
 import yaml
 from safetensors.torch import load_file
 
-import tiny_pipes
 from wadi.cli import main
-from wadi.config import resolve
-from wadi.training import distill
+from wadi.engine.config import resolve
+from wadi.engine.training import distill
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_ema_is_the_one_final_student(pipes, tmp_path):
     assert main(["sample", str(r), "--prompt", "a cat", "--out", str(a), "--no-grid"]) == 0
     assert main(["sample", str(r / "student.safetensors"), "--base", str(pipes["sd"]), "--resolution", "16",
                  "--prompt", "a cat", "--out", str(b), "--no-grid"]) == 0
-    from wadi.images import read_images
+    from wadi.files.images import read_images
 
     assert (read_images([a / "00000-seed0.png"]) == read_images([b / "00000-seed0.png"])).all()
 
@@ -160,7 +160,7 @@ def test_non_finite_scores_are_counted_then_skip_the_step(pipes, tmp_path, monke
     """nan_to_num keeps isolated non-finite score elements from the loss (the authors'
     guard); a step whose scores are non-finite beyond a small share is skipped, and a
     streak of them stops the run (train.max_nonfinite)."""
-    from wadi.process import VP
+    from wadi.models.process import VP
 
     real, poison = VP.score_difference, {"share": 0.0}
 

@@ -7,12 +7,12 @@ test_sample_export.)"""
 import json
 
 import pytest
+import tiny_pipes
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-import tiny_pipes
-from wadi.backbones import BackboneSpec, detect_kind
 from wadi.cli import main
+from wadi.models.backbones import BackboneSpec, detect_kind
 
 PROMPTS = ["a cat", "a red car"]
 
@@ -20,7 +20,7 @@ PROMPTS = ["a cat", "a red car"]
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
     """The tiny SDXL base and a student moved well off it (a large learning rate)."""
-    from wadi.training import distill
+    from wadi.engine.training import distill
 
     root = tmp_path_factory.mktemp("sdxl")
     (root / "prompts.txt").write_text("a cat\na red car\n")

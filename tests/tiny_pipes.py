@@ -8,14 +8,27 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
-from transformers import (BertConfig, BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
-                          T5Config, T5EncoderModel)
-
 from conftest import TINY_PIXART, TINY_UNET
-from wadi.adapters import AdapterConfig
-from wadi.backbones import BackboneSpec
-from wadi.config import DataConfig, DistillConfig, RunConfig, TrainConfig
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
+
+from wadi.adapters.core import AdapterConfig
+from wadi.engine.config import DataConfig, DistillConfig, RunConfig, TrainConfig
+from wadi.models.backbones import BackboneSpec
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "car", "the", "digit", "seven", "on", "table"]
 

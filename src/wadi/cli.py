@@ -11,14 +11,14 @@ import os
 import sys
 import warnings
 
-from .errors import NeedsOption, describe
+from wadi.errors import NeedsOption, describe
 
 # The core's tools, in the order `wadi --help` lists them; the worlds' follow.
 COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .worlds import worlds
+    from wadi.worlds import worlds
 
     parser = argparse.ArgumentParser(prog="wadi", description="WaDi: one-step diffusion distillation with LoRaD.")
     parser.add_argument("--version", action="version", version=f"wadi {version()}")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def version() -> str:
-    from . import __version__
+    from wadi import __version__
 
     return __version__
 
@@ -77,19 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     line on stderr and exit 2, running out of memory exits 3, an interrupt 130 (from the first
     line: imports and parsing too); anything else is a bug and shows its traceback.
     WADI_DEBUG=1 shows the traceback of everything. A command with --out holds that
-    output's lock (wadi.locks) for its whole life."""
+    output's lock (wadi.files.locks) for its whole life."""
     command = "wadi"
     try:
         from safetensors import SafetensorError
 
-        from . import locks
-        from .training import TrainingStopped
+        from wadi.engine.training import TrainingStopped
+        from wadi.files import locks
 
         args = build_parser().parse_args(argv)
         command = f"wadi {args.command}"
         _quiet_libraries()
         if getattr(args, "world_of_command", None):
-            from .worlds import check_installed
+            from wadi.worlds import check_installed
 
             check_installed(args.world_of_command)
         out = getattr(args, "out", None)

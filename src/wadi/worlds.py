@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .backbones import BackboneSpec
-from .errors import install_hint
-from .prompts import PromptSet
+from wadi.errors import install_hint
+from wadi.files.prompts import PromptSet
+from wadi.models.backbones import BackboneSpec
 
 
 @dataclass
@@ -36,15 +36,6 @@ class WorldEval:
     features: str  # module:function of images -> (N, d) features for FID and precision/recall
     metrics: str  # the default --metrics
     teacher: BackboneSpec
-
-    def metric_settings(self, cache_dir: Path, metrics: str | None = None, reference: Path | None = None,
-                        features: str | None = None, alignment: str | None = None, clip_model: str | None = None,
-                        pr_k: int = 3, batch_size: int = 50):
-        """The world's metrics (evaluate.MetricSettings), each setting given here replacing the world's own."""
-        from .evaluate import metric_settings
-
-        return metric_settings(metrics or self.metrics, reference or self.reference, cache_dir, clip_model, pr_k,
-                               alignment or self.alignment, batch_size, features or self.features)
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,10 +10,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..analysis import DEFAULT_ENERGY, HYBRIDS, analyze, check_threshold, make_hybrid
-from ..analysis_report import dtype_note, format_summary, plot_changes, plot_energy, write_csv, write_json
-from ..files import check_out
-from ..weights import load_weights, save_weights
+from wadi.evaluation.analysis import (
+    DEFAULT_ENERGY,
+    HYBRIDS,
+    analyze,
+    check_threshold,
+    make_hybrid,
+)
+from wadi.evaluation.analysis_report import (
+    dtype_note,
+    format_summary,
+    plot_changes,
+    plot_energy,
+    write_csv,
+    write_json,
+)
+from wadi.files.atomic import check_out
+from wadi.files.weights import load_weights, save_weights
+from wadi.models.backbones import DENOISER_SUBFOLDERS
 
 
 def register(sub) -> None:
@@ -35,7 +49,7 @@ def run(args) -> int:
     # Cheap checks first: loading and analyzing a real UNet takes minutes.
     check_threshold(args.energy)
     check_out(args.out, args.force)
-    teacher, student = load_weights(args.teacher), load_weights(args.student)
+    teacher, student = (load_weights(p, subfolders=DENOISER_SUBFOLDERS) for p in (args.teacher, args.student))
     result = analyze(teacher.state_dict, student.state_dict, args.energy, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
     written = [write_json(result, args.out / "analysis.json", args.teacher, args.student),

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..files import check_new_file, check_out
-from ..lorad import merge_angles
-from ..weights import Weights, load_weights, read_file, save_weights
+from wadi.adapters.lorad import merge_angles
+from wadi.files.atomic import check_new_file, check_out
+from wadi.files.weights import Weights, load_weights, read_file, save_weights
+from wadi.models.backbones import DENOISER_SUBFOLDERS
 
 
 def register(sub) -> None:
@@ -32,7 +33,7 @@ def run(args) -> int:
         check_new_file(args.out, args.force)
     else:
         check_out(args.out, args.force)
-    base = load_weights(args.weights)
+    base = load_weights(args.weights, subfolders=DENOISER_SUBFOLDERS)
     angles = read_file(args.angles) if args.angles else base.state_dict
     merged = merge_angles(base.state_dict, angles)
     like = Weights(merged, base.path, None if flat else base.model_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..presets import preset_names
+from wadi.engine.presets import preset_names
 
 
 def register(sub) -> None:
@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..training import distill
+    from wadi.engine.training import distill
 
     if not args.config and not args.resume:
         raise ValueError("give --config PRESET_OR_YAML (or --resume RUN_DIR|latest)")

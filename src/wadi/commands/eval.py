@@ -8,14 +8,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluate import INCEPTION, METRICS, Entry, default_cache_dir, evaluate, metric_settings
-from ..prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
-from ..metrics import DEFAULT_CLIP
-from ..sampling import Sampling
-from ..students import load_student, load_teacher, teacher_for
-from ..worlds import get_world, worlds
-from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, check_seed, finite,
-                         positive, student_options)
+from wadi.artifacts.students import load_student, load_teacher, teacher_for
+from wadi.commands.model_args import (
+    DTYPES,
+    add_base_args,
+    add_device_args,
+    base_spec,
+    check_device,
+    check_seed,
+    finite,
+    positive,
+    student_options,
+)
+from wadi.evaluation.evaluate import (
+    INCEPTION,
+    METRICS,
+    Entry,
+    default_cache_dir,
+    evaluate,
+    metric_settings,
+    world_metric_settings,
+)
+from wadi.evaluation.metrics import DEFAULT_CLIP
+from wadi.files.prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
+from wadi.models.sampling import Sampling
+from wadi.worlds import get_world, worlds
 
 
 def register(sub) -> None:
@@ -98,7 +115,7 @@ def run(args) -> int:
     cache_dir = args.ref_cache or default_cache_dir()
     world = get_world(args.world).evaluation(args.num or 200, cache_dir) if args.world else None
     if world is not None:
-        metrics = world.metric_settings(cache_dir, args.metrics, args.ref, args.features, args.alignment,
+        metrics = world_metric_settings(world, cache_dir, args.metrics, args.ref, args.features, args.alignment,
                                         args.clip_model, args.pr_k, args.metric_batch_size)
     else:
         metrics = metric_settings(args.metrics or "fid,clip,pr", args.ref, cache_dir, args.clip_model, args.pr_k,
@@ -111,7 +128,7 @@ def run(args) -> int:
     dtype, spec = DTYPES[args.dtype], base_spec(args)
     if world is not None and not args.base:
         spec = spec.filled(**world.teacher.to_dict())
-    entries = [Entry(name, student, Sampling.student(student.backbone))
+    entries = [Entry(name, student, Sampling.for_student(student.backbone))
                for name, student in ((name, load_student(src, spec, dtype, **student_options(args)))
                                      for name, src in sources)]
     if args.teacher:

@@ -7,12 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..export import FORMATS, export_adapter, export_lora, export_pipeline, export_single_file, single_file_paths
-from ..files import check_out
-from ..hub import push, resolve
-from ..model_card import one_liner
-from ..students import load_student, teacher_for
-from .model_args import DTYPES, add_base_args, base_spec, student_options
+from wadi.artifacts.export import (
+    FORMATS,
+    export_adapter,
+    export_lora,
+    export_pipeline,
+    export_single_file,
+    single_file_paths,
+)
+from wadi.artifacts.model_card import one_liner
+from wadi.artifacts.students import load_student, teacher_for
+from wadi.commands.model_args import DTYPES, add_base_args, base_spec, student_options
+from wadi.files.atomic import check_out
+from wadi.files.hub import push, resolve
 
 
 def register(sub) -> None:

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from ..backbones import DTYPES, KINDS, BackboneSpec
-from ..config import MAX_SEED
-from ..process import SCHEDULER
+from wadi.engine.config import MAX_SEED
+from wadi.models.backbones import DTYPES, KINDS, BackboneSpec
+from wadi.models.process import SCHEDULER
 
 MAX_SEEDS = 100_000  # images per prompt; a longer range is a typo, not a request
 

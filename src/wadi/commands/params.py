@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 
-from ..adapters import KINDS, AdapterConfig, attach
-from ..archs import ARCHS, build, get_arch
-from ..backbones import get_kind
+from wadi.adapters.core import ADAPTERS, AdapterConfig, attach
+from wadi.models.archs import ARCHS, build, get_arch
+from wadi.models.backbones import get_kind
 
 
 def register(sub) -> None:
     p = sub.add_parser("params", help="count an adapter's trainable parameters (no weights needed)")
     p.add_argument("--model", required=True, choices=sorted(ARCHS))
     p.add_argument("--role", default="student", choices=["student", "fake"])
-    p.add_argument("--adapter", default="lorad", choices=KINDS)
+    p.add_argument("--adapter", default="lorad", choices=ADAPTERS)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)

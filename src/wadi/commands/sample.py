@@ -7,12 +7,21 @@ import contextlib
 import json
 from pathlib import Path
 
-from ..files import atomic_path, check_out
-from ..students import load_student, load_teacher
-from ..prompts import FORMATS, check_prompts, read_prompts
-from ..sampling import Sampling, sample_to_folder
-from .model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, finite, parse_seeds,
-                         positive, student_options)
+from wadi.artifacts.students import load_student, load_teacher
+from wadi.commands.model_args import (
+    DTYPES,
+    add_base_args,
+    add_device_args,
+    base_spec,
+    check_device,
+    finite,
+    parse_seeds,
+    positive,
+    student_options,
+)
+from wadi.files.atomic import atomic_path, check_out
+from wadi.files.prompts import FORMATS, check_prompts, read_prompts
+from wadi.models.sampling import Sampling, sample_to_folder
 
 
 def register(sub) -> None:
@@ -57,7 +66,7 @@ def run(args) -> int:
     model.to(args.device, dtype)
     # The student samples without guidance; --guidance and --steps are the teacher's.
     sampling = (Sampling(False, args.steps, args.guidance, args.scheduler) if args.teacher
-                else Sampling.student(model.backbone))
+                else Sampling.for_student(model.backbone))
     sampling.check(model.backbone)
     text = {"model": model.source, "role": "teacher" if args.teacher else "student"}
     # A new folder appears whole (a failure leaves none); --force writes into an existing one.

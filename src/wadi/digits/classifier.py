@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..files import atomic_path, write_text
-from . import paths, world
+from wadi.digits import paths, world
+from wadi.files.atomic import atomic_path, write_text
 
 
 class DigitClassifier(nn.Module):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..adapters import KINDS
-from ..commands.model_args import parse_seeds
+from wadi.adapters.core import ADAPTERS
+from wadi.commands.model_args import parse_seeds
 
 
 def register(sub) -> None:
@@ -28,7 +28,7 @@ def _register_demo(sub) -> None:
                         "(default digits)")
     p.add_argument("--student-steps", type=int,
                    help="a student of this many sampling steps (model.student_steps; default 1)")
-    p.add_argument("--adapter", default="lorad", choices=KINDS, help="the student's adapter (default lorad)")
+    p.add_argument("--adapter", default="lorad", choices=ADAPTERS, help="the student's adapter (default lorad)")
     p.add_argument("--rank", type=int, help="student adapter rank (default: the preset's)")
     p.add_argument("--fake-rank", type=int, help="fake score model LoRaD rank (default: the preset's)")
     p.add_argument("--steps", type=int, help="distillation steps (default: the preset's)")
@@ -50,7 +50,7 @@ def _register_demo(sub) -> None:
 def _demo_command(args) -> int:
     import torch
 
-    from .demo import DemoSettings, check, run_compare, run_demo
+    from wadi.digits.demo import DemoSettings, check, run_compare, run_demo
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
@@ -71,7 +71,7 @@ def _demo_command(args) -> int:
 
 
 def _register_teacher(sub) -> None:
-    from .paths import TEACHERS
+    from wadi.digits.paths import TEACHERS
 
     p = sub.add_parser("digits-teacher", help="train a handwritten-digits teacher (wadi demo's teacher)")
     p.add_argument("--world", default="digits", choices=list(TEACHERS),
@@ -88,8 +88,8 @@ def _register_teacher(sub) -> None:
 
 
 def _teacher_command(args) -> int:
-    from ..files import check_out
-    from .teacher import train_teacher
+    from wadi.digits.teacher import train_teacher
+    from wadi.files.atomic import check_out
 
     check_out(args.out, force=False)
     if args.steps < 1 or args.batch_size < 1:
@@ -111,8 +111,8 @@ def _register_classifier(sub) -> None:
 
 
 def _classifier_command(args) -> int:
-    from ..files import check_new_file
-    from .classifier import train_classifier
+    from wadi.digits.classifier import train_classifier
+    from wadi.files.atomic import check_new_file
 
     for path in (args.out, args.out.with_suffix(".json")):
         check_new_file(path, args.force)

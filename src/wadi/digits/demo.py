@@ -3,7 +3,7 @@ same engine as Stable Diffusion (the world's preset: digits-wadi for the UNet, d
 for the rectified-flow MMDiT), once per seed, and report what it got.
 
 One demo folder holds everything: the distillation runs (`runs/`), the evaluation
-(`eval/`, written by wadi.evaluate exactly as `wadi eval --world WORLD` writes it: the
+(`eval/`, written by wadi.evaluation.evaluate exactly as `wadi eval --world WORLD` writes it: the
 teacher at 25 steps with the distilled guidance, at one step with and without it, every
 student), and the report (`report.md`, `metrics.json`, `grid.png`, `loss.png`).
 `--compare` runs the paper's adapter ablation in the same way.
@@ -19,17 +19,25 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import KINDS, adapter_class, attach
-from ..config import DistillConfig, resolve
-from ..presets import preset_values
-from .. import locks
-from ..evaluate import Entry, MetricSettings, Scorer, default_cache_dir, evaluate, image_path
-from ..files import check_out, write_text
-from ..images import read_images, save_png, to_uint8
-from ..run_folder import RunFolder
-from ..sampling import Sampling
-from ..students import load_student, load_teacher
-from . import paths, plugin, report, world
+from wadi.adapters.core import ADAPTERS, adapter_class, attach
+from wadi.artifacts.students import load_student, load_teacher
+from wadi.digits import paths, plugin, report, world
+from wadi.engine.config import DistillConfig, resolve
+from wadi.engine.presets import preset_values
+from wadi.engine.run_folder import RunFolder
+from wadi.evaluation.evaluate import (
+    Entry,
+    MetricSettings,
+    Scorer,
+    default_cache_dir,
+    evaluate,
+    image_path,
+    world_metric_settings,
+)
+from wadi.files import locks
+from wadi.files.atomic import check_out, write_text
+from wadi.files.images import read_images, save_png, to_uint8
+from wadi.models.sampling import Sampling
 
 WORLDS = {w.name: w for w in (plugin.WORLD, plugin.FLOW_WORLD)}
 TEACHER_STEPS = 25
@@ -61,8 +69,8 @@ class DemoSettings:
     def __post_init__(self):
         if self.world not in WORLDS:
             raise ValueError(f"unknown world {self.world!r}; the demo runs one of {', '.join(WORLDS)}")
-        if self.adapter not in KINDS:
-            raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(KINDS)}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
         for name in ("rank", "fake_rank", "steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -92,7 +100,7 @@ def check(s: DemoSettings, compare: bool = False) -> list[DistillConfig]:
     if compare:
         if len(s.seeds) > 1 or s.adapter != DemoSettings.adapter:
             raise ValueError("--compare runs every adapter at one seed: give it neither --adapter nor several --seeds")
-        return [distill_config(s, Path("."), s.seeds[0], kind) for kind in KINDS]
+        return [distill_config(s, Path("."), s.seeds[0], kind) for kind in ADAPTERS]
     return [distill_config(s, Path("."), seed) for seed in s.seeds]
 
 
@@ -109,7 +117,7 @@ def trainable(cfg: DistillConfig, net: torch.nn.Module) -> dict[str, int]:
 def _metric_settings(s: DemoSettings) -> tuple[MetricSettings, object]:
     """The world's evaluation, as `wadi eval --world WORLD` runs it."""
     ev = WORLDS[s.world].evaluation(10 * s.per_class, default_cache_dir())
-    return ev.metric_settings(default_cache_dir()), ev
+    return world_metric_settings(ev, default_cache_dir()), ev
 
 
 def _one_step(spec):
@@ -118,7 +126,7 @@ def _one_step(spec):
 
 
 def _teacher_entries(teacher, guidance: float) -> list[Entry]:
-    return [Entry("teacher-25", teacher, Sampling(one_step=False, steps=TEACHER_STEPS, guidance=guidance)),
+    return [Entry("teacher-25", teacher, Sampling(student=False, steps=TEACHER_STEPS, guidance=guidance)),
             Entry("teacher-1", teacher, Sampling(guidance=guidance)),
             Entry("teacher-1-unguided", teacher, Sampling())]
 
@@ -143,7 +151,7 @@ def _rows(results: dict, names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         r = results["models"][name]
-        nfe = Sampling(**{k: v for k, v in r["sampling"].items() if k in ("one_step", "steps", "guidance")}).nfe
+        nfe = Sampling(**{k: v for k, v in r["sampling"].items() if k in ("student", "steps", "guidance")}).nfe
         rows.append({"name": TITLES.get(name, name), "entry": name, "nfe": nfe, "n": r["num_images"],
                      "images_per_s": round(r["num_images"] / max(r["generation"]["sampling_seconds"], 1e-9), 1),
                      **{k: r[k] for k in ("alignment", "fid", "precision", "recall")}})
@@ -181,7 +189,7 @@ def _folder(s: DemoSettings, out: str | Path | None, force: bool, name: str) -> 
 
 def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False, progress: bool = True) -> Path:
     """A distillation per seed, evaluated together; returns the demo folder."""
-    from ..training import distill
+    from wadi.engine.training import distill
 
     t0 = time.perf_counter()
     paths.minilm_dir()  # a missing text encoder fails here, before any work
@@ -197,7 +205,7 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     t_eval = time.perf_counter()
     teacher = load_teacher(None, _one_step(cfg.model))
     students = {f"student-seed{seed}": load_student(run) for seed, run in zip(s.seeds, runs)}
-    entries = _teacher_entries(teacher, cfg.train.guidance) + [Entry(n, m, Sampling.student(m.backbone)) for n, m in students.items()]
+    entries = _teacher_entries(teacher, cfg.train.guidance) + [Entry(n, m, Sampling.for_student(m.backbone)) for n, m in students.items()]
     results = evaluate(entries, ev.prompts, 0, folder / "eval", metrics, batch_size=100, progress=progress,
                        device="cpu")
     real = _real_row(folder / "eval", Scorer(metrics, "cpu", progress))
@@ -238,22 +246,22 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
 
 def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = False, progress: bool = True) -> Path:
     """The adapter ablation: the same distillation (the first seed) with every adapter kind, one table."""
-    from ..training import distill
+    from wadi.engine.training import distill
 
     t0 = time.perf_counter()
     paths.minilm_dir()
     seed = s.seeds[0]
-    configs = dict(zip(KINDS, check(s, compare=True)))
+    configs = dict(zip(ADAPTERS, check(s, compare=True)))
     metrics, ev = _metric_settings(s)
     folder = _folder(s, out, force, f"{s.world}-compare")
     shared = configs["lorad"]
     teacher = load_teacher(None, _one_step(shared.model))
     entries, results_extra = [_teacher_entries(teacher, shared.train.guidance)[0]], {}
-    for kind in KINDS:
+    for kind in ADAPTERS:
         start = time.perf_counter()
         run = distill(distill_config(s, folder / "runs", seed, kind), progress=progress)
         student = load_student(run)
-        entries.append(Entry(f"student-{kind}", student, Sampling.student(student.backbone)))
+        entries.append(Entry(f"student-{kind}", student, Sampling.for_student(student.backbone)))
         results_extra[kind] = {"run_dir": str(run), "distill_seconds": round(time.perf_counter() - start, 1),
                                "trainable": trainable(configs[kind], teacher.net)["student"]}
     results = evaluate(entries, ev.prompts, 0, folder / "eval", metrics, batch_size=100, progress=progress,
@@ -261,10 +269,10 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = Fa
     rows = _rows(results, [e.name for e in entries])
     adapters = [{"adapter": kind, "rank": configs[kind].student.rank if adapter_class(kind).ranked else None,
                  "lr": configs[kind].train.lr_student, **results_extra[kind], **row}
-                for kind, row in zip(KINDS, rows[1:])]
+                for kind, row in zip(ADAPTERS, rows[1:])]
     n = len(ev.prompts.prompts)
     panels = {rows[0]["name"]: _images(folder / "eval", "teacher-25", n)}
-    panels.update({kind: _images(folder / "eval", f"student-{kind}", n) for kind in KINDS})
+    panels.update({kind: _images(folder / "eval", f"student-{kind}", n) for kind in ADAPTERS})
     report.side_by_side(panels, columns=4).save(folder / "grid.png")
     summary = {"world": s.world, "preset": WORLDS[s.world].preset_name, "settings": asdict(s),
                "teacher_params": sum(p.numel() for p in teacher.net.parameters()),

@@ -1,5 +1,5 @@
 """Metrics of the digits world, computed with the shipped classifier and plugged into
-wadi.evaluate (`wadi eval --world digits`, and `wadi demo` through the same code):
+wadi.evaluation.evaluate (`wadi eval --world digits`, and `wadi demo` through the same code):
 
 - alignment (`prompt_alignment`): the fraction of images the classifier assigns to the
   prompted digit (the world's CLIP score);
@@ -16,8 +16,8 @@ import functools
 import numpy as np
 import torch
 
-from . import world
-from .classifier import DigitClassifier, load_classifier
+from wadi.digits import world
+from wadi.digits.classifier import DigitClassifier, load_classifier
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from ..errors import install_hint
+from wadi.errors import install_hint
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TEACHER = ASSETS / "teacher"  # a diffusers folder: unet/ and scheduler/

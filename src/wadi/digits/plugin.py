@@ -7,17 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..prompts import PromptSet
-from ..worlds import WorldEval
-from . import paths
+from wadi.digits import paths
+from wadi.files.prompts import PromptSet
+from wadi.worlds import WorldEval
 
 SAMPLE_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def reference_folder(folder: Path) -> Path:
     """The train-split digits as 8x8 grey PNGs in `folder`, written once."""
-    from ..images import save_png, to_uint8
-    from . import world
+    from wadi.digits import world
+    from wadi.files.images import save_png, to_uint8
 
     images = to_uint8(world.load("train")[0])
     if folder.is_dir() and len(list(folder.glob("*.png"))) == len(images):
@@ -46,7 +46,7 @@ class DigitsWorld:
 
     def teacher_spec(self):
         """The shipped teacher with the MiniLM text encoder (raises the install hint if it is missing)."""
-        from .teacher import teacher_spec
+        from wadi.digits.teacher import teacher_spec
 
         return teacher_spec(self.name)
 
@@ -64,7 +64,7 @@ class DigitsWorld:
     def evaluation(self, num: int, cache_dir: Path) -> WorldEval:
         """Balanced prompts (num / 10 per digit), the real train digits as reference, the
         classifier's alignment and features, the world's shipped teacher."""
-        from . import world
+        from wadi.digits import world
 
         if num < 10 or num % 10:
             raise ValueError(f"--num for the {self.name} world must be a positive multiple of 10 (balanced classes), "

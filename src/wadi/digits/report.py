@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..images import grid
-from ..tracking import read_log
-from . import world
+from wadi.digits import world
+from wadi.engine.tracking import read_log
+from wadi.files.images import grid
 
 GRID_COLUMNS = len(world.TEMPLATES)  # one column per phrasing
 SCALE = 5  # 8x8 digits become 40x40 pixels

@@ -10,7 +10,7 @@ train digits with their process's loss and classifier-free-guidance dropout, one
   "pixel-mmdit" kind.
 
 Each is saved as a diffusers folder (the kind's denoiser folder, scheduler/, training.json)
-that `wadi.backbones.load_backbone` loads.
+that `wadi.models.backbones.load_backbone` loads.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..backbones import Backbone, BackboneSpec, get_kind, load_backbone
-from ..distill import lr_lambda
-from ..files import atomic_path
-from . import paths, world
+from wadi.digits import paths, world
+from wadi.engine.distiller import lr_lambda
+from wadi.files.atomic import atomic_path
+from wadi.models.backbones import Backbone, BackboneSpec, get_kind, load_backbone
 
 UNET_CONFIG = dict(
     sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),

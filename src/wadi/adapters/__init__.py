@@ -1,0 +1,1 @@
+"""How models are adapted: LoRaD, peft's LoRA/DoRA, full fine-tuning, their target layers and files."""

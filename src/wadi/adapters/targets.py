@@ -1,0 +1,88 @@
+"""Which nn.Linear layers an adapter takes (the authors' rules; docs/method.md).
+
+A rule is a pair of substring lists: a layer is taken when its qualified name contains
+one of `include` (or `include` is empty) and none of `exclude`. Presets name the
+authors' choices; users may give their own substrings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from wadi.errors import brief
+
+_UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+_FAKE_EXCLUDE = ("proj_in", "proj_out", "time_emb_proj")
+
+
+@dataclass(frozen=True)
+class TargetRule:
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def matches(self, name: str) -> bool:
+        taken = not self.include or any(k in name for k in self.include)
+        return taken and not any(k in name for k in self.exclude)
+
+    def to_dict(self) -> dict:
+        return {"include": list(self.include), "exclude": list(self.exclude)}
+
+
+PRESETS: dict[str, TargetRule] = {
+    # Student UNet (SD 1.5 / 2.1): every Linear in the down, mid and up blocks.
+    "unet-student": TargetRule(include=_UNET_BLOCKS),
+    # Fake score UNet: the same set without the transformer projections and time embeddings.
+    "unet-fake": TargetRule(include=_UNET_BLOCKS, exclude=_FAKE_EXCLUDE),
+    # Student DiT (PixArt-alpha): every Linear but the adaLN-single timestep path, which
+    # reproduces the paper's 81.22M (the authors' script also hooks it: 82.56M).
+    "dit-student": TargetRule(exclude=("adaln_single",)),
+    "dit-fake": TargetRule(include=("transformer_blocks",), exclude=_FAKE_EXCLUDE),
+    # Student MMDiT (SD3-class): every Linear of both streams (attention, feed-forward, the
+    # per-block adaLN modulations), the context embedder and the output, but the timestep /
+    # pooled-text embedder: the counterpart of PixArt's rule (docs/method.md).
+    "mmdit-student": TargetRule(exclude=("time_text_embed",)),
+    # Fake MMDiT: the blocks' attention and feed-forward, without the modulations (the
+    # counterpart of the UNet fake's time_emb_proj).
+    "mmdit-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1",)),
+    # Student Sana: every Linear of the blocks' linear self-attention and cross-attention,
+    # the caption projection and the output, but the adaLN-single timestep path (as
+    # PixArt's); its feed-forward is convolutional (GLUMBConv), which LoRaD's linear
+    # rotation does not take.
+    "sana-student": TargetRule(exclude=("time_embed",)),
+    "sana-fake": TargetRule(include=("transformer_blocks",), exclude=_FAKE_EXCLUDE),
+}
+
+
+def resolve_rule(targets: str | TargetRule | dict) -> TargetRule:
+    """A TargetRule from a preset name, a rule, or {'include': [...], 'exclude': [...]}."""
+    if isinstance(targets, TargetRule):
+        return targets
+    if isinstance(targets, str):
+        if targets not in PRESETS:
+            raise ValueError(f"unknown target preset {brief(targets)}; use one of {', '.join(PRESETS)} "
+                             "or give include/exclude substrings")
+        return PRESETS[targets]
+    if isinstance(targets, dict):
+        unknown = set(targets) - {"include", "exclude"}
+        if unknown:
+            raise ValueError(f"target rule has unknown keys {sorted(unknown)}; use 'include' and 'exclude'")
+        return TargetRule(_substrings(targets, "include"), _substrings(targets, "exclude"))
+    raise TypeError(f"targets must be a preset name, a TargetRule or a dict, got {type(targets).__name__}")
+
+
+def _substrings(rule: dict, key: str) -> tuple[str, ...]:
+    value = rule.get(key, ())
+    if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
+        raise ValueError(f"target rule {key} must be a list of layer-name substrings, got {brief(value)}")
+    return tuple(value)
+
+
+def select_linears(model: nn.Module, rule: TargetRule) -> list[str]:
+    """Qualified names of the nn.Linear modules of `model` that `rule` takes, in model order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and rule.matches(n)]
+    if not names:
+        raise ValueError(f"target rule {rule.to_dict()} selects no nn.Linear layer of "
+                         f"{type(model).__name__}; check the preset or the patterns")
+    return names

@@ -1,0 +1,1 @@
+"""The engine that trains: settings, presets, the distillation step, the run, checkpoints, tracking."""

@@ -1,0 +1,82 @@
+"""What a run reports while it trains: a JSON-lines log in the run folder, and scalars and
+sample grids to accelerate's trackers (TensorBoard, wandb), as the diffusers examples do."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from wadi.engine.config import flat_settings
+
+
+def trackers_for(report_to: str) -> list[str]:
+    """accelerate's `log_with` for a `run.report_to` setting."""
+    return {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
+            "none": []}[report_to]
+
+
+def _json_value(v):
+    """JSON has no NaN or Infinity: non-finite numbers are written as null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl; a torn or garbled line (a kill mid-write) is skipped."""
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
+def hyperparameters(config: dict) -> dict:
+    """{section.key: value} with other values as JSON strings, the form trackers store them in."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat_settings(config).items()}
+
+
+class Tracker:
+    """Scalars to log.jsonl and the trackers, images to the trackers (main process only)."""
+
+    def __init__(self, log_file: Path, accelerator, start_step: int, config: dict, name: str = "wadi"):
+        self.acc = accelerator
+        self.file = None
+        if accelerator.is_main_process:
+            kept = [r for r in read_log(log_file) if r["step"] <= start_step]  # a resumed run rewrites the rest
+            log_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            self.file = log_file.open("a")
+        if accelerator.log_with:
+            kwargs = {"tensorboard": {"purge_step": start_step or None},  # a resumed run rewrites what follows
+                      "wandb": {"dir": str(log_file.parent), "name": name}}
+            accelerator.init_trackers("tb", config=hyperparameters(config), init_kwargs=kwargs)
+
+    def log(self, record: dict) -> None:
+        if self.file is None:
+            return
+        record = {k: _json_value(v) for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        self.acc.log(scalars, step=record["step"])
+
+    def image(self, name: str, image, step: int, caption: str = "") -> None:
+        """One PIL image (a sample grid) to every tracker."""
+        for tracker in self.acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(name, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({name: [wandb.Image(image, caption=caption)]}, step=step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.acc.end_training()

@@ -1,0 +1,1 @@
+"""Evaluation: images and scores (wadi eval), metrics, the weight-space analysis."""

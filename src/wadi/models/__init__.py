@@ -1,0 +1,1 @@
+"""What models are: the backbone registry, conditioning, the noise process, sampling."""

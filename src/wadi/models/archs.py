@@ -1,0 +1,91 @@
+"""Built-in architecture configs of the paper's backbones, buildable without weights.
+
+The configs are those of the public SD 1.5 / SD 2.1 / SDXL UNets, the PixArt-alpha transformer,
+the SD3.5 medium / large MMDiTs and the Sana 0.6B / 1.6B (1024 px) transformers. Built on the meta device they cost no memory, so adapter parameter counts
+need no download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from wadi.models.backbones import get_kind
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    kind: str  # backbone kind (wadi.models.backbones.KINDS): denoiser class and target presets
+    config: dict
+
+
+_SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+)
+
+ARCHS: dict[str, Arch] = {
+    "sd15": Arch("sd15", "sd", _SD15_UNET),
+    "sd21": Arch("sd21", "sd",
+                 dict(_SD15_UNET, sample_size=96, cross_attention_dim=1024,
+                      attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)),
+    "pixart": Arch("pixart", "pixart",
+                   dict(sample_size=32, num_layers=28, num_attention_heads=16, attention_head_dim=72,
+                        in_channels=4, out_channels=8, patch_size=2, cross_attention_dim=1152,
+                        caption_channels=4096, norm_type="ada_norm_single",
+                        norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000,
+                        activation_fn="gelu-approximate", attention_bias=True,
+                        use_additional_conditions=False)),
+    # SDXL base: three levels (no attention at the first), transformer depth 1 / 2 / 10 per
+    # level (10 in the middle), two CLIPs' 2048-wide states, the text_time embedding.
+    "sdxl": Arch("sdxl", "sdxl",
+                 dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                      block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
+                      attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816)),
+    # SD3.5 medium: 24 MMDiT blocks of width 1536, the first 13 with a second (image-only)
+    # attention; SD3.5 large: 38 blocks of width 2432, QK-normalised.
+    "sd35-medium": Arch("sd35-medium", "sd3",
+                        dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                             attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                             caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                             dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")),
+    "sd35-large": Arch("sd35-large", "sd3",
+                       dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+                            attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                            caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+                            qk_norm="rms_norm")),
+    # Sana at 1024 px (32x32 DC-AE latents): 0.6B is 28 blocks of width 1152, 1.6B 20 of 2240.
+    "sana-0.6b": Arch("sana-0.6b", "sana",
+                      dict(sample_size=32, patch_size=1, in_channels=32, out_channels=32, num_layers=28,
+                           num_attention_heads=36, attention_head_dim=32, num_cross_attention_heads=16,
+                           cross_attention_head_dim=72, cross_attention_dim=1152, caption_channels=2304,
+                           mlp_ratio=2.5, norm_elementwise_affine=False, norm_eps=1e-6)),
+    "sana-1.6b": Arch("sana-1.6b", "sana",
+                      dict(sample_size=32, patch_size=1, in_channels=32, out_channels=32, num_layers=20,
+                           num_attention_heads=70, attention_head_dim=32, num_cross_attention_heads=20,
+                           cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+                           mlp_ratio=2.5, norm_elementwise_affine=False, norm_eps=1e-6)),
+}
+
+
+def get_arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise ValueError(f"unknown model {name!r}; built-in architectures: {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def build(name: str, device: str | torch.device = "meta") -> torch.nn.Module:
+    """The architecture `name` with random (or, on meta, no) weights."""
+    import diffusers
+
+    arch = get_arch(name)
+    with torch.device(device):
+        return getattr(diffusers, get_kind(arch.kind).denoiser)(**arch.config)
