@@ -38,6 +38,7 @@ def test_encode_is_encode_prompt(pipe):
     cond = flux.encode(backbone, PROMPTS, False)
     embeds, pooled, text_ids = pipe.encode_prompt(PROMPTS, max_sequence_length=MAX_LENGTH)
     assert torch.equal(cond.embeds, embeds) and torch.equal(cond.extra["pooled"], pooled) and cond.mask is None
+    assert not torch.allclose(pooled[0], pooled[1])  # read at each prompt's end-of-text token
     assert text_ids.shape == (MAX_LENGTH, 3) and not text_ids.any()  # what call builds from the states' length
     if pipe.transformer.config.guidance_embeds:
         assert cond.extra["guidance"].tolist() == [flux.GUIDANCE] * len(PROMPTS)

@@ -32,8 +32,11 @@ def tiny_flux_pipeline(guidance: bool = True, seed: int = 0) -> FluxPipeline:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _clip_tokenizer(Path(tmp) / "clip")
         tokenizer_2 = _bert_tokenizer(Path(tmp) / "t5", max_length=MAX_LENGTH)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
-                                                num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16))
+    # The pooled output is the state at the end-of-text token, which the config must name.
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2,
                                              num_heads=4))
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,

@@ -46,6 +46,10 @@ PRESETS: dict[str, TargetRule] = {
     # Fake MMDiT: the blocks' attention and feed-forward, without the modulations (the
     # counterpart of the UNet fake's time_emb_proj).
     "mmdit-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1",)),
+    # Fake FLUX: the same for its double-stream blocks, and its single-stream blocks'
+    # attention and MLP projections without their modulation (`norm.linear`). (Its student
+    # takes mmdit-student: the time, guidance and pooled-text embedders stay the teacher's.)
+    "flux-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1", "norm.linear")),
     # Student Sana: every Linear of the blocks' linear self-attention and cross-attention,
     # the caption projection and the output, but the adaLN-single timestep path (as
     # PixArt's); its feed-forward is convolutional (GLUMBConv), which LoRaD's linear
