@@ -55,3 +55,18 @@ def save_tiny_flux(folder: Path, guidance: bool = True, seed: int = 0) -> Path:
     """A dev-like (guidance input) or schnell-like (none) tiny FLUX.1 pipeline folder."""
     tiny_flux_pipeline(guidance, seed).save_pretrained(folder)
     return folder
+
+
+def flux_cfg(folder: Path, prompts: Path, root: Path, steps: int = 2, student_steps: int = 1, **train):
+    """A tiny distillation of a tiny FLUX pipeline at 16 px with the kind's target presets."""
+    from wadi.adapters.core import AdapterConfig
+    from wadi.engine.config import DataConfig, DistillConfig, RunConfig, TrainConfig
+    from wadi.models.backbones import BackboneSpec
+
+    return DistillConfig(
+        model=BackboneSpec(kind="flux", path=str(folder), resolution=16, max_length=MAX_LENGTH,
+                           student_steps=student_steps),
+        student=AdapterConfig("lorad", 4, "mmdit-student"), fake=AdapterConfig("lorad", 2, "flux-fake"),
+        data=DataConfig(prompts=str(prompts), sample_prompts=["a cat"]),
+        train=TrainConfig(**{"steps": steps, "batch_size": 2, "guidance": 1.0, "mixed_precision": "no", **train}),
+        run=RunConfig(root=str(root / "runs"), checkpoint_every=0, sample_every=0, log_every=1, sample_seeds=[0]))

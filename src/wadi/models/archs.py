@@ -1,8 +1,9 @@
 """Built-in architecture configs of the paper's backbones, buildable without weights.
 
 The configs are those of the public SD 1.5 / SD 2.1 / SDXL UNets, the PixArt-alpha transformer,
-the SD3.5 medium / large MMDiTs, the Sana 0.6B / 1.6B (1024 px) transformers and FLUX.1 [dev] / [schnell]. Built on the meta device they cost no memory, so adapter parameter counts
-need no download.
+the SD3.5 medium / large MMDiTs, the Sana 0.6B / 1.6B (1024 px) transformers and the FLUX.1
+[dev] / [schnell] transformers. Built on the meta device they cost no memory, so adapter
+parameter counts need no download.
 """
 
 from __future__ import annotations
