@@ -209,3 +209,28 @@ def test_bad_inputs_are_one_line(pipes, runs, tiny_run, tmp_path, capsys):
             "has no lora-kohya export")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
     assert not (tmp_path / "o").exists()
+
+
+def test_params_of_the_released_sizes(capsys):
+    """`wadi params` builds FLUX.1 [dev] / [schnell] from their released configs without weights:
+    11.9B parameters, schnell less the guidance embedder; LoRaD's r (out + in/2) per layer taken."""
+    from wadi.adapters.targets import PRESETS
+    from wadi.models.archs import build
+
+    counts = {}
+    for model, role, rank in (("flux-dev", "student", 256), ("flux-schnell", "student", 256), ("flux-dev", "fake", 32)):
+        assert main(["params", "--model", model, "--role", role, "--rank", str(rank), "--json"]) == 0
+        counts[model, role] = json.loads(capsys.readouterr().out)
+    dev = counts["flux-dev", "student"]
+    assert dev["total"] == 11_901_408_320 and dev["layers"] == 498 and dev["targets"] == "mmdit-student"
+    embedder = 256 * 3072 + 3072 + 3072 * 3072 + 3072  # guidance_embedder.linear_1 / linear_2
+    assert dev["total"] - counts["flux-schnell", "student"]["total"] == embedder
+    for (model, role), out in counts.items():
+        net = build(model)
+        rule = PRESETS[out["targets"]]
+        layers = [m for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and rule.matches(n)]
+        assert out["trainable"] == sum(out["rank"] * (m.out_features + m.in_features // 2) for m in layers)
+    assert round(100 * dev["fraction"], 1) == 9.1 and counts["flux-dev", "fake"]["layers"] == 418
+    fake = build("flux-dev")
+    assert not [n for n, m in fake.named_modules() if isinstance(m, torch.nn.Linear)
+                and PRESETS["flux-fake"].matches(n) and "norm" in n]  # no modulation in the fake
