@@ -124,13 +124,22 @@ HUB_NAMES = (("pixart", "pixart"), ("sana", "sana"), ("stable-diffusion-3", "sd3
              ("stable-diffusion-xl", "sdxl"), ("sdxl", "sdxl"))
 
 
-def _denoiser_class(folder: Path) -> str | None:
+class IncompleteFolder(ValueError):
+    """A pipeline folder of a known kind with some of its components missing."""
+
+
+def _class_name(folder: Path, config: str = "config.json") -> str | None:
     import json
 
     try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name")
+        return json.loads((folder / config).read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _pipeline_class(folder: Path) -> str | None:
+    """The pipeline class a folder's model_index.json names (None without one)."""
+    return _class_name(folder, "model_index.json")
 
 
 def detect_kind(path: str) -> str:
@@ -139,10 +148,15 @@ def detect_kind(path: str) -> str:
     p = Path(path).expanduser()
     if not p.is_dir():
         return next((kind for word, kind in HUB_NAMES if word in path.lower()), "sd")
-    found = [k.name for k in KINDS.values()
-             if (p / k.subfolder).is_dir() and (p / "vae").is_dir() == bool(k.vae)
-             and _denoiser_class(p / k.subfolder) in (k.denoiser, None)
-             and all((p / name).is_dir() for name, _ in k.text)]
+    shaped = [k for k in KINDS.values()
+              if (p / k.subfolder).is_dir() and (p / "vae").is_dir() == bool(k.vae)
+              and _class_name(p / k.subfolder) in (k.denoiser, None)]
+    for k in shaped:  # a kind's folder with some of its components gone is that kind's, incomplete
+        lacking = [name for name, _ in k.text if not (p / name).is_dir()]
+        if lacking and (len(lacking) < len(k.text) or _pipeline_class(p) == k.pipeline):
+            raise IncompleteFolder(f"{path}: a {k.name} pipeline folder without "
+                                   f"{', '.join(n + '/' for n in lacking)}; give the complete folder")
+    found = [k.name for k in shaped if all((p / name).is_dir() for name, _ in k.text)]
     if not found:
         raise ValueError(f"{path}: not a diffusers pipeline folder of a known kind "
                          f"({', '.join(KINDS)}): no matching {' or '.join(sorted({k.subfolder for k in KINDS.values()}))}/")
@@ -328,18 +342,37 @@ def check_model_path(path: str) -> None:
 
 
 def _load(library: str, class_name: str, path: str, what: str, dtype: torch.dtype | None = None, **kwargs):
-    """`library.class_name` (diffusers or transformers) from a folder or hub id."""
+    """`library.class_name` (diffusers or transformers) from a folder or hub id. A model
+    (given a dtype) whose weights lack a tensor is refused: the libraries would fill it
+    with random values (transformers) or leave it on the meta device (diffusers)."""
     import importlib
 
     cls = getattr(importlib.import_module(library), class_name)
-    if dtype is not None:  # diffusers and transformers name the argument differently
+    model = dtype is not None
+    if model:  # diffusers and transformers name the argument differently
         kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
+        kwargs["output_loading_info"] = True
     if kwargs.get("subfolder", "") is None:  # transformers 5 fails on subfolder=None
         del kwargs["subfolder"]
     try:
-        return cls.from_pretrained(path, **kwargs)
+        loaded = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the {what} from {path!r}: {describe(e)}") from None
+    if not model:
+        return loaded
+    loaded, info = loaded
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        where = Path(path, kwargs.get("subfolder") or "")
+        raise ValueError(f"the {what} in {where} lacks {len(missing)} of its tensors ({missing[0]}"
+                         f"{', ...' if len(missing) > 1 else ''}): its weights file is incomplete or of "
+                         "another model")
+    return loaded
+
+
+def load_denoiser(like: nn.Module, path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """A denoiser of `like`'s diffusers class from a model folder (a merged student)."""
+    return _load("diffusers", type(like).__name__, str(path), "denoiser", dtype=dtype, use_safetensors=True)
 
 
 def scheduler_config(path: str) -> dict:
@@ -367,6 +400,8 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
     if Path(spec.path).expanduser().is_dir():
         try:
             found = detect_kind(spec.path)
+        except IncompleteFolder:
+            raise
         except ValueError:
             found = spec.kind  # an incomplete folder: the loaders below say what is missing
         if found != spec.kind:

@@ -26,7 +26,7 @@ import torch.nn as nn
 from . import adapter_file, hub
 from .adapter_file import is_adapter_file
 from .adapters import adapter_base_copy, load_adapter
-from .backbones import Backbone, BackboneSpec, Kind, detect_kind, get_kind, load_backbone
+from .backbones import Backbone, BackboneSpec, Kind, detect_kind, get_kind, load_backbone, load_denoiser
 from .config import run_config
 from .errors import NeedsOption
 from .files import read_json_object
@@ -81,7 +81,7 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
         backbone = load_backbone(base, dtype, allow_bin)
         if (run.student_model / "config.json").is_file():
             read_json_object(run.student_model / "config.json")  # diffusers takes a damaged one for a hub id
-            net = type(backbone.net).from_pretrained(run.student_model, torch_dtype=dtype, use_safetensors=True)
+            net = load_denoiser(backbone.net, run.student_model, dtype)
         elif run.student_adapter.is_file():
             net = adapter_student(backbone, run.student_adapter, allow_other_base)
         else:
