@@ -67,3 +67,67 @@ def test_an_sdxl_folder_without_its_second_encoder_says_so(pipes, tmp_path, caps
                                tmp_path / "out", *kind], "a sdxl pipeline folder without text_encoder_2/", broken)
         assert "model.kind=sd" not in err
     assert not (tmp_path / "out").exists()
+
+
+# --- settings no model can run ---------------------------------------------------------------
+
+def distill_refused(capsys, pipe: Path, tmp_path: Path, kind: str, overrides: list[str], message: str) -> str:
+    """`wadi distill` of a tiny `kind` run with `overrides` is refused, and leaves no runs root."""
+    prompts = tmp_path / "prompts.txt"
+    if not prompts.exists():
+        prompts.write_text("a cat\na red car\n")
+    cfg = tiny_pipes.make_cfg({kind: pipe, "prompts": prompts}, tmp_path, kind=kind, steps=1)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(json.dumps(cfg.to_dict()))  # JSON is YAML
+    err = refused(capsys, ["distill", "--config", config, *overrides], message, pipe, prompts)
+    assert not (tmp_path / "runs").exists()
+    return err
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "pixel-mmdit"])
+def test_mask_prompts_is_refused_where_it_would_change_nothing(pipes, tmp_path, capsys, kind):
+    distill_refused(capsys, pipes(kind), tmp_path, kind, ["data.mask_prompts=true"], "data.mask_prompts")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path):
+    from wadi.prompts import read_prompts
+
+    for name, text in [("p.txt", "a cat\nthe dog\n"), ("p.jsonl", '{"prompt": "a cat"}\n{"prompt": "the dog"}\n'),
+                       ("p.json", json.dumps({"annotations": [{"caption": "a cat"}, {"caption": "the dog"}]}))]:
+        (tmp_path / name).write_bytes("\ufeff".encode() + text.encode())
+        assert read_prompts(tmp_path / name) == ["a cat", "the dog"], name
+
+
+@pytest.mark.parametrize("kind, steps, most", [("pixel-mmdit", 100000, 1000), ("sd", 1001, 1000)])
+def test_more_student_steps_than_the_schedule_has_are_refused(pipes, tmp_path, capsys, kind, steps, most):
+    distill_refused(capsys, pipes(kind), tmp_path, kind, [f"model.student_steps={steps}"],
+                    f"model.student_steps must be at most {most}")
+
+
+@pytest.mark.parametrize("resolution, multiple", [(18, 4), (22, 4), (48, 4)])
+def test_a_resolution_the_transformer_cannot_take_is_refused_before_the_run(pipes, tmp_path, capsys, resolution,
+                                                                           multiple):
+    # The tiny SD3: a VAE of factor 2, patches of 2, a position table of 8 patches (32 px).
+    message = f"multiple of {multiple}" if resolution % multiple else "must be at most 32"
+    distill_refused(capsys, pipes("sd3"), tmp_path, "sd3", [f"model.resolution={resolution}"], message)
+
+
+def test_a_unet_resolution_the_vae_does_not_divide_is_refused(pipes, tmp_path, capsys):
+    distill_refused(capsys, pipes("sd"), tmp_path, "sd", ["model.resolution=17"], "multiple of 2")
+
+
+@pytest.mark.parametrize("timesteps, message", [([500, 999], "strictly decreasing"), ([999, 999], "strictly decreasing"),
+                                                ([999, 1500], "strictly decreasing"),
+                                                ([1500, 400], "must start at 999")])
+def test_a_crafted_manifest_with_impossible_timesteps_is_refused(tiny_run, tmp_path, capsys, timesteps, message):
+    from wadi.cli import main
+
+    _, run = tiny_run("sd")
+    export = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(export)]) == 0
+    manifest = json.loads((export / "wadi.json").read_text())
+    manifest["base"].update(student_steps=2, student_timesteps=timesteps)
+    (export / "wadi.json").write_text(json.dumps(manifest))
+    err = refused(capsys, ["sample", export, "--prompt", "a cat", "--out", tmp_path / "out"], message, export)
+    assert "wadi.json" in err
+    assert not (tmp_path / "out").exists()

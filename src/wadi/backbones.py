@@ -202,6 +202,40 @@ class BackboneSpec:
 
 # --- the backbone ------------------------------------------------------------------------
 
+def check_resolution(resolution: int, vae_scale: int, net: nn.Module) -> None:
+    """A resolution the denoiser can take: a multiple of the VAE's factor times the net's
+    patch size (a transformer's; UNets have none), within its position table if it has one."""
+    patch = getattr(net.config, "patch_size", None) or 1
+    multiple = vae_scale * patch
+    if resolution % multiple:
+        raise ValueError(f"setting model.resolution (--resolution) must be a multiple of {multiple} (the VAE's factor "
+                         f"{vae_scale} times the {type(net).__name__}'s patch size {patch}), got {resolution}")
+    positions = getattr(net.config, "pos_embed_max_size", None)
+    if positions and resolution // multiple > positions:
+        raise ValueError(f"setting model.resolution (--resolution) must be at most {positions * multiple} (the "
+                         f"{type(net).__name__}'s {positions} positions of {multiple} pixels), got {resolution}")
+
+
+class StudentStepsError(ValueError):
+    """A student's steps or timesteps that its model's schedule does not have."""
+
+
+def check_student_steps(spec: BackboneSpec, num_train_timesteps: int) -> None:
+    """The student's steps within the schedule's training timesteps (more would never end,
+    or fail at the first step), its timesteps indices of that schedule starting at the last."""
+    steps, last = spec.student_steps or 1, num_train_timesteps - 1
+    if steps > num_train_timesteps:
+        raise StudentStepsError(f"setting model.student_steps must be at most {num_train_timesteps} (the model's "
+                                f"training timesteps), got {steps}")
+    ts = spec.student_timesteps
+    if ts and ts[0] != last:
+        raise StudentStepsError(f"setting model.student_timesteps must start at {last} (the student starts from pure "
+                                f"noise, the schedule's last timestep), got {ts}")
+    if ts and not (len(ts) == steps and min(ts) >= 0 and all(b < a for a, b in zip(ts, ts[1:]))):
+        raise StudentStepsError(f"setting model.student_timesteps must be {steps} strictly decreasing timestep "
+                                f"indices in 0..{last}, got {ts}")
+
+
 class Backbone:
     def __init__(self, spec: BackboneSpec, net: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: dict,
                  vae: nn.Module | None = None, more_text: dict | None = None):
@@ -213,6 +247,7 @@ class Backbone:
         self.vae = vae
         self.max_length = spec.max_length or self.kind.max_length or tokenizer.model_max_length
         self.process = process_of(dict(scheduler_config), spec.one_step_abar)
+        check_student_steps(spec, self.process.num_train_timesteps)
         # The encoder whose token length max_length is (SD3's T5; T5's positions are relative: none).
         positions = getattr(self.text[self.kind.long_encoder].config, "max_position_embeddings", None)
         if positions and self.max_length > positions:
@@ -223,6 +258,8 @@ class Backbone:
         widths = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels if vae else ()
         self.vae_scale = 2 ** (len(widths) - 1) if vae is not None else 1
         self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else net.config.sample_size
+        if spec.resolution:
+            check_resolution(spec.resolution, self.vae_scale, net)
         self._empty: Cond | None = None
         self._times: list | None = None
 

@@ -26,11 +26,12 @@ import torch.nn as nn
 from . import adapter_file, hub
 from .adapter_file import is_adapter_file
 from .adapters import adapter_base_copy, load_adapter
-from .backbones import Backbone, BackboneSpec, Kind, detect_kind, get_kind, load_backbone, load_denoiser
+from .backbones import (Backbone, BackboneSpec, Kind, StudentStepsError, detect_kind, get_kind, load_backbone,
+                        load_denoiser)
 from .config import run_config
 from .errors import NeedsOption
 from .files import read_json_object
-from .manifest import is_export, read_manifest
+from .manifest import MANIFEST, is_export, read_manifest
 from .run_folder import RunFolder
 from .weights import TORCH_SUFFIXES, check_finite, check_fits, load_weights
 
@@ -92,7 +93,10 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
         base = read_manifest(path)["base"]
         mine = spec.filled(**base.to_dict())
         # The export's own folder as the model, with every setting of how it was made and samples.
-        backbone = load_backbone(replace(mine, path=str(path), text_encoder=None), dtype, allow_bin)
+        try:
+            backbone = load_backbone(replace(mine, path=str(path), text_encoder=None), dtype, allow_bin)
+        except StudentStepsError as e:
+            raise ValueError(f"{path / MANIFEST}: {e}; export the student again") from None
         return Loaded(backbone, backbone.net, str(path), mine if spec.path or base.path else None, False)
     lora = lora_export_file(path)
     if lora is not None:

@@ -8,6 +8,7 @@ same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -23,6 +24,7 @@ from . import locks
 from .adapters import check_attach
 from .errors import install_hint
 from .backbones import Backbone, check_model_path
+from .conditioning import masks_on_request
 from .config import DistillConfig, resolve, resume_config
 from .distill import Distiller
 from .files import atomic_path, write_text
@@ -52,12 +54,11 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: {install_hint('wandb')}")
     backbone = cfg.model.load()
     cfg.model.kind = backbone.kind.name
+    if cfg.data.mask_prompts and not masks_on_request(backbone.kind):
+        raise ValueError(f"setting data.mask_prompts masks the padding of a single CLIP encoder (the sd kind); the "
+                         f"{backbone.kind.name} kind encodes prompts as its stock pipeline does: unset it")
     cfg.model.one_step_abar = backbone.process.recorded_abar()  # recorded: which generator the run trains
     last = backbone.num_train_timesteps - 1
-    ts = cfg.model.student_timesteps
-    if ts and ts[0] != last:
-        raise ValueError(f"setting model.student_timesteps must start at {last} (the student starts from pure "
-                         f"noise, the schedule's last timestep), got {ts}")
     if cfg.train.t_max > last:
         raise ValueError(f"setting train.t_max must be at most {last} (the schedule's last timestep), "
                          f"got {cfg.train.t_max}")
@@ -153,6 +154,7 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
     prompts, backbone = prepare(cfg)
     if not _process_state().is_main_process:
         return _train(cfg, prompts, backbone, None, False, progress)
+    root_made = not Path(cfg.run.root).exists()
     run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
         return _train(cfg, prompts, backbone, run, False, progress)
@@ -162,6 +164,9 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
         raise
     finally:
         locks.release(lock)
+        if root_made:  # a root this run made, left empty by its failure
+            with contextlib.suppress(OSError):
+                Path(cfg.run.root).rmdir()
 
 
 def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunFolder | None, resume: bool,
