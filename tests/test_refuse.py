@@ -131,3 +131,36 @@ def test_a_crafted_manifest_with_impossible_timesteps_is_refused(tiny_run, tmp_p
     err = refused(capsys, ["sample", export, "--prompt", "a cat", "--out", tmp_path / "out"], message, export)
     assert "wadi.json" in err
     assert not (tmp_path / "out").exists()
+
+
+# --- exports that cannot be written right -----------------------------------------------------
+
+def test_a_lora_rank_beyond_the_widest_layer_is_refused(tiny_run, tmp_path, capsys):
+    import re
+
+    from wadi.cli import main
+
+    _, run = tiny_run("sd")
+    err = refused(capsys, ["export", run, "--format", "lora", "--rank", "3000", "--out", tmp_path / "lora"],
+                  "beyond the full rank of the widest layer", run)
+    assert not (tmp_path / "lora").exists()
+    widest = int(re.search(r"at --rank (\d+) ", err).group(1))
+    assert main(["export", str(run), "--format", "lora", "--rank", str(widest), "--out", str(tmp_path / "lora")]) == 0
+    lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+    assert max(t.shape[0] for k, t in lora.items() if "lora_A" in k) == widest
+
+
+@pytest.mark.parametrize("template", ["sd", "junk"])
+def test_an_sdxl_single_file_export_on_another_models_template_is_one_line(tiny_run, pipes, tmp_path, capsys,
+                                                                          template):
+    import torch
+
+    _, run = tiny_run("sdxl")
+    file = tmp_path / "template.safetensors"
+    if template == "sd":
+        tiny_pipes.save_template(pipes("sd"), file)
+    else:
+        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(3), "junk": torch.ones(2)}, str(file))
+    refused(capsys, ["export", run, "--format", "single-file", "--template", file, "--out", tmp_path / "out"],
+            "template", run, file)
+    assert not (tmp_path / "out").exists()
