@@ -164,3 +164,52 @@ def test_an_sdxl_single_file_export_on_another_models_template_is_one_line(tiny_
     refused(capsys, ["export", run, "--format", "single-file", "--template", file, "--out", tmp_path / "out"],
             "template", run, file)
     assert not (tmp_path / "out").exists()
+
+
+# --- options that would be ignored or misread ---------------------------------------------------
+
+@pytest.mark.parametrize("lr", ["inf", "nan", "0", "-1e-3"])
+def test_a_digits_teacher_learning_rate_that_cannot_train_is_refused(tmp_path, capsys, lr):
+    refused(capsys, ["digits-teacher", "--out", tmp_path / "t", "--steps", "2", f"--lr={lr}"],
+            "must be a positive number")
+    assert not (tmp_path / "t").exists()
+
+
+def test_digits_teacher_on_an_existing_folder_does_not_offer_a_force_it_lacks(tmp_path, capsys):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "keep.txt").write_text("mine")
+    err = refused(capsys, ["digits-teacher", "--out", tmp_path / "t", "--steps", "2"], "exists", tmp_path / "t")
+    assert "--force" not in err
+
+
+def bin_pipe(pipe: Path, to: Path, component: str, damage: bytes | None = None) -> Path:
+    """A copy of `pipe` whose `component` holds its weights as a torch .bin (`damage`: those bytes instead)."""
+    import torch
+
+    shutil.copytree(pipe, to)
+    file = next((to / component).glob("*.safetensors"))
+    name = "pytorch_model.bin" if component.startswith("text_encoder") else "diffusion_pytorch_model.bin"
+    torch.save(load_file(file), to / component / name)
+    file.unlink()
+    if damage is not None:
+        (to / component / name).write_bytes(damage)
+    return to
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_allow_bin_reads_the_teachers_bin_weights(pipes, tmp_path, capsys, component):
+    from wadi.cli import main
+
+    base = bin_pipe(pipes("sd"), tmp_path / "bin", component)
+    args = ["sample", str(base), "--teacher", "--steps", "1", "--prompt", "a cat", "--resolution", "16", "--out"]
+    refused(capsys, [*args, tmp_path / "refused"], "safetensors", base)  # not without --allow-bin
+    assert main([*args, str(tmp_path / "out"), "--allow-bin"]) == 0
+    assert (tmp_path / "out" / "grid.png").is_file()
+
+
+@pytest.mark.parametrize("damage", [b"junk" * 100, b"", b"\x80\x04\x95"])
+def test_a_damaged_bin_text_encoder_is_one_line(pipes, tmp_path, capsys, damage):
+    base = bin_pipe(pipes("sd"), tmp_path / "bin", "text_encoder", damage)
+    refused(capsys, ["sample", base, "--teacher", "--steps", "1", "--prompt", "a cat", "--resolution", "16",
+                     "--allow-bin", "--out", tmp_path / "out"], "could not load the text encoder", base)
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -28,7 +29,7 @@ import torch.nn as nn
 from .conditioning import (Cond, call_mmdit, call_pixart, call_sana, call_sdxl, call_unet, empty_sana,
                            empty_sdxl, encode_sana, encode_sd3, encode_sdxl, encode_states,
                            encode_states_pooled)
-from .errors import describe
+from .errors import CorruptFile, describe
 from .process import process_of, student_times
 
 
@@ -395,6 +396,9 @@ def _load(library: str, class_name: str, path: str, what: str, dtype: torch.dtyp
         loaded = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the {what} from {path!r}: {describe(e)}") from None
+    except (KeyError, EOFError, pickle.UnpicklingError) as e:  # transformers' torch.load of a damaged .bin
+        raise CorruptFile(f"could not load the {what} from {path!r}: its weights file is unreadable "
+                          f"({type(e).__name__} {describe(e)[:100]})") from None
     if not model:
         return loaded
     loaded, info = loaded

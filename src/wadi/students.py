@@ -147,8 +147,9 @@ def base_kind(spec: BackboneSpec) -> Kind:
 
 
 def load_teacher(source: str | Path | None, spec: BackboneSpec | None = None,
-                 dtype: torch.dtype = torch.float32) -> Loaded:
-    """The multi-step teacher: `source` is its base model, or a run folder / export naming it."""
+                 dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> Loaded:
+    """The multi-step teacher: `source` is its base model, or a run folder / export naming it;
+    `allow_bin` reads its .bin weights (as plain tensors)."""
     spec = spec or BackboneSpec()
     path = Path(source).expanduser() if source else None
     if path is not None and RunFolder.is_run(path):
@@ -157,11 +158,12 @@ def load_teacher(source: str | Path | None, spec: BackboneSpec | None = None,
         spec = spec.filled(**read_manifest(path)["base"].to_dict())
     elif source:
         spec = spec.filled(path=str(source))
-    backbone = spec.load(dtype)
+    backbone = spec.load(dtype, allow_bin)
     return Loaded(backbone, backbone.net, backbone.spec.path, backbone.spec, True)
 
 
-def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
+def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.dtype = torch.float32,
+                allow_bin: bool = False) -> Loaded:
     """The teacher of a loaded student, sharing its backbone when that was loaded from the base."""
     if student.teacher_in_backbone:
         bb = student.backbone
@@ -170,7 +172,7 @@ def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.
     wanted = (spec or BackboneSpec()).filled(**known)
     if not wanted.path:
         raise ValueError(f"{student.source} does not name its base model; pass --base for the teacher")
-    return load_teacher(None, wanted, dtype)
+    return load_teacher(None, wanted, dtype, allow_bin)
 
 
 def adapter_student(backbone: Backbone, path: Path, allow_other_base: bool = False) -> nn.Module:

@@ -76,7 +76,7 @@ def export(args) -> int:
         out = export_pipeline(model, args.out, args.force)
         print(f"wrote {out}; sample it with {one_liner(model.backbone.kind, out.resolve(), model.backbone.student_steps)}")
         return 0
-    teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype])
+    teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype], args.allow_bin)
     if args.format == "single-file":
         path = export_single_file(model, teacher, resolve(args.template), args.out, args.force)
         print(f"wrote {path}; load it with StableDiffusionPipeline.from_single_file and the one-step scheduler "
