@@ -208,8 +208,10 @@ def test_allow_bin_reads_the_teachers_bin_weights(pipes, tmp_path, capsys, compo
 
 
 @pytest.mark.parametrize("damage", [b"junk" * 100, b"", b"\x80\x04\x95"])
-def test_a_damaged_bin_text_encoder_is_one_line(pipes, tmp_path, capsys, damage):
-    base = bin_pipe(pipes("sd"), tmp_path / "bin", "text_encoder", damage)
-    refused(capsys, ["sample", base, "--teacher", "--steps", "1", "--prompt", "a cat", "--resolution", "16",
-                     "--allow-bin", "--out", tmp_path / "out"], "could not load the text encoder", base)
-    assert not (tmp_path / "out").exists()
+def test_a_damaged_bin_text_encoder_is_one_line(tiny_run, tmp_path, capsys, damage):
+    pipe, run = tiny_run("sd")
+    base = bin_pipe(pipe, tmp_path / "bin", "text_encoder", damage)
+    for model in (["--teacher", "--steps", "1", base], [run / "student.safetensors", "--base", base]):
+        refused(capsys, ["sample", *model, "--prompt", "a cat", "--allow-bin", "--out",
+                         tmp_path / "out"], "its weights file is unreadable", base)
+        assert not (tmp_path / "out").exists()
