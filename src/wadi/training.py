@@ -91,9 +91,8 @@ def save_checkpoint(distiller: Distiller, run: RunFolder) -> None:
     acc = distiller.acc
     checksums = distiller.adapter_checksums()  # a collective: every process takes part
     if acc.is_main_process:  # the processes hold the same state (DDP): one writes it
-        tmp = ckpt.begin(run.checkpoint(distiller.step).with_suffix(".tmp"))
-        ckpt.write_pieces(tmp, distiller.state_pieces(checksums))
-        ckpt.commit(tmp, distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
+        ckpt.write(run.checkpoint(distiller.step).with_suffix(".tmp"), distiller.state_pieces(checksums),
+                   distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
     acc.wait_for_everyone()
 
 
