@@ -119,9 +119,11 @@ def test_a_folder_is_recognised_by_its_pipeline_class(tiny_run, tmp_path):
 
     base = tmp_path / "sdxl-named"
     shutil.copytree(tiny_run("sd")[0], base)
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert detect_kind(str(base)) == "sd"
     (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    assert detect_kind(str(base)) == "sdxl"  # the pipeline's own word over the folder's contents
+    with pytest.raises(ValueError, match="a sdxl pipeline folder without text_encoder_2/, tokenizer_2/"):
+        detect_kind(str(base))  # the pipeline's own word: an SDXL folder missing its second encoder
 
 
 @pytest.mark.parametrize("kind,fmt", [("pixart", "lora"), ("sd3", "lora-kohya"), ("sana", "single-file")])

@@ -39,7 +39,7 @@ class DataConfig:
     format: str = "auto"
     dedupe: bool = True  # sorted unique prompts, as the authors read JourneyDB
     cache_embeddings: bool = False  # encode every prompt once up front (small prompt sets)
-    mask_prompts: bool = False  # CLIP kinds: mask padding in the text encoder for training prompts (the authors' loader)
+    mask_prompts: bool = False  # the sd kind: mask CLIP's padding for training prompts (the authors' loader)
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road",
         "a bowl of fruit on a wooden table", "an astronaut riding a horse"])
