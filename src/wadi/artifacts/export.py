@@ -121,10 +121,25 @@ def single_file_paths(out: str | Path, force: bool = False) -> tuple[Path, Path,
         check_out(out, force)
         return out / SINGLE_FILE, out / "scheduler", out / "README.md"
     file, scheduler, card = out, out.with_suffix(".scheduler"), out.with_suffix(".md")
+    _remove_killed_export(file, scheduler, card)
     check_new_file(file, force)
     check_new_file(card, force)
     check_out(scheduler, force)
     return file, scheduler, card
+
+
+def _remove_killed_export(file: Path, scheduler: Path, card: Path) -> None:
+    """What an export to the checkpoint `file` killed before the checkpoint appeared left:
+    its card (written first, naming `file`) and scheduler. Nothing else is taken for one."""
+    if file.exists() or not card.is_file():
+        return
+    try:
+        ours = str(file.resolve()) in card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    if ours:
+        card.unlink()
+        shutil.rmtree(scheduler, ignore_errors=True)
 
 
 def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Path, out: str | Path,
@@ -152,7 +167,10 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
                    ui_settings(bb, f"{file.name} as the checkpoint"), name=card_to.name)
 
     if file == Path(out):
-        with atomic_path(scheduler) as s, atomic_path(card) as c, atomic_path(file) as f:
+        # Three paths cannot appear at once: the card, then the scheduler, then the checkpoint
+        # (the last block to close renames first), so a checkpoint is never without its
+        # scheduler and card, and what a killed export leaves the next one removes.
+        with atomic_path(file) as f, atomic_path(scheduler) as s, atomic_path(card) as c:
             write(f, s, c)
     else:
         with atomic_path(out) as tmp:

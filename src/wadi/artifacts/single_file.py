@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from wadi.errors import describe
+
 ORIGINAL_UNET_PREFIX = "model.diffusion_model."
 
 
@@ -24,7 +26,12 @@ def unet_key_map(template: dict[str, torch.Tensor], unet_config: dict) -> dict[s
         raise ValueError(f"the template holds no UNet tensors ({ORIGINAL_UNET_PREFIX}...): is it an original "
                          "Stable Diffusion checkpoint?")
     probe = {k: torch.tensor(float(i), dtype=torch.float64).expand(template[k].shape) for i, k in enumerate(keys)}
-    converted = convert_ldm_unet_checkpoint(probe, dict(unet_config))
+    try:
+        converted = convert_ldm_unet_checkpoint(probe, dict(unet_config))
+    except (KeyError, IndexError, ValueError, RuntimeError) as e:  # diffusers looks the keys up as it goes
+        raise ValueError(f"the template's UNet is not of the student's architecture ({type(e).__name__} "
+                         f"{describe(e)[:80]} in diffusers' conversion); give the base model's own single-file "
+                         "checkpoint") from None
     return {name: keys[int(t.reshape(-1)[0])] for name, t in converted.items() if t is not None}
 
 

@@ -79,7 +79,7 @@ def export(args) -> int:
         print(f"wrote {out}; sample it with "
               f"{one_liner(bb.kind, out.resolve(), bb.pipeline_call() if bb.kind.pipeline else None)}")
         return 0
-    teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype])
+    teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype], args.allow_bin)
     if args.format == "single-file":
         path = export_single_file(model, teacher, resolve(args.template), args.out, args.force)
         print(f"wrote {path}; load it with {model.backbone.kind.pipeline}.from_single_file and the scheduler beside "

@@ -8,6 +8,7 @@ same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -30,6 +31,7 @@ from wadi.files.atomic import atomic_path, write_text
 from wadi.files.images import save_grid
 from wadi.files.prompts import read_prompts
 from wadi.models.backbones import Backbone, check_model_path
+from wadi.models.conditioning import masks_on_request
 
 
 class TrainingStopped(RuntimeError):
@@ -59,12 +61,11 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError(f"setting train.guidance={cfg.train.guidance:g}: the {backbone.kind.name} model takes its "
                          "guidance as an input, which teacher, fake model and student share; set model.guidance "
                          "instead and leave train.guidance=1")
+    if cfg.data.mask_prompts and not masks_on_request(backbone.kind):
+        raise ValueError(f"setting data.mask_prompts masks the padding of a single CLIP encoder (the sd kind); the "
+                         f"{backbone.kind.name} kind encodes prompts as its stock pipeline does: unset it")
     cfg.model.one_step_abar = backbone.process.recorded_abar()  # recorded: which generator the run trains
     last = backbone.num_train_timesteps - 1
-    ts = cfg.model.student_timesteps
-    if ts and ts[0] != last:
-        raise ValueError(f"setting model.student_timesteps must start at {last} (the student starts from pure "
-                         f"noise, the schedule's last timestep), got {ts}")
     if cfg.train.t_max > last:
         raise ValueError(f"setting train.t_max must be at most {last} (the schedule's last timestep), "
                          f"got {cfg.train.t_max}")
@@ -97,9 +98,8 @@ def save_checkpoint(distiller: Distiller, run: RunFolder) -> None:
     acc = distiller.acc
     checksums = distiller.adapter_checksums()  # a collective: every process takes part
     if acc.is_main_process:  # the processes hold the same state (DDP): one writes it
-        tmp = ckpt.begin(run.checkpoint(distiller.step).with_suffix(".tmp"))
-        ckpt.write_pieces(tmp, distiller.state_pieces(checksums))
-        ckpt.commit(tmp, distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
+        ckpt.write(run.checkpoint(distiller.step).with_suffix(".tmp"), distiller.state_pieces(checksums),
+                   distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
     acc.wait_for_everyone()
 
 
@@ -160,6 +160,7 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
     prompts, backbone = prepare(cfg)
     if not _process_state().is_main_process:
         return _train(cfg, prompts, backbone, None, False, progress)
+    root_made = not Path(cfg.run.root).exists()
     run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
         return _train(cfg, prompts, backbone, run, False, progress)
@@ -169,6 +170,9 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
         raise
     finally:
         locks.release(lock)
+        if root_made:  # a root this run made, left empty by its failure
+            with contextlib.suppress(OSError):
+                Path(cfg.run.root).rmdir()
 
 
 def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunFolder | None, resume: bool,

@@ -109,7 +109,7 @@ def read_prompts(path: str | Path, fmt: str = "auto", dedupe: bool = False) -> l
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"prompt file {path} is unreadable ({e.__class__.__name__}: {e})") from None
     fmt = _detect(path, text) if fmt == "auto" else fmt
@@ -144,7 +144,7 @@ def coco_prompts(path: str | Path, n: int, seed: int = 0) -> PromptSet:
     each image's captions drawn, both with a generator seeded by `seed`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read the COCO caption file {path} ({e})") from None
     data = _coco_data(text, path)
