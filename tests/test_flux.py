@@ -159,7 +159,18 @@ def test_lora_export_loads_in_fluxpipeline_exactly(runs, tmp_path):
     err, moved = (got - want).abs().max(), (want - base).abs().max()
     assert err < 1e-4 and moved > 20 * err, (err, moved)
     card = (tmp_path / "lora" / "README.md").read_text()
-    assert "guidance_scale=3.5" in card and "ComfyUI" in card
+    assert "guidance_scale=3.5" in card and "ComfyUI loads this file as it is" in card
+
+
+def test_the_lora_cards_snippet_runs_as_written(runs, tmp_path, monkeypatch):
+    run = runs("dev", 4)
+    assert main(["export", str(run), "--format", "lora", "--rank", "32", "--out", str(tmp_path / "lora")]) == 0
+    card = (tmp_path / "lora" / "README.md").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
+    assert "num_inference_steps=4" in snippet and "guidance_scale=3.5" in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})
+    assert Image.open(tmp_path / "image.png").size == (RESOLUTION, RESOLUTION)
 
 
 def test_teacher_fake_and_student_share_the_guidance_input(pipes, runs, tmp_path):
