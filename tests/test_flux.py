@@ -110,6 +110,20 @@ def test_euler_loop_reproduces_the_pipeline(pipes, variant, steps):
     torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["dev", "schnell"])
+def test_teacher_sampling_is_the_pipelines(pipes, variant):
+    """`wadi sample --teacher`: the flow's Euler sampler at the pipeline's timesteps, the
+    guidance input at the asked scale (dev), none (schnell)."""
+    from wadi.models.sampling import sample_teacher
+
+    bb, scale = backbone(pipes[variant]), 2.5 if variant == "dev" else 1.0
+    ours = sample_teacher(bb, bb.net, PROMPTS, SEEDS, steps=4, guidance=scale) / 2 + 0.5
+    theirs = stock(pipes[variant])(prompt=PROMPTS, generator=[torch.Generator().manual_seed(s) for s in SEEDS],
+                                   output_type="pt", **{**bb.pipeline_call(), "num_inference_steps": 4,
+                                                        "guidance_scale": scale}).images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
 def read_png(path):
     return np.asarray(Image.open(path))
 
