@@ -68,10 +68,12 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
 
 
 def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int, kohya: bool = False,
-                force: bool = False) -> tuple[Path, dict]:
+                force: bool = False, dtype=None) -> tuple[Path, dict]:
     """The student's change of the teacher's linear layers as a LoRA of `rank` (with the
-    one-step scheduler beside it and a card); returns the file and what the rank keeps."""
+    one-step scheduler beside it and a card), its tensors in `dtype` (default float32);
+    returns the file and what the rank keeps."""
     import diffusers
+    import torch
 
     from .lora_export import delta_lora, save_lora
 
@@ -81,6 +83,7 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
     if pipeline is None or not hasattr(pipeline, "save_lora_weights"):
         raise ValueError(f"the {bb.kind.name} kind's pipeline does not load LoRA files; export a pipeline instead")
     tensors, report = delta_lora(student.net, teacher.net, rank)
+    tensors = {k: v.to(dtype or torch.float32) for k, v in tensors.items()}
     base = teacher.backbone.spec
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -115,25 +118,29 @@ def single_file_paths(out: str | Path, force: bool = False) -> tuple[Path, Path,
 
 
 def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Path, out: str | Path,
-                       force: bool = False) -> Path:
+                       force: bool = False, dtype=None) -> Path:
     """The student as one checkpoint in the original layout, built on the base model's own
-    single file `template` (its VAE and text encoder kept), with the one-step scheduler
-    and a card beside it (see single_file_paths); returns the checkpoint."""
+    single file `template` (its VAE and text encoders kept, and its metadata with a note of
+    what changed), with the student's scheduler and a card beside it (see single_file_paths);
+    its tensors in `dtype` (default: the template's). Returns the checkpoint."""
     from safetensors.torch import save_file
 
-    from .single_file import student_checkpoint
+    from .single_file import student_checkpoint, template_metadata
     from .weights import read_file
 
     file, scheduler, card = single_file_paths(out, force)
     bb = student.backbone
     if bb.kind.name not in ("sd", "sdxl"):
-        raise ValueError(f"single-file checkpoints are Stable Diffusion's layout; the {bb.kind.name} kind has none")
-    state = student_checkpoint(read_file(Path(template)), student.net, teacher.net)
+        raise ValueError(single_file_refusal(bb.kind.name))
+    state = student_checkpoint(read_file(Path(template)), student.net, teacher.backbone)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    metadata = template_metadata(Path(template), student.source, bb.student_steps, dtype)
     usage = single_file_usage(bb.kind, teacher.backbone.spec.path, file.resolve(), scheduler.resolve(),
                               bb.student_steps)
 
     def write(file_to: Path, scheduler_to: Path, card_to: Path) -> None:
-        save_file(state, str(file_to))
+        save_file(state, str(file_to), metadata=metadata)
         bb.student_scheduler().save_pretrained(scheduler_to)
         write_card(card_to.parent, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, "
                    "from_single_file)", teacher.backbone.spec, student.source, usage, name=card_to.name)
@@ -146,6 +153,15 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
             tmp.mkdir()
             write(tmp / file.name, tmp / scheduler.name, tmp / card.name)
     return file
+
+
+def single_file_refusal(kind: str) -> str:
+    """Why a kind has no single-file export, in one line."""
+    if kind in ("sd3", "sana"):
+        return (f"--format single-file is not offered for {kind}: its original single file fuses tensors that "
+                "diffusers keeps apart (the attention's q, k and v among them), and diffusers converts that layout only "
+                "into its own, not back; export --format pipeline or lora instead")
+    return f"single-file checkpoints are Stable Diffusion's layout; the {kind} kind has none"
 
 
 def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: bool = False) -> list[Path]:
