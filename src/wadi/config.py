@@ -9,8 +9,10 @@ written into each run folder.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -81,6 +83,8 @@ class RunConfig:
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1])
     export: bool = True  # write the merged student as a plain diffusers model at the end
     report_to: str = "tensorboard"  # tensorboard | wandb | all | none, through accelerate's trackers
+    wandb_project: str = "wadi"  # the W&B project of the run
+    wandb_entity: str | None = None  # the W&B team or user; None: your default entity
 
 
 @dataclass
@@ -274,11 +278,29 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
     return cfg.check()
 
 
+def absolute_paths(cfg: DistillConfig) -> DistillConfig:
+    """A copy of `cfg` whose local paths (model, text encoder, prompts, run root) are
+    absolute, so that a run folder's config.yaml means the same from any directory (a run
+    resumes from anywhere); hub ids, and names of nothing on disk, stay as written."""
+    out = copy.deepcopy(cfg)
+
+    def absolute(path: str) -> str:  # links kept: the path as the user named it
+        return os.path.abspath(os.path.expanduser(path))
+
+    def local(path: str | None) -> str | None:
+        return absolute(path) if path and os.path.exists(os.path.expanduser(path)) else path
+
+    out.model.path, out.model.text_encoder, out.data.prompts = (
+        local(cfg.model.path), local(cfg.model.text_encoder), local(cfg.data.prompts))
+    out.run.root = absolute(cfg.run.root)
+    return out
+
+
 # What a resumed run may change (recorded in its config.yaml); every other setting defines
 # the run (model, adapters, batch, rates, schedule, seed, ...) and must stay as it was.
 RESUMABLE = {"train.steps", "train.max_nonfinite", "run.log_every", "run.checkpoint_every",
              "run.keep_checkpoints", "run.sample_every", "run.sample_seeds", "data.sample_prompts",
-             "run.export", "run.report_to"}
+             "run.export", "run.report_to", "run.wandb_project", "run.wandb_entity"}
 
 
 def run_config(run, overrides: list[str] = ()) -> DistillConfig:
@@ -288,8 +310,8 @@ def run_config(run, overrides: list[str] = ()) -> DistillConfig:
 
 def resume_config(run, overrides: list[str]) -> DistillConfig:
     """The config of a run folder with `overrides`, refused where they change the run itself."""
-    saved = run_config(run)
-    cfg = run_config(run, overrides)
+    saved = absolute_paths(run_config(run))
+    cfg = absolute_paths(run_config(run, overrides))
     old, new = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
     changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE]
     if changed:
@@ -388,6 +410,7 @@ def _check_config(c: DistillConfig) -> None:
     _require(bool(r.root), "run.root", "a folder", r.root)
     _require("/" not in r.desc and "\\" not in r.desc, "run.desc", "a name without slashes", r.desc)
     _require(r.report_to in REPORT_TO, "run.report_to", " or ".join(REPORT_TO), r.report_to)
+    _require(bool(r.wandb_project.strip()), "run.wandb_project", "a W&B project name", r.wandb_project)
     _require(r.log_every >= 1, "run.log_every", "at least 1", r.log_every)
     _require(r.checkpoint_every >= 0, "run.checkpoint_every", "at least 0 (0: only the final export)",
              r.checkpoint_every)

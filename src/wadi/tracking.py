@@ -12,10 +12,20 @@ import numpy as np
 from .config import flat_settings
 
 
-def trackers_for(report_to: str) -> list[str]:
-    """accelerate's `log_with` for a `run.report_to` setting."""
-    return {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
-            "none": []}[report_to]
+def trackers_for(settings, folder: Path, name: str) -> list:
+    """accelerate's `log_with` for a run's settings (`run.report_to`): TensorBoard by name
+    (its events in the run folder's tb/), wandb as a tracker made here, so that its project
+    and entity are `run.wandb_project` / `run.wandb_entity` (accelerate names the wandb
+    project after TensorBoard's folder otherwise) and its files stay in the run folder."""
+    names = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
+             "none": []}[settings.report_to]
+    if "wandb" not in names:
+        return names
+    from accelerate.tracking import WandBTracker
+
+    entity = {"entity": settings.wandb_entity} if settings.wandb_entity else {}
+    return [n for n in names if n != "wandb"] + [WandBTracker(settings.wandb_project, dir=str(folder), name=name,
+                                                              **entity)]
 
 
 def _json_value(v):
@@ -53,8 +63,7 @@ class Tracker:
             log_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self.file = log_file.open("a")
         if accelerator.log_with:
-            kwargs = {"tensorboard": {"purge_step": start_step or None},  # a resumed run rewrites what follows
-                      "wandb": {"dir": str(log_file.parent), "name": name}}
+            kwargs = {"tensorboard": {"purge_step": start_step or None}}  # a resumed run rewrites what follows
             accelerator.init_trackers("tb", config=hyperparameters(config), init_kwargs=kwargs)
 
     def log(self, record: dict) -> None:

@@ -23,7 +23,7 @@ from . import locks
 from .adapters import check_attach
 from .errors import install_hint
 from .backbones import Backbone, check_model_path
-from .config import DistillConfig, resolve, resume_config
+from .config import DistillConfig, absolute_paths, resolve, resume_config
 from .distill import Distiller
 from .files import atomic_path, write_text
 from .images import save_grid
@@ -127,18 +127,32 @@ def _process_state():
     return PartialState(cpu=_multi_cpu())
 
 
+def _resumed_run(config: str | DistillConfig | None, overrides: list[str], resume: str) -> RunFolder:
+    if config and resume != "latest":
+        raise ValueError(f"--config goes with a new run or --resume latest (where it names run.root); --resume "
+                         f"{resume} continues with the run's own config.yaml (change what may change as "
+                         "key=value)")
+    root = config.run.root if isinstance(config, DistillConfig) else (
+        resolve(config, overrides).run.root if config else "runs")
+    return RunFolder.find(root, resume)
+
+
+def settings(config: str | DistillConfig | None = None, overrides: list[str] = (),
+             resume: str | None = None) -> DistillConfig:
+    """The settings `distill` would run with, its local paths absolute (what config.yaml
+    records), before any model is loaded; nothing is written."""
+    if resume:
+        return resume_config(_resumed_run(config, overrides, resume), overrides)
+    cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
+    return absolute_paths(cfg.check())
+
+
 def distill(config: str | DistillConfig | None = None, overrides: list[str] = (), resume: str | None = None,
             progress: bool = True) -> Path:
     """Run (or continue) a distillation; returns the run folder. The run's lock
     (wadi.locks) is held throughout: a second command on the same run refuses."""
     if resume:
-        if config and resume != "latest":
-            raise ValueError(f"--config goes with a new run or --resume latest (where it names run.root); --resume "
-                             f"{resume} continues with the run's own config.yaml (change what may change as "
-                             "key=value)")
-        root = config.run.root if isinstance(config, DistillConfig) else (
-            resolve(config, overrides).run.root if config else "runs")
-        run = RunFolder.find(root, resume)
+        run = _resumed_run(config, overrides, resume)
         with locks.hold(run.path, "--resume"):
             cfg = resume_config(run, overrides)
             saved = resolve(str(run.config)).train.steps
@@ -148,8 +162,7 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
             cfg.check()
             prompts, backbone = prepare(cfg)
             return _train(cfg, prompts, backbone, run, True, progress)
-    cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
-    cfg.check()
+    cfg = settings(config, overrides)
     prompts, backbone = prepare(cfg)
     if not _process_state().is_main_process:
         return _train(cfg, prompts, backbone, None, False, progress)
@@ -177,7 +190,7 @@ def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunF
     if not resume:
         run = broadcast_object_list([run])[0]
     acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=multi_cpu, project_dir=str(run.trackers),
-                      log_with=trackers_for(rc.report_to) or None)
+                      log_with=trackers_for(rc, run.trackers, run.name) or None)
     torch.manual_seed(tc.seed)
     distiller = Distiller(cfg, backbone, prompts, acc)
     if resume and not _resume(distiller, run) and run.complete_checkpoints():
