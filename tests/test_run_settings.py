@@ -146,3 +146,22 @@ def test_the_wandb_project_and_entity_are_settings(sd, tmp_path, monkeypatch):
                                 "run.wandb_project=my-project", "run.wandb_entity=my-team", *TINY], progress=False)
     assert (seen["project"], seen["entity"], seen["name"]) == ("my-project", "my-team", run.name)
     assert Path(seen["dir"]) == run and list((run / "wandb").glob("offline-run-*"))
+
+
+def test_the_progress_bar_shows_the_fake_loss_trend_gradient_norm_and_skipped_steps(sd, tmp_path, capsys):
+    from wadi.tracking import Progress
+
+    records = [{"loss_fake": 2.0, "grad_norm_student": 0.5, "skipped": 0},
+               {"loss_fake": float("nan"), "grad_norm_student": float("nan"), "skipped": 1},
+               {"loss_fake": 1.0, "grad_norm_student": 0.25, "skipped": 0}]
+    progress = Progress(smoothing=0.9)
+    shown = [progress.update(r) for r in records]
+    assert shown[1]["fake_loss"] == "2" and shown[1]["skipped"] == "1"  # a non-finite loss leaves the trend
+    assert shown[2] == {"fake_loss": f"{0.9 * 2.0 + 0.1 * 1.0:.3g}", "grad": "0.25", "skipped": "1"}
+
+    model, prompts = sd
+    capsys.readouterr()
+    distill("sd15-wadi", [f"model.path={model}", f"data.prompts={prompts}", f"run.root={tmp_path}",
+                          "train.steps=2", "run.checkpoint_every=0", "run.report_to=none", *TINY])
+    bar = capsys.readouterr().err
+    assert "fake_loss=" in bar and "grad=" in bar and "skipped=0" in bar and "student=" not in bar

@@ -52,6 +52,27 @@ def hyperparameters(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat_settings(config).items()}
 
 
+class Progress:
+    """What the progress bar shows beside tqdm's step rate and time left: the fake model's
+    loss as a moving average (it falls as the fake model catches up with the student and
+    rises when the student moves away: the run's pulse), the student's gradient norm
+    before clipping, and how many updates were skipped. Not the student's surrogate loss:
+    its value is 0.5 mean(g^2) of the score difference, which says how far the teacher and
+    the fake model disagree, not how good the student is (docs/method.md)."""
+
+    def __init__(self, smoothing: float = 0.9):
+        self.smoothing, self.fake, self.skipped = smoothing, None, 0
+
+    def update(self, out: dict) -> dict[str, str]:
+        """The bar's fields after a step's `train_step` record."""
+        self.skipped += out["skipped"]
+        if math.isfinite(out["loss_fake"]):
+            self.fake = out["loss_fake"] if self.fake is None else (
+                self.smoothing * self.fake + (1 - self.smoothing) * out["loss_fake"])
+        return {"fake_loss": "-" if self.fake is None else f"{self.fake:.3g}",
+                "grad": f"{out['grad_norm_student']:.3g}", "skipped": str(self.skipped)}
+
+
 class Tracker:
     """Scalars to log.jsonl and the trackers, images to the trackers (main process only)."""
 

@@ -29,7 +29,7 @@ from .files import atomic_path, write_text
 from .images import save_grid
 from .prompts import read_prompts
 from .run_folder import RunFolder
-from .tracking import Tracker, trackers_for
+from .tracking import Progress, Tracker, trackers_for
 
 
 class TrainingStopped(RuntimeError):
@@ -206,7 +206,7 @@ def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunF
     tracker = Tracker(run.log, acc, distiller.step, cfg.to_dict(), run.name)
     bar = tqdm(total=tc.steps, initial=distiller.step, disable=not (progress and acc.is_main_process),
                desc=run.name, dynamic_ncols=True)
-    t0 = time.time()
+    t0, shown = time.time(), Progress()
     while distiller.step < tc.steps:
         out = distiller.train_step()
         distiller.nonfinite_streak = distiller.nonfinite_streak + 1 if out["skipped"] else 0
@@ -218,7 +218,7 @@ def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunF
                                f"{distiller.step}; last good checkpoint: {last[-1] if last else 'none'}")
         step = distiller.step
         bar.update(1)
-        bar.set_postfix(student=f"{out['loss_student']:.4g}", fake=f"{out['loss_fake']:.4g}")
+        bar.set_postfix(shown.update(out))
         if step % rc.log_every == 0 or step == tc.steps:
             tracker.log({"step": step, **out, "time": round(time.time() - t0, 3)})
         if rc.sample_every and (step % rc.sample_every == 0 or step == tc.steps):
