@@ -26,6 +26,7 @@ from .backbones import KINDS, BackboneSpec, get_kind
 from .errors import brief
 from .process import SCHEDULER
 from .presets import deep_update, preset_names, preset_values
+from .prompts import FORMATS as PROMPT_FORMATS
 from .prompts import check_prompts
 from .targets import resolve_rule
 
@@ -37,8 +38,11 @@ MAX_SEED = 2**64 - 1  # the largest torch.Generator.manual_seed takes
 
 @dataclass
 class DataConfig:
-    prompts: str = ""  # prompt file: .txt, .jsonl (JourneyDB too) or COCO captions .json
-    format: str = "auto"
+    prompts: str = ""  # prompt file (.txt, .jsonl with JourneyDB's too, COCO captions .json) or a dataset: hub id,
+    # saved folder, .parquet / .csv / .arrow file
+    format: str = "auto"  # auto | txt | jsonl | coco | dataset (a .json or .jsonl read by datasets)
+    split: str = "train"  # a dataset's split
+    column: str | None = None  # a dataset's text column; None: the first of prompt, caption, text
     dedupe: bool = True  # sorted unique prompts, as the authors read JourneyDB
     cache_embeddings: bool = False  # encode every prompt once up front (small prompt sets)
     mask_prompts: bool = False  # CLIP kinds: mask padding in the text encoder for training prompts (the authors' loader)
@@ -383,7 +387,8 @@ def _check_config(c: DistillConfig) -> None:
     for role, a in (("student", c.student), ("fake", c.fake)):
         if adapter_class(a.kind).ranked and a.targets is not None:
             resolve_rule(a.targets)  # an unknown preset or a bad rule raises here
-    _require(d.format in ("auto", "txt", "jsonl", "coco"), "data.format", "auto, txt, jsonl or coco", d.format)
+    _require(d.format in PROMPT_FORMATS, "data.format", ", ".join(PROMPT_FORMATS), d.format)
+    _require(bool(d.split), "data.split", "a split name", d.split)
     _require(t.steps >= 1, "train.steps", "at least 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", "at least 1", t.batch_size)
     _require(t.grad_accum >= 1, "train.grad_accum", "at least 1", t.grad_accum)

@@ -39,9 +39,10 @@ class TrainingStopped(RuntimeError):
 def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
     """Everything that can fail on bad input and needs files or models, before any run
     folder is written: prompts, model folders, the precision, the timestep range."""
-    if not cfg.data.prompts:
-        raise ValueError("no prompt file: set data.prompts=PATH")
-    prompts = read_prompts(cfg.data.prompts, cfg.data.format, dedupe=cfg.data.dedupe)
+    d = cfg.data
+    if not d.prompts:
+        raise ValueError("no prompts: set data.prompts=FILE (or a Hugging Face dataset: hub id or folder)")
+    prompts = read_prompts(d.prompts, d.format, dedupe=d.dedupe, split=d.split, column=d.column)
     if not cfg.model.path:
         raise ValueError("no model: set model.path=FOLDER_OR_HUB_ID")
     check_model_path(cfg.model.path)
