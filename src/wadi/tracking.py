@@ -69,8 +69,9 @@ class Progress:
         if math.isfinite(out["loss_fake"]):
             self.fake = out["loss_fake"] if self.fake is None else (
                 self.smoothing * self.fake + (1 - self.smoothing) * out["loss_fake"])
+        norm = out["grad_norm_student"]  # None for a skipped update
         return {"fake_loss": "-" if self.fake is None else f"{self.fake:.3g}",
-                "grad": f"{out['grad_norm_student']:.3g}", "skipped": str(self.skipped)}
+                "grad": "-" if norm is None else f"{norm:.3g}", "skipped": str(self.skipped)}
 
 
 class Tracker:
