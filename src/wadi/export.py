@@ -27,10 +27,13 @@ from .model_card import adapter_usage, lora_usage, one_liner, pipeline_usage, si
 from .run_folder import RunFolder
 
 if TYPE_CHECKING:
+    import torch
+
     from .students import Loaded
 
 FORMATS = ("pipeline", "adapter", "lora", "lora-kohya", "single-file")
 SINGLE_FILE = "student.safetensors"
+SINGLE_FILE_KINDS = ("sd", "sdxl")  # the kinds whose original single-file layout diffusers' conversions give
 
 
 
@@ -68,7 +71,7 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
 
 
 def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int, kohya: bool = False,
-                force: bool = False, dtype=None) -> tuple[Path, dict]:
+                force: bool = False, dtype: torch.dtype | None = None) -> tuple[Path, dict]:
     """The student's change of the teacher's linear layers as a LoRA of `rank` (with the
     one-step scheduler beside it and a card), its tensors in `dtype` (default float32);
     returns the file and what the rank keeps."""
@@ -118,7 +121,7 @@ def single_file_paths(out: str | Path, force: bool = False) -> tuple[Path, Path,
 
 
 def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Path, out: str | Path,
-                       force: bool = False, dtype=None) -> Path:
+                       force: bool = False, dtype: torch.dtype | None = None) -> Path:
     """The student as one checkpoint in the original layout, built on the base model's own
     single file `template` (its VAE and text encoders kept, and its metadata with a note of
     what changed), with the student's scheduler and a card beside it (see single_file_paths);
@@ -130,7 +133,7 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
 
     file, scheduler, card = single_file_paths(out, force)
     bb = student.backbone
-    if bb.kind.name not in ("sd", "sdxl"):
+    if bb.kind.name not in SINGLE_FILE_KINDS:
         raise ValueError(single_file_refusal(bb.kind.name))
     state = student_checkpoint(read_file(Path(template)), student.net, teacher.backbone)
     if dtype is not None:

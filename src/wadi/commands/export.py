@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..export import FORMATS, export_adapter, export_lora, export_pipeline, export_single_file, single_file_paths
+from ..export import (FORMATS, SINGLE_FILE_KINDS, export_adapter, export_lora, export_pipeline, export_single_file,
+                      single_file_paths, single_file_refusal)
 from ..files import check_out
 from ..hub import push, resolve
 from ..model_card import one_liner
@@ -77,12 +78,14 @@ def export(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     # A LoRA (a difference) and a checkpoint built on a template are computed in float32 and
     # written in --dtype; a pipeline is loaded in it.
-    load_dtype = dtype or torch.float32 if args.format == "pipeline" else torch.float32
+    load_dtype = (dtype or torch.float32) if args.format == "pipeline" else torch.float32
     model = load_student(args.model, base_spec(args), load_dtype, **student_options(args))
     if args.format == "pipeline":
         out = export_pipeline(model, args.out, args.force)
         print(f"wrote {out}; sample it with {one_liner(model.backbone.kind, out.resolve(), model.backbone.student_steps)}")
         return 0
+    if args.format == "single-file" and model.backbone.kind.name not in SINGLE_FILE_KINDS:
+        raise ValueError(single_file_refusal(model.backbone.kind.name))  # before the teacher loads
     teacher = teacher_for(model, base_spec(args), load_dtype)
     if args.format == "single-file":
         path = export_single_file(model, teacher, resolve(args.template), args.out, args.force, dtype)
