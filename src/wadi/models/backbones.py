@@ -49,6 +49,13 @@ class BackboneSpec:
     one_step_abar: float | str | None = None  # VP only: the generator's abar_T; None: 0.0047; "scheduler": abar at T-1
     student_steps: int | None = None  # the student's sampling steps; None: 1
     student_timesteps: list[int] | None = None  # their time indices, first T-1; None: evenly spaced
+    revision: str | None = None  # hub: a branch, tag or commit of `path`; None: main
+    variant: str | None = None  # the weight files' variant (e.g. "fp16": model.fp16.safetensors); None: the plain ones
+
+    @property
+    def hub_options(self) -> dict:
+        """What every from_pretrained of `path` takes besides it."""
+        return {k: v for k, v in (("revision", self.revision), ("variant", self.variant)) if v is not None}
 
     def filled(self, **known) -> "BackboneSpec":
         """A copy whose unset fields take the values `known` gives."""
@@ -287,13 +294,13 @@ def load_denoiser(like: nn.Module, path: str | Path, dtype: torch.dtype) -> nn.M
     return _load("diffusers", type(like).__name__, str(path), "denoiser", dtype=dtype, use_safetensors=True)
 
 
-def scheduler_config(path: str) -> dict:
+def scheduler_config(path: str, revision: str | None = None) -> dict:
     """The scheduler config of a pipeline folder or hub id (whatever its class: it says
     which noise process the model was trained with)."""
     from diffusers import DDPMScheduler
 
     try:  # any scheduler class reads any scheduler's scheduler_config.json
-        config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the scheduler from {path!r}: {describe(e)}") from None
     except (AttributeError, TypeError):  # a JSON value that is not an object
@@ -328,13 +335,19 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
         check_model_path(spec.text_encoder)
     te_path, te_sub, tok_sub = ((spec.text_encoder, None, None) if spec.text_encoder
                                 else (spec.path, "text_encoder", "tokenizer"))
-    scheduler = scheduler_config(spec.path)
+    scheduler = scheduler_config(spec.path, spec.revision)
+    # The revision and variant are the model's (a text encoder from another folder takes
+    # neither); tokenizers have no weight variants.
+    weights.update(spec.hub_options)
+    revision = {"revision": spec.revision} if spec.revision else {}
+    te_weights, te_revision = ({"use_safetensors": weights["use_safetensors"]}, {}) if spec.text_encoder else (
+        weights, revision)
     net = _load("diffusers", kind.denoiser, spec.path, kind.subfolder, dtype=dtype, subfolder=kind.subfolder, **weights)
-    encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **weights)
-    tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub)
+    encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **te_weights)
+    tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub, **te_revision)
     vae = _load("diffusers", kind.vae, spec.path, "VAE", dtype=dtype, subfolder="vae", **weights) if kind.vae else None
     more = {name: _load("transformers", cls, spec.path, name.replace("_", " "), subfolder=name,
-                        **({} if name.startswith("tokenizer") else dict(dtype=dtype, **weights)))
+                        **(revision if name.startswith("tokenizer") else dict(dtype=dtype, **weights)))
             for name, cls in kind.text}
     for m in (net, encoder, vae, *more.values()):
         if isinstance(m, nn.Module):
