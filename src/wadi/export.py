@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 from .backbones import BackboneSpec
 from .config import run_config
-from .files import atomic_path, check_new_file, check_out
-from .manifest import write_manifest
+from .files import atomic_path, check_new_file, check_out, write_into
+from .manifest import MANIFEST, write_manifest
 from .model_card import adapter_usage, lora_usage, one_liner, pipeline_usage, single_file_usage, write_card
 from .run_folder import RunFolder
 
@@ -48,11 +48,12 @@ def build_pipeline(loaded: "Loaded"):
 
 def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> Path:
     """Write the student as a complete pipeline folder with its card; returns it."""
-    out = check_out(out, force)
+    out = check_out(out, force, inputs=[loaded.source])
     bb = loaded.backbone
-    base = (loaded.base or BackboneSpec(kind=bb.kind.name)).filled(resolution=bb.resolution, max_length=bb.max_length)
+    base = (loaded.base or BackboneSpec(kind=bb.kind.name)).filled(
+        resolution=bb.resolution, max_length=bb.max_length, student_steps=bb.student_steps)
     base.one_step_abar = bb.process.recorded_abar()  # the value the exported scheduler encodes (VP)
-    with atomic_path(out) as tmp:
+    with write_into(out, last=MANIFEST) as tmp:
         if bb.kind.pipeline is None:
             loaded.net.save_pretrained(tmp / bb.kind.subfolder)
             for name, component in bb.text.items():
@@ -61,10 +62,10 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
         steps = bb.student_steps
-        write_manifest(tmp, base, loaded.source, one_liner(bb.kind, out.resolve(), steps))
+        write_manifest(tmp, base, loaded.source, one_liner(bb.kind, out.resolve(), steps), loaded.process)
         write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source,
                    pipeline_usage(bb.kind, out.resolve(), steps))
-    return out  # with --force the new folder replaced the old one whole
+    return out
 
 
 def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int, kohya: bool = False,
@@ -75,15 +76,14 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
 
     from .lora_export import delta_lora, save_lora
 
-    out = check_out(out, force)
+    out = check_out(out, force, inputs=[student.source])
     bb = student.backbone
     pipeline = getattr(diffusers, bb.kind.pipeline or "", None)
     if pipeline is None or not hasattr(pipeline, "save_lora_weights"):
         raise ValueError(f"the {bb.kind.name} kind's pipeline does not load LoRA files; export a pipeline instead")
     tensors, report = delta_lora(student.net, teacher.net, rank)
     base = teacher.backbone.spec
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    with write_into(out) as tmp:
         path = save_lora(tensors, tmp, pipeline, bb.kind.subfolder, kohya)
         bb.student_scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
@@ -99,18 +99,18 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
     return out / path.name, report.to_dict()
 
 
-def single_file_paths(out: str | Path, force: bool = False) -> tuple[Path, Path, Path]:
+def single_file_paths(out: str | Path, force: bool = False, inputs=()) -> tuple[Path, Path, Path]:
     """(checkpoint, scheduler folder, card) of a single-file export, checked for writing:
     inside the folder `out`, or, for `out` = NAME.safetensors, that file with NAME.scheduler/
     and NAME.md beside it (a checkpoint file is what A1111 and ComfyUI users keep)."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        check_out(out, force)
+        check_out(out, force, inputs=inputs)
         return out / SINGLE_FILE, out / "scheduler", out / "README.md"
     file, scheduler, card = out, out.with_suffix(".scheduler"), out.with_suffix(".md")
-    check_new_file(file, force)
-    check_new_file(card, force)
-    check_out(scheduler, force)
+    check_new_file(file, force, inputs=inputs)
+    check_new_file(card, force, inputs=inputs)
+    check_out(scheduler, force, inputs=inputs)
     return file, scheduler, card
 
 
@@ -124,7 +124,7 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
     from .single_file import student_checkpoint
     from .weights import read_file
 
-    file, scheduler, card = single_file_paths(out, force)
+    file, scheduler, card = single_file_paths(out, force, [student.source, template])
     bb = student.backbone
     if bb.kind.name not in ("sd", "sdxl"):
         raise ValueError(f"single-file checkpoints are Stable Diffusion's layout; the {bb.kind.name} kind has none")
@@ -142,8 +142,7 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
         with atomic_path(scheduler) as s, atomic_path(card) as c, atomic_path(file) as f:
             write(f, s, c)
     else:
-        with atomic_path(out) as tmp:
-            tmp.mkdir()
+        with write_into(out) as tmp:
             write(tmp / file.name, tmp / scheduler.name, tmp / card.name)
     return file
 
@@ -160,9 +159,8 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: 
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"run {run} has no {missing[0].name} (the run has not finished)")
-    out = check_out(out, force)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    out = check_out(out, force, inputs=[run])
+    with write_into(out) as tmp:
         for f in files:
             shutil.copy2(f, tmp / f.name)
         base = run_config(folder).model

@@ -1,5 +1,6 @@
-"""`wadi.json`, the manifest every exported folder carries: the base model's BackboneSpec,
-where the student came from, and how to run it. Reading it tells an export from any
+"""`wadi.json`, the manifest every exported folder carries: the base model's BackboneSpec
+(with the student's steps, resolution and text length), the noise process it was distilled
+under, where the student came from, and how to run it. Reading it tells an export from any
 other folder."""
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def write_manifest(folder: Path, base: BackboneSpec, source: str, usage: str) -> Path:
+def write_manifest(folder: Path, base: BackboneSpec, source: str, usage: str, process: dict | None = None) -> Path:
+    """`process`: the noise process the student was distilled under (wadi.provenance)."""
     path = folder / MANIFEST
-    info = {"format": FORMAT, "base": base.to_dict(), "source": source, "usage": usage}
+    info = {"format": FORMAT, "base": base.to_dict(), "source": source, "usage": usage, "process": process}
     path.write_text(json.dumps(info, indent=1) + "\n")
     return path
 

@@ -9,6 +9,7 @@ same weights as an uninterrupted one.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -25,9 +26,10 @@ from .errors import install_hint
 from .backbones import Backbone, check_model_path
 from .config import DistillConfig, resolve, resume_config
 from .distill import Distiller
-from .files import atomic_path, write_text
+from .files import atomic_path, read_json_object, write_text
 from .images import save_grid
 from .prompts import read_prompts
+from .provenance import STUDENT_RECORD, check_teacher, record_of, teacher_fingerprint
 from .run_folder import RunFolder
 from .tracking import Tracker, trackers_for
 
@@ -103,10 +105,11 @@ def export(distiller: Distiller, run: RunFolder) -> None:
         # student.safetensors appears last (the run is finished), after the merged model; the
         # adapter is saved first because merging spends it.
         with atomic_path(run.student_adapter) as adapter:
-            distiller.student.save(adapter, {"step": distiller.step})
+            distiller.student.save(adapter, distiller.student_metadata())
             model = distiller.student.merged_model()
             with atomic_path(run.student_model) as tmp:
                 model.save_pretrained(tmp)
+                (tmp / STUDENT_RECORD).write_text(record_of(distiller.bb).to_json() + "\n", encoding="utf-8")
 
 
 def sample_grid(distiller: Distiller, run: RunFolder, tracker: Tracker) -> None:
@@ -147,13 +150,18 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
                                  "would record fewer")
             cfg.check()
             prompts, backbone = prepare(cfg)
+            if run.teacher.is_file():
+                check_teacher(read_json_object(run.teacher, "; it records the run's teacher"), backbone, run.path)
+            else:  # a run from before teachers were recorded: the one it resumes with, from now on
+                write_text(run.teacher, json.dumps(teacher_fingerprint(backbone)) + "\n")
             return _train(cfg, prompts, backbone, run, True, progress)
     cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
     cfg.check()
     prompts, backbone = prepare(cfg)
     if not _process_state().is_main_process:
         return _train(cfg, prompts, backbone, None, False, progress)
-    run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                                  {RunFolder.TEACHER: json.dumps(teacher_fingerprint(backbone)) + "\n"})
     try:
         return _train(cfg, prompts, backbone, run, False, progress)
     except Exception:

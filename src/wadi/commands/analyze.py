@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..analysis import DEFAULT_ENERGY, HYBRIDS, analyze, check_threshold, make_hybrid
 from ..analysis_report import dtype_note, format_summary, plot_changes, plot_energy, write_csv, write_json
-from ..files import check_out
+from ..files import FORCE_HELP, check_out
 from ..weights import load_weights, save_weights
 
 
@@ -22,7 +22,7 @@ def register(sub) -> None:
                                    "or weights file (.safetensors; .bin/.pth read without running code)")
     p.add_argument("student", help="the same, for the student (same architecture)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--energy", type=float, default=DEFAULT_ENERGY,
                    help="share of the direction-residual energy the rank fraction keeps (default 0.93)")
     p.add_argument("--hybrids", action="store_true",
@@ -34,7 +34,7 @@ def register(sub) -> None:
 def run(args) -> int:
     # Cheap checks first: loading and analyzing a real UNet takes minutes.
     check_threshold(args.energy)
-    check_out(args.out, args.force)
+    check_out(args.out, args.force, inputs=[args.teacher, args.student])
     teacher, student = load_weights(args.teacher), load_weights(args.student)
     result = analyze(teacher.state_dict, student.state_dict, args.energy, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)

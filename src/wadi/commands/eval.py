@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from ..evaluate import INCEPTION, METRICS, Entry, default_cache_dir, evaluate, metric_settings
+from ..files import FORCE_HELP
 from ..prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
 from ..metrics import DEFAULT_CLIP
 from ..sampling import Sampling
@@ -54,7 +55,8 @@ def register(sub) -> None:
                    help="the teacher's sampler (default: its process's: ddim for VP, euler for a flow)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
     p.add_argument("--out", type=Path, required=True, help="output folder (images, prompts.jsonl, results.json)")
-    p.add_argument("--force", action="store_true", help="start over where --out holds images of other settings")
+    p.add_argument("--force", action="store_true",
+                   help=FORCE_HELP + "; a model's images of other settings there are made again")
     p.add_argument("--no-progress", action="store_true")
     add_base_args(p)
     add_device_args(p)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..export import FORMATS, export_adapter, export_lora, export_pipeline, export_single_file, single_file_paths
-from ..files import check_out
+from ..files import FORCE_HELP, check_out
 from ..hub import push, resolve
 from ..model_card import one_liner
 from ..students import load_student, teacher_for
@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, help="with --format lora / lora-kohya: the LoRA's rank (exact once it reaches "
                                              "the widest adapted layer's; the energy each layer keeps is reported)")
     p.add_argument("--fake", action="store_true", help="with --format adapter: the fake score model's adapter too")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)")
     p.add_argument("--push-to-hub", metavar="OWNER/REPO", help="also upload the export (with its card) to the hub")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
@@ -67,10 +67,11 @@ def export(args) -> int:
             print(f"wrote {path}")
         return 0
     # Before minutes of loading.
+    inputs = [args.model, args.base, args.text_encoder, args.template]
     if args.format == "single-file":
-        single_file_paths(args.out, args.force)
+        single_file_paths(args.out, args.force, inputs)
     else:
-        check_out(args.out, args.force)
+        check_out(args.out, args.force, inputs=inputs)
     model = load_student(args.model, base_spec(args), DTYPES[args.dtype], **student_options(args))
     if args.format == "pipeline":
         out = export_pipeline(model, args.out, args.force)
