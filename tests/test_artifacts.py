@@ -125,13 +125,22 @@ def test_a_base_of_another_process_is_refused(two_step, tmp_path, capsys):
 
 # --- --resume refuses another teacher ---------------------------------------------------------
 
-def _stopped_run(tmp_path, kind: str):
+def _stopped_run(tmp_path, kind: str, student_steps: int | None = None):
+    """A run of one step with its checkpoint: (base, run)."""
     (tmp_path / "prompts.txt").write_text("a cat\n")
     saver = {"sd": tiny_pipes.save_tiny_sd,
              "pixel-mmdit": lambda p: tiny_pipes.save_tiny_pixel_mmdit(p, shift=3.0)}[kind]
     pipes = {kind: saver(tmp_path / kind), "prompts": tmp_path / "prompts.txt"}
     cfg = tiny_pipes.make_cfg(pipes, tmp_path, kind=kind, steps=1)
+    cfg.model.student_steps = student_steps
     return pipes[kind], distill(cfg, progress=False)
+
+
+def test_a_checkpoints_adapter_samples_in_the_students_steps(tmp_path):
+    base, run = _stopped_run(tmp_path, "sd", student_steps=4)
+    checkpoint = run / "checkpoints" / "step-0000001" / "student.safetensors"
+    assert main(["sample", str(checkpoint), "--base", str(base), "--prompt", "a", "--out", str(tmp_path / "s")]) == 0
+    assert json.loads((tmp_path / "s" / "samples.json").read_text())["sampling"]["steps"] == 4
 
 
 def _rescheduled(base, **changes):
@@ -161,7 +170,7 @@ def test_resume_refuses_a_teacher_with_other_weights_and_takes_the_same_one(tmp_
     base, run = _stopped_run(tmp_path, "sd")
     shutil.copytree(base / "unet", tmp_path / "unet-kept")
     tiny_unet(seed=1).save_pretrained(base / "unet")  # the same shapes, other values
-    refused(capsys, ["distill", "--resume", run, "train.steps=2"], "the teacher's weights differ")
+    refused(capsys, ["distill", "--resume", run, "train.steps=2"], "the teacher has other weights")
     shutil.rmtree(base / "unet")
     shutil.copytree(tmp_path / "unet-kept", base / "unet")
     assert main(["distill", "--resume", str(run), "train.steps=2"]) == 0

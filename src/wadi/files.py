@@ -97,7 +97,7 @@ def write_into(folder: str | Path, last: str | None = None) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".tmp")
     _remove(tmp)  # a killed writer's (wadi.locks)
     try:
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
         yield tmp
         if not (path.is_dir() and any(path.iterdir())):
             replace_dir(tmp, path)

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from .adapter_file import content_sample, fingerprint
 from .backbones import Backbone, BackboneSpec
 from .errors import CorruptFile, brief, describe
+from .files import loads_json
 
 TRAINED_WITH = "trained_with"  # the adapter metadata key
 STUDENT_RECORD = "wadi_student.json"  # beside a merged student's config.json
@@ -86,8 +88,7 @@ def checked_process(value, where: str) -> dict | None:
 
 def parse(text: str, where: str) -> Record:
     """A record as written by Record.to_json; damage is one CorruptFile naming `where`."""
-    from .config import recorded_spec
-    from .files import loads_json
+    from .config import recorded_spec  # config reaches the loaders through the worlds' presets
 
     try:
         data = loads_json(text)
@@ -138,8 +139,6 @@ def check_process(backbone: Backbone, process: dict | None, source) -> None:
 def teacher_fingerprint(backbone: Backbone) -> dict:
     """What identifies a run's teacher: its kind, process and denoiser class, the names
     and shapes of the denoiser's weights, and a sample of their values."""
-    from .adapter_file import content_sample, fingerprint
-
     net = backbone.net
     names = [n for n, m in net.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
     return {"kind": backbone.kind.name, "process": process_settings(backbone.process),
@@ -160,5 +159,5 @@ def check_teacher(saved: dict, backbone: Backbone, run) -> None:
     before = saved.get("sample")
     if before is not None and now["sample"] is not None and (len(before) != len(now["sample"]) or not torch.allclose(
             torch.tensor(before, dtype=torch.float32), torch.tensor(now["sample"]), rtol=SAMPLE_RTOL, atol=1e-6)):
-        raise ValueError(f"--resume {run}: the teacher's weights differ from those the run started with (same "
+        raise ValueError(f"--resume {run}: the teacher has other weights than the run started with (the same "
                          "shapes, other values); resume with the teacher the run started with, or start a new run")
