@@ -176,6 +176,15 @@ def test_resume_refuses_a_teacher_with_other_weights_and_takes_the_same_one(tmp_
     assert main(["distill", "--resume", str(run), "train.steps=2"]) == 0
 
 
+def test_a_run_from_before_teachers_were_recorded_resumes_and_records_it(tmp_path):
+    _, run = _stopped_run(tmp_path, "sd")
+    recorded = json.loads((run / "teacher.json").read_text())
+    assert recorded["kind"] == "sd" and recorded["process"]["prediction type"] == "epsilon"
+    (run / "teacher.json").unlink()
+    assert main(["distill", "--resume", str(run), "train.steps=2"]) == 0
+    assert json.loads((run / "teacher.json").read_text()) == recorded
+
+
 # --- --force -----------------------------------------------------------------------------------
 
 def test_force_never_writes_into_a_run_a_runs_root_or_the_input(two_step, tmp_path, capsys):

@@ -152,7 +152,7 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
             prompts, backbone = prepare(cfg)
             if run.teacher.is_file():
                 check_teacher(read_json_object(run.teacher, "; it records the run's teacher"), backbone, run.path)
-            else:  # a run from before teachers were recorded: the one it resumes with, from now on
+            elif _process_state().is_main_process:  # a run from before teachers were recorded: from now on
                 write_text(run.teacher, json.dumps(teacher_fingerprint(backbone)) + "\n")
             return _train(cfg, prompts, backbone, run, True, progress)
     cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
