@@ -2,12 +2,13 @@
 wherever it is loaded; and the teacher a run started with, checked when it resumes.
 
 A student needs more than its weights to sample right: its backbone settings (kind,
-resolution, text length, the VP generator's abar_T, its steps and their times, all
-`BackboneSpec` fields) and the noise process it learnt (the scheduler values that define
-it). Its adapter files carry them in their metadata (`trained_with`), its merged model
-folder in `wadi_student.json`, an export in its manifest (`base` and `process`). A
-loader fills what the user left out from the record and refuses an option that
-contradicts it, and refuses a base model whose process is another.
+resolution, text length, the VP generator's abar_T, its steps and their times: the
+`BackboneSpec` fields that say how it samples) and the noise process it learnt (the
+scheduler values that define it). Its adapter files carry them in their metadata
+(`trained_with`), its merged model folder in `wadi_student.json`, an export in its
+manifest (`base` and `process`). A loader fills what the user left out from the record
+and refuses an option that contradicts it, and refuses a base model whose process is
+another.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter_file import content_sample, fingerprint
+from .adapter_file import SAMPLE_RTOL, content_sample, fingerprint
 from .backbones import Backbone, BackboneSpec
 from .errors import CorruptFile, brief, describe
 from .files import loads_json
@@ -31,7 +32,6 @@ RECORD_FORMAT = "wadi-student/1"
 RECORDED = {"kind": "--kind", "resolution": "--resolution", "max_length": "--max-length",
             "one_step_abar": "--one-step-abar", "student_steps": "model.student_steps",
             "student_timesteps": "model.student_timesteps"}
-SAMPLE_RTOL = 2e-2  # the teacher's weights read in another precision are the same weights
 
 
 def process_settings(process) -> dict:
@@ -88,7 +88,8 @@ def checked_process(value, where: str) -> dict | None:
 
 def parse(text: str, where: str) -> Record:
     """A record as written by Record.to_json; damage is one CorruptFile naming `where`."""
-    from .config import recorded_spec  # config reaches the loaders through the worlds' presets
+    # config imports the loaders through the worlds' presets: imported where it is used
+    from .config import recorded_spec
 
     try:
         data = loads_json(text)
