@@ -246,7 +246,7 @@ def test_student_and_fake_share_the_teachers_frozen_tensors(pipes, tmp_path, stu
     from accelerate import Accelerator
 
     from wadi.engine.distiller import Distiller
-    from wadi.engine.run_folder import RunFolder
+    from wadi.files.run_folder import RunFolder
     from wadi.engine.training import export, prepare
 
     cfg = make_cfg(pipes, tmp_path, student=student, steps=1)
