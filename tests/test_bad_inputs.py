@@ -78,7 +78,7 @@ def test_outputs_are_not_overwritten(world, tmp_path, capsys):
     classifier = tmp_path / "clf.safetensors"
     save_file({}, str(classifier))
     refused(capsys, ["digits-classifier", "--out", classifier], "--force", tmp_path)
-    refused(capsys, ["digits-teacher", "--out", taken], "not empty", taken)
+    refused(capsys, ["digits-teacher", "--out", taken], "exists; give a new or empty folder", taken)
 
 
 # --- 2. a resumed run keeps what defines it --------------------------------------------
@@ -301,7 +301,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(world, tmp_path,
     monkeypatch.setattr(ckpt, "save_state", full_disk)
     refused(capsys, ["distill", "--config", tmp_path / "c.yaml", "--no-progress"], "No space left on device")
     run = next((tmp_path / "runs").iterdir())
-    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000001", "step-0000002.tmp"]
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000001"]  # no half-written .tmp
     monkeypatch.setattr(ckpt, "save_state", real)
     assert main(["distill", "--resume", str(run), "--no-progress"]) == 0  # the space is back
     names = sorted(p.name for p in (run / "checkpoints").iterdir())

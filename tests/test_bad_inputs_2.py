@@ -65,7 +65,7 @@ def test_a_second_command_on_a_held_output_refuses_naming_the_holder(world, tmp_
 
 def test_the_lock_of_a_killed_command_does_not_block(world, tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from wadi.files.atomic import locks; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; import wadi.files.locks as locks; "
                                f"held = locks.acquire({str(out)!r}); print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -259,7 +259,7 @@ def test_a_run_that_runs_out_of_memory_at_its_first_step_leaves_no_folder(world,
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     refused(capsys, ["distill", "--config", tmp_path / "c.yaml", "model.resolution=1000000", "--no-progress"],
             "out of memory", code=3)
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert not (tmp_path / "runs").exists()  # nor the root the run made
 
 
 # --- 6. interrupts and kills at the edges -----------------------------------------------------

@@ -88,7 +88,7 @@ def moved_run(tiny_run, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["sd3", "sana"])
 def test_lora_export_loads_in_the_stock_pipeline_exactly(moved_run, tmp_path, kind):
     run = moved_run(kind)
-    assert main(["export", str(run), "--format", "lora", "--rank", "64", "--out", str(tmp_path / "lora")]) == 0
+    assert main(["export", str(run), "--format", "lora", "--rank", "16", "--out", str(tmp_path / "lora")]) == 0
     report = json.loads((tmp_path / "lora" / "lora_report.json").read_text())
     assert report["energy_min"] > 1 - 1e-9 and report["layers"] > 0
     teacher, student = load_teacher(run), load_student(run)
