@@ -162,8 +162,8 @@ def single_file_refusal(kind: str) -> str:
     """Why a kind has no single-file export, in one line."""
     if kind in ("sd3", "sana"):
         return (f"--format single-file is not offered for {kind}: its original single file fuses tensors that "
-                "diffusers keeps apart (the attention's q, k and v among them), and diffusers converts that layout only "
-                "into its own, not back; export --format pipeline or lora instead")
+                "diffusers keeps apart (the attention's q, k and v among them), and diffusers converts that layout "
+                "only into its own, not back; export --format pipeline or lora instead")
     return f"single-file checkpoints are Stable Diffusion's layout; the {kind} kind has none"
 
 
