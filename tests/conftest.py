@@ -58,6 +58,21 @@ def pixart_inputs(batch: int = 2, seed: int = 1):
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None})
 
 
+def assert_close_ulps(actual, expected, ulps: int = 8, what: str = "") -> None:
+    """`actual` equals `expected` up to `ulps` units in the last place of the largest
+    magnitude in `expected` (torch.finfo of its dtype): what float rounding can change when
+    the same result is computed through another path (another batch shape, a cached
+    encoding, another CPU's kernels), and nothing a wrong result would hide in. Comparisons
+    of one computation run twice stay bit-exact (tests/README.md lists them)."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, \
+        f"{what}: {actual.dtype}{list(actual.shape)} against {expected.dtype}{list(expected.shape)}"
+    magnitude = expected.double().abs().max().item() if expected.numel() else 0.0
+    tolerance = ulps * torch.finfo(expected.dtype).eps * magnitude
+    off = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    assert off <= tolerance, f"{what} differ by {off:.3g}, more than {ulps} ulps of {magnitude:.3g} ({tolerance:.3g})"
+
+
 @pytest.fixture
 def unet():
     return tiny_unet()
