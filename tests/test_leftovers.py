@@ -6,7 +6,6 @@ import errno
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import tiny_pipes
 from test_bad_inputs import refused

@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 import tiny_pipes
 from test_bad_inputs import refused
-from wadi.models.backbones import BackboneSpec
 
 
 @pytest.fixture(scope="module")

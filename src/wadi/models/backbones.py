@@ -50,6 +50,13 @@ class BackboneSpec:
     student_steps: int | None = None  # the student's sampling steps; None: 1
     student_timesteps: list[int] | None = None  # their time indices, first T-1; None: evenly spaced
     guidance: float | None = None  # embedded-guidance kinds: the input teacher, fake and student share; None: default
+    revision: str | None = None  # hub: a branch, tag or commit of `path`; None: main
+    variant: str | None = None  # the weight files' variant (e.g. "fp16": model.fp16.safetensors); None: the plain ones
+
+    @property
+    def hub_options(self) -> dict:
+        """What every from_pretrained of `path` takes besides it."""
+        return {k: v for k, v in (("revision", self.revision), ("variant", self.variant)) if v is not None}
 
     def filled(self, **known) -> "BackboneSpec":
         """A copy whose unset fields take the values `known` gives."""
@@ -88,8 +95,9 @@ class StudentStepsError(ValueError):
 
 
 def check_student_steps(spec: BackboneSpec, num_train_timesteps: int) -> None:
-    """The student's steps within the schedule's training timesteps (more would never end,
-    or fail at the first step), its timesteps indices of that schedule starting at the last."""
+    """What the model's schedule bounds (the settings check the rest: timesteps strictly
+    decreasing, one per step): at most as many steps as it has training timesteps (more
+    would never end, or fail at the first step), timesteps starting at its last."""
     steps, last = spec.student_steps or 1, num_train_timesteps - 1
     if steps > num_train_timesteps:
         raise StudentStepsError(f"setting model.student_steps must be at most {num_train_timesteps} (the model's "
@@ -98,9 +106,6 @@ def check_student_steps(spec: BackboneSpec, num_train_timesteps: int) -> None:
     if ts and ts[0] != last:
         raise StudentStepsError(f"setting model.student_timesteps must start at {last} (the student starts from pure "
                                 f"noise, the schedule's last timestep), got {ts}")
-    if ts and not (len(ts) == steps and min(ts) >= 0 and all(b < a for a, b in zip(ts, ts[1:]))):
-        raise StudentStepsError(f"setting model.student_timesteps must be {steps} strictly decreasing timestep "
-                                f"indices in 0..{last}, got {ts}")
 
 
 class Backbone:
@@ -277,7 +282,9 @@ def _load(library: str, class_name: str, path: str, what: str, dtype: torch.dtyp
         loaded = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the {what} from {path!r}: {describe(e)}") from None
-    except (KeyError, EOFError, pickle.UnpicklingError) as e:  # transformers' torch.load of a damaged .bin
+    except (KeyError, EOFError, pickle.UnpicklingError) as e:
+        if kwargs.get("use_safetensors"):  # not what a damaged .bin raises in transformers' torch.load
+            raise
         raise CorruptFile(f"could not load the {what} from {path!r}: its weights file is unreadable "
                           f"({type(e).__name__} {describe(e)[:100]})") from None
     if not model:
@@ -297,13 +304,13 @@ def load_denoiser(like: nn.Module, path: str | Path, dtype: torch.dtype) -> nn.M
     return _load("diffusers", type(like).__name__, str(path), "denoiser", dtype=dtype, use_safetensors=True)
 
 
-def scheduler_config(path: str) -> dict:
+def scheduler_config(path: str, revision: str | None = None) -> dict:
     """The scheduler config of a pipeline folder or hub id (whatever its class: it says
     which noise process the model was trained with)."""
     from diffusers import DDPMScheduler
 
     try:  # any scheduler class reads any scheduler's scheduler_config.json
-        config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the scheduler from {path!r}: {describe(e)}") from None
     except (AttributeError, TypeError):  # a JSON value that is not an object
@@ -338,13 +345,19 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
         check_model_path(spec.text_encoder)
     te_path, te_sub, tok_sub = ((spec.text_encoder, None, None) if spec.text_encoder
                                 else (spec.path, "text_encoder", "tokenizer"))
-    scheduler = scheduler_config(spec.path)
+    scheduler = scheduler_config(spec.path, spec.revision)
+    # The revision and variant are the model's (a text encoder from another folder takes
+    # neither); tokenizers have no weight variants.
+    weights.update(spec.hub_options)
+    revision = {"revision": spec.revision} if spec.revision else {}
+    te_weights, te_revision = ({"use_safetensors": weights["use_safetensors"]}, {}) if spec.text_encoder else (
+        weights, revision)
     net = _load("diffusers", kind.denoiser, spec.path, kind.subfolder, dtype=dtype, subfolder=kind.subfolder, **weights)
-    encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **weights)
-    tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub)
+    encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **te_weights)
+    tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub, **te_revision)
     vae = _load("diffusers", kind.vae, spec.path, "VAE", dtype=dtype, subfolder="vae", **weights) if kind.vae else None
     more = {name: _load("transformers", cls, spec.path, name.replace("_", " "), subfolder=name,
-                        **({} if name.startswith("tokenizer") else dict(dtype=dtype, **weights)))
+                        **(revision if name.startswith("tokenizer") else dict(dtype=dtype, **weights)))
             for name, cls in kind.text}
     for m in (net, encoder, vae, *more.values()):
         if isinstance(m, nn.Module):
