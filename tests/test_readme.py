@@ -58,12 +58,12 @@ def test_the_readme_python_runs_as_written_on_tiny_models(tmp_path, monkeypatch)
     assert (tmp_path / "student-unet" / "config.json").is_file() and namespaces[1]["again"].backbone == "sd"
 
 
-def test_wadi_distill_stays_the_function_once_the_engine_module_is_loaded():
+def test_wadi_distill_is_the_function_whatever_is_loaded():
+    """The engine's step lives in wadi.engine.distiller: no module shadows the function."""
     import importlib
 
     import wadi
     import wadi.engine.training
 
-    engine = importlib.import_module("wadi.engine.distiller")  # loaded: the import system set wadi.engine.distiller to it
-    assert wadi.engine.distiller is wadi.engine.training.distill and wadi.engine.distiller is not engine
-    assert engine.Distiller  # the engine module stays importable by its full name
+    importlib.import_module("wadi.engine.distiller")
+    assert wadi.distill is wadi.engine.training.distill and callable(wadi.distill)
