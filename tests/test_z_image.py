@@ -4,10 +4,9 @@ pipeline's images, with and without guidance and its options."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from kind_loop import backbone_of, euler
 from tiny_pipes_z_image import save_tiny_z_image
 
 from wadi.models.kinds import z_image
@@ -23,19 +22,12 @@ def pipe(tmp_path_factory):
     folder = save_tiny_z_image(tmp_path_factory.mktemp("z_image") / "pipe")
     pipe = ZImagePipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    pipe.path = folder
     return pipe
 
 
-def backbone_of(pipe, resolution=16, max_length=24):
-    """What the kind's functions read of a backbone, from the pipeline's components."""
-    bb = SimpleNamespace(text={"text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}, net=pipe.transformer,
-                         vae=pipe.vae, vae_scale=pipe.vae_scale_factor, resolution=resolution, max_length=max_length)
-    bb.empty_cond = lambda: z_image.encode(bb, [""], False)
-    return bb
-
-
 def test_encode_is_the_pipelines(pipe):
-    bb = backbone_of(pipe)
+    bb = backbone_of(z_image, pipe, pipe.path)
     with torch.no_grad():
         cond = z_image.encode(bb, PROMPTS, False)
         theirs, _ = pipe.encode_prompt(list(PROMPTS), do_classifier_free_guidance=False, max_sequence_length=24)
@@ -45,20 +37,8 @@ def test_encode_is_the_pipelines(pipe):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same computation
 
 
-def euler(pipe, bb, steps, scale, **options):
-    """The kind's sampling: noise per seed as the engine draws it, the pipeline's schedule
-    from the kind's sigmas, Euler steps on the guided velocity, the kind's decode."""
-    noise = torch.stack([torch.randn(z_image.noise_shape(bb), generator=torch.Generator().manual_seed(s))
-                         for s in SEEDS])
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(sigmas=z_image.sigmas(steps))
-    with torch.no_grad():
-        cond = z_image.encode(bb, PROMPTS, False)
-        x = noise
-        for i, t in enumerate(scheduler.timesteps):
-            v = z_image.guide(bb, bb.net, x, t.expand(len(x)), cond, scale, **options)
-            x = x + (scheduler.sigmas[i + 1] - scheduler.sigmas[i]) * v
-        return (z_image.decode(bb, x) / 2 + 0.5).clamp(0, 1), scheduler.timesteps
+def z_loop(pipe, bb, steps, scale, **options):
+    return euler(z_image, pipe, bb, PROMPTS, SEEDS, steps, scale, **options)
 
 
 @pytest.mark.parametrize("steps,scale,options", [
@@ -67,8 +47,8 @@ def euler(pipe, bb, steps, scale, **options):
     (4, 3.0, {"cfg_truncation": 0.2}),  # the last two steps (net times 0.25, 0.5) unguided
 ])
 def test_euler_loop_reproduces_the_pipeline(pipe, steps, scale, options):
-    bb = backbone_of(pipe)
-    ours, timesteps = euler(pipe, bb, steps, scale, **options)
+    bb = backbone_of(z_image, pipe, pipe.path)
+    ours, timesteps = z_loop(pipe, bb, steps, scale, **options)
     call = z_image.pipeline_call(bb, steps) if scale == 1 else {
         **z_image.pipeline_call(bb, steps), "guidance_scale": z_image.pipeline_guidance(scale), **options}
     theirs = pipe(prompt=list(PROMPTS), generator=[torch.Generator().manual_seed(s) for s in SEEDS],
@@ -80,14 +60,14 @@ def test_euler_loop_reproduces_the_pipeline(pipe, steps, scale, options):
 
 def test_guidance_options_change_the_image(pipe):
     """The options are not no-ops on this pipeline, so the tests above tell them apart."""
-    bb = backbone_of(pipe)
-    plain, _ = euler(pipe, bb, 4, 4.0)
+    bb = backbone_of(z_image, pipe, pipe.path)
+    plain, _ = z_loop(pipe, bb, 4, 4.0)
     for options in ({"cfg_normalization": 1.0}, {"cfg_truncation": 0.2}):
-        assert (euler(pipe, bb, 4, 4.0, **options)[0] - plain).abs().max() > 1e-3
+        assert (z_loop(pipe, bb, 4, 4.0, **options)[0] - plain).abs().max() > 1e-3
 
 
 def test_schedule_is_a_static_shift_of_three(pipe):
-    bb = backbone_of(pipe)
+    bb = backbone_of(z_image, pipe, pipe.path)
     assert z_image.image_tokens(bb) == 16 and z_image.noise_shape(bb) == (16, 8, 8)
     s = torch.tensor(z_image.sigmas(4))
     torch.testing.assert_close(s, torch.tensor([1.0, 0.75, 0.5, 0.25]))
@@ -98,4 +78,4 @@ def test_schedule_is_a_static_shift_of_three(pipe):
 
 def test_a_size_the_patches_cannot_take_is_refused(pipe):
     with pytest.raises(ValueError, match="not a multiple of 4"):
-        z_image.noise_shape(backbone_of(pipe, resolution=18))
+        z_image.noise_shape(backbone_of(z_image, pipe, pipe.path, resolution=18))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from wadi.models.conditioning import Cond, _tokens
 
@@ -32,7 +32,7 @@ DEFAULT_RESOLUTION = 1024  # the pipeline's default height and width
 GUIDANCE_OPTIONS = {"cfg_normalization": 0.0, "cfg_truncation": 1.0}
 
 
-def encode(backbone: "Backbone", prompts: list[str], mask_encoder: bool) -> Cond:
+def encode(backbone: Backbone, prompts: list[str], mask_encoder: bool) -> Cond:
     """As ZImagePipeline.encode_prompt: each prompt as the user's turn of Qwen3's chat
     template (thinking enabled), padded to max_length, the encoder's second-to-last states
     under the mask. The encoder always masks, so `mask_encoder` changes nothing."""
@@ -50,14 +50,14 @@ def _captions(cond: Cond) -> list[torch.Tensor]:
     return [states[mask.bool()] for states, mask in zip(cond.embeds, cond.mask)]
 
 
-def call(backbone: "Backbone", net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+def call(backbone: Backbone, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
     """The velocity at (x_t, process time t): the net takes one (C, 1, H, W) latent per
     image, time as (1000 - t) / 1000, and predicts the negated velocity."""
     out = net(list(x_t.unsqueeze(2).unbind(0)), (1000 - t) / 1000, _captions(cond), return_dict=False)[0]
     return -torch.stack(out).squeeze(2)
 
 
-def _latent_side(backbone: "Backbone") -> int:
+def _latent_side(backbone: Backbone) -> int:
     """The latent's side: the pipeline takes sizes divisible by twice the VAE's factor
     (the denoiser's 2x2 patches)."""
     multiple = 2 * backbone.vae_scale
@@ -67,13 +67,13 @@ def _latent_side(backbone: "Backbone") -> int:
     return backbone.resolution // backbone.vae_scale
 
 
-def noise_shape(backbone: "Backbone") -> tuple[int, int, int]:
+def noise_shape(backbone: Backbone) -> tuple[int, int, int]:
     """ZImagePipeline.prepare_latents draws (C, H / f, W / f) per image, in float32."""
     side = _latent_side(backbone)
     return (backbone.net.config.in_channels, side, side)
 
 
-def image_tokens(backbone: "Backbone") -> int:
+def image_tokens(backbone: Backbone) -> int:
     """The pipeline's image_seq_len: one token per 2x2 latent patch."""
     return (_latent_side(backbone) // 2) ** 2
 
@@ -85,7 +85,7 @@ def sigmas(steps: int) -> list[float]:
     return get_default_z_image_sigmas(steps)
 
 
-def decode(backbone: "Backbone", x0: torch.Tensor) -> torch.Tensor:
+def decode(backbone: Backbone, x0: torch.Tensor) -> torch.Tensor:
     """Latents unscaled and unshifted as the pipeline does, then the VAE; images in [-1, 1]."""
     vae = backbone.vae
     latents = x0.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
@@ -97,7 +97,7 @@ def pipeline_guidance(scale: float) -> float:
     return scale - 1
 
 
-def guide(backbone: "Backbone", net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, scale: float,
+def guide(backbone: Backbone, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, scale: float,
           cfg_normalization: float = 0.0, cfg_truncation: float = 1.0) -> torch.Tensor:
     """The velocity guided as ZImagePipeline guides it, in float32: one batched pass of
     [prompts; empty prompts] (the pipeline's order), pos + (s - 1)(pos - neg), each image's
@@ -118,7 +118,7 @@ def guide(backbone: "Backbone", net: nn.Module, x: torch.Tensor, t: torch.Tensor
     return torch.where(guided.view(-1, 1, 1, 1), pred, pos)
 
 
-def pipeline_call(backbone: "Backbone", steps: int) -> dict:
+def pipeline_call(backbone: Backbone, steps: int) -> dict:
     """ZImagePipeline's arguments that sample as the student does: its steps, no guidance
     (guidance_scale 0 skips the negative pass), the size and the prompt length."""
     return {"num_inference_steps": steps, "guidance_scale": 0.0, "height": backbone.resolution,
