@@ -23,6 +23,7 @@ demo: $(BIN)/wadi
 	$(BIN)/wadi demo
 
 test: $(BIN)/wadi
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:

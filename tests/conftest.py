@@ -66,13 +66,7 @@ def unet():
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory):
     """A random CLIP a few thousand weights large, saved with its processor: no downloads."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     letters = string.ascii_lowercase
     vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]

@@ -12,18 +12,8 @@ from safetensors.torch import save_file
 
 from wadi.adapters.lorad import rotate_pairs
 from wadi.cli import main
-from wadi.evaluation.analysis import (
-    HYBRIDS,
-    analyze,
-    analyze_layer,
-    as_rows,
-    cumulative_energy,
-    make_hybrid,
-    rank_for_energy,
-    row_changes,
-    squared_singular_values,
-    unit_rows,
-)
+from wadi.evaluation.analysis import (HYBRIDS, analyze, analyze_layer, as_rows, cumulative_energy, make_hybrid,
+                                      rank_for_energy, row_changes, squared_singular_values, unit_rows)
 from wadi.evaluation.analysis_report import format_summary
 from wadi.files.weights import load_weights
 

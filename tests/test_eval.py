@@ -12,13 +12,7 @@ import wadi.evaluation.metrics
 import wadi.evaluation.metrics.inception
 from wadi.cli import main
 from wadi.evaluation.evaluate import image_path, missing_indices, read_images, shard
-from wadi.evaluation.metrics import (
-    ClipScorer,
-    frechet_distance_features,
-    list_images,
-    precision_recall,
-    to_rgb_uint8,
-)
+from wadi.evaluation.metrics import ClipScorer, frechet_distance_features, list_images, precision_recall, to_rgb_uint8
 from wadi.files.images import png_text
 from wadi.files.prompts import coco_prompts, file_prompts
 

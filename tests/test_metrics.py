@@ -7,21 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from wadi.evaluation.metrics import (
-    ClipScorer,
-    clean_resize,
-    clip_score,
-    extract_features,
-    frechet_distance,
-    frechet_distance_features,
-    gaussian_stats,
-    inception,
-    load_stats,
-    precision_recall,
-    reference_stats,
-    save_stats,
-    to_rgb_uint8,
-)
+from wadi.evaluation.metrics import (ClipScorer, clean_resize, clip_score, extract_features, frechet_distance,
+                                     frechet_distance_features, gaussian_stats, inception, load_stats, precision_recall,
+                                     reference_stats, save_stats, to_rgb_uint8)
 
 rng = np.random.default_rng(0)
 

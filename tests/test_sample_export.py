@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import tiny_pipes
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -40,22 +41,9 @@ def cli_sample(source, out, *extra):
     return {(k, s): read_png(out / f"{k:05d}-seed{s}.png") for k in range(len(PROMPTS)) for s in SEEDS}
 
 
-def stock_images(folder, kind, output_type="np", **kwargs):
-    """The stock pipeline in one step without guidance, for every prompt x seed."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    if kind in ("pixart", "sana"):  # a tiny 16 px model: no aspect-ratio bin is that small
-        kwargs.update(use_resolution_binning=False)
-    if kind == "sana":  # SanaPipeline's default size is 1024 px whatever the model
-        kwargs.update(height=32, width=32)
-    if kind == "pixart":
-        kwargs.update(clean_caption=False)
-    prompts = [p for p in PROMPTS for _ in SEEDS]
-    generators = [torch.Generator().manual_seed(s) for _ in PROMPTS for s in SEEDS]
-    return pipe(prompts, num_inference_steps=1, guidance_scale=0, generator=generators,
-                output_type=output_type, **kwargs).images
+def stock_images(folder, output_type="np"):
+    """The export's stock pipeline as its wadi.json says, for every prompt x seed."""
+    return tiny_pipes.stock_images(folder, [p for p in PROMPTS for _ in SEEDS], SEEDS * len(PROMPTS), output_type)
 
 
 @pytest.mark.parametrize("kind", ["sd", "pixart", "sdxl", "sd3", "sana"])
@@ -67,13 +55,13 @@ def test_stock_pipeline_reproduces_wadi_sample(runs, tmp_path, kind):
     assert info["base"]["kind"] == kind and info["base"]["path"] == str(base)
 
     # Pixels: the PNGs equal the stock pipeline's images exactly.
-    stock = stock_images(tmp_path / "export", kind, output_type="pil")
+    stock = stock_images(tmp_path / "export", output_type="pil")
     for i, key in enumerate(ours):
         np.testing.assert_array_equal(ours[key], np.asarray(stock[i]))
     # Floats: the library sampler against the pipeline's [0, 1] tensors.
     student = load_student(run)
     expected = sample_student(student.backbone, student.net, [p for p in PROMPTS for _ in SEEDS], SEEDS * 2)
-    got = stock_images(tmp_path / "export", kind, output_type="pt")
+    got = stock_images(tmp_path / "export", output_type="pt")
     assert (got - (expected / 2 + 0.5)).abs().max().item() < 1e-6
     assert not torch.equal(expected, sample_student(student.backbone, student.backbone.net, PROMPTS * 2, SEEDS * 2)), \
         "the trained student should differ from its teacher"
@@ -157,9 +145,7 @@ def test_guided_one_step_is_one_trailing_ddim_step(runs):
     teacher = load_teacher(run)
     bb = teacher.backbone
     guided = sample_student(bb, teacher.net, PROMPTS, SEEDS, guidance=3.0)
-    from wadi.models.process import (
-        VP,  # the export's DDIM, trailing, its last alpha the generator's 0.0047
-    )
+    from wadi.models.process import VP  # the export's DDIM, trailing, its last alpha the generator's 0.0047
 
     bb.process = VP(dict(bb.process.one_step_scheduler().config), bb.process.one_step_abar)
     ddim = sample_teacher(bb, teacher.net, PROMPTS, SEEDS, steps=1, guidance=3.0)

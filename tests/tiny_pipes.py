@@ -9,22 +9,9 @@ from pathlib import Path
 
 import torch
 from conftest import TINY_PIXART, TINY_UNET
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    PixArtTransformer2DModel,
-    UNet2DConditionModel,
-)
-from transformers import (
-    BertConfig,
-    BertModel,
-    BertTokenizer,
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, PixArtTransformer2DModel, UNet2DConditionModel
+from transformers import (BertConfig, BertModel, BertTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
+                          T5EncoderModel)
 
 from wadi.adapters.core import AdapterConfig
 from wadi.engine.config import DataConfig, DistillConfig, RunConfig, TrainConfig
@@ -280,3 +267,15 @@ def original_layout(unet) -> dict:
             new = ".".join([f"middle_block.{index}", *rest])
         out[f"model.diffusion_model.{new}"] = tensor.clone()
     return out
+
+
+def stock_images(folder: Path, prompts: list[str], seeds: list[int], output_type: str = "np"):
+    """An export's stock pipeline called as its wadi.json says (the pipeline class and the
+    call's arguments), one image per (prompt, seed): nothing here knows the kind."""
+    import diffusers
+
+    info = json.loads((Path(folder) / "wadi.json").read_text())
+    pipe = getattr(diffusers, info["pipeline"]).from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(prompt=list(prompts), generator=generators, output_type=output_type, **info["call"]).images

@@ -14,42 +14,49 @@ pipeline get the same components without a model_index.json, loadable by `wadi s
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wadi.artifacts.manifest import write_manifest
-from wadi.artifacts.model_card import (
-    adapter_usage,
-    lora_usage,
-    one_liner,
-    pipeline_usage,
-    single_file_usage,
-    write_card,
-)
+from wadi.artifacts.model_card import (adapter_usage, lora_usage, one_liner, pipeline_usage, single_file_usage,
+                                       ui_settings, write_card)
 from wadi.engine.config import run_config
 from wadi.engine.run_folder import RunFolder
 from wadi.files.atomic import atomic_path, check_new_file, check_out
 from wadi.models.backbones import BackboneSpec
+from wadi.models.registry import EXPORTS, Kind
 
 if TYPE_CHECKING:
     from wadi.artifacts.students import Loaded
 
-FORMATS = ("pipeline", "adapter", "lora", "lora-kohya", "single-file")
+FORMATS = EXPORTS
 SINGLE_FILE = "student.safetensors"
 
 
+def check_format(kind: Kind, fmt: str) -> None:
+    """Refuse, in one line, an export the kind's ecosystem does not read."""
+    if not kind.supports(fmt):
+        raise ValueError(f"the {kind.name} kind has no {fmt} export; it has {', '.join(kind.exports)}")
 
 
 def build_pipeline(loaded: "Loaded"):
-    """The stock diffusers pipeline of the student, built from its components in memory."""
+    """The stock diffusers pipeline of the student, built from its components in memory.
+    Where the pipeline takes no text length, the long tokenizer is saved with the student's
+    (so a student distilled at another length samples as it was trained)."""
     import diffusers
 
     bb = loaded.backbone
     if bb.kind.pipeline is None:
         raise ValueError(f"the {bb.kind.name} kind has no stock diffusers pipeline")
-    components = {"vae": bb.vae, **bb.text, bb.kind.subfolder: loaded.net, "scheduler": bb.student_scheduler()}
+    text = dict(bb.text)
+    long_tokenizer = bb.kind.long_encoder.replace("text_encoder", "tokenizer")
+    if "max_sequence_length" not in bb.pipeline_call() and text[long_tokenizer].model_max_length != bb.max_length:
+        text[long_tokenizer] = copy.deepcopy(text[long_tokenizer])
+        text[long_tokenizer].model_max_length = bb.max_length
+    components = {"vae": bb.vae, **text, bb.kind.subfolder: loaded.net, "scheduler": bb.student_scheduler()}
     return getattr(diffusers, bb.kind.pipeline)(**components, **bb.kind.pipeline_extras)
 
 
@@ -57,6 +64,7 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
     """Write the student as a complete pipeline folder with its card; returns it."""
     out = check_out(out, force)
     bb = loaded.backbone
+    check_format(bb.kind, "pipeline")
     base = (loaded.base or BackboneSpec(kind=bb.kind.name)).filled(resolution=bb.resolution, max_length=bb.max_length)
     base.one_step_abar = bb.process.recorded_abar()  # the value the exported scheduler encodes (VP)
     with atomic_path(out) as tmp:
@@ -67,10 +75,10 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
             bb.student_scheduler().save_pretrained(tmp / "scheduler")
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
-        steps = bb.student_steps
-        write_manifest(tmp, base, loaded.source, one_liner(bb.kind, out.resolve(), steps))
+        call = bb.pipeline_call() if bb.kind.pipeline else None
+        write_manifest(tmp, base, loaded.source, one_liner(bb.kind, out.resolve(), call), bb.kind.pipeline, call)
         write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source,
-                   pipeline_usage(bb.kind, out.resolve(), steps))
+                   pipeline_usage(bb.kind, out.resolve(), call), bb.student_steps)
     return out  # with --force the new folder replaced the old one whole
 
 
@@ -84,9 +92,8 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
 
     out = check_out(out, force)
     bb = student.backbone
-    pipeline = getattr(diffusers, bb.kind.pipeline or "", None)
-    if pipeline is None or not hasattr(pipeline, "save_lora_weights"):
-        raise ValueError(f"the {bb.kind.name} kind's pipeline does not load LoRA files; export a pipeline instead")
+    check_format(bb.kind, "lora-kohya" if kohya else "lora")
+    pipeline = getattr(diffusers, bb.kind.pipeline)
     tensors, report = delta_lora(student.net, teacher.net, rank)
     base = teacher.backbone.spec
     with atomic_path(out) as tmp:
@@ -94,15 +101,13 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
         path = save_lora(tensors, tmp, pipeline, bb.kind.subfolder, kohya)
         bb.student_scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-        note = (f"In A1111 or ComfyUI: the base model `{base.path}` with {path.name} at weight 1, "
-                f"{bb.student_steps} sampling step(s), CFG scale 1, a DDIM sampler whose first step starts at the "
-                "last timestep (trailing spacing). In diffusers" if kohya else "")
+        note = ui_settings(bb, f"the base model `{base.path}` with {path.name} at weight 1") if kohya else ""
         layout = "kohya's layout (A1111, ComfyUI)" if kohya else "diffusers' layout"
         fmt = (f"a LoRA of rank {rank} in {layout} (the student's weight change, {report.layers} layers; "
                f"energy kept: median {report.to_dict()['energy_median']:.4f})")
         usage = lora_usage(bb.kind, base.path, out.resolve(), path.name, type(bb.student_scheduler()).__name__,
-                           bb.student_steps)
-        write_card(tmp, fmt, base, student.source, usage, note)
+                           bb.pipeline_call())
+        write_card(tmp, fmt, base, student.source, usage, bb.student_steps, note)
     return out / path.name, report.to_dict()
 
 
@@ -133,17 +138,17 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
 
     file, scheduler, card = single_file_paths(out, force)
     bb = student.backbone
-    if bb.kind.name not in ("sd", "sdxl"):
-        raise ValueError(f"single-file checkpoints are Stable Diffusion's layout; the {bb.kind.name} kind has none")
+    check_format(bb.kind, "single-file")
     state = student_checkpoint(read_file(Path(template)), student.net, teacher.net)
     usage = single_file_usage(bb.kind, teacher.backbone.spec.path, file.resolve(), scheduler.resolve(),
-                              bb.student_steps)
+                              type(bb.student_scheduler()).__name__, bb.pipeline_call())
 
     def write(file_to: Path, scheduler_to: Path, card_to: Path) -> None:
         save_file(state, str(file_to))
         bb.student_scheduler().save_pretrained(scheduler_to)
         write_card(card_to.parent, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, "
-                   "from_single_file)", teacher.backbone.spec, student.source, usage, name=card_to.name)
+                   "from_single_file)", teacher.backbone.spec, student.source, usage, bb.student_steps,
+                   ui_settings(bb, f"{file.name} as the checkpoint"), name=card_to.name)
 
     if file == Path(out):
         with atomic_path(scheduler) as s, atomic_path(card) as c, atomic_path(file) as f:
@@ -174,6 +179,7 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: 
             shutil.copy2(f, tmp / f.name)
         base = run_config(folder).model
         write_card(tmp, "wadi adapter files (LoRaD angles or peft tensors, with their base's fingerprint)", base,
-                   str(folder.path), adapter_usage(out.resolve() / folder.student_adapter.name, base.path))
+                   str(folder.path), adapter_usage(out.resolve() / folder.student_adapter.name, base.path),
+                   base.student_steps or 1)
     return [out / f.name for f in files]
 

@@ -1,6 +1,7 @@
-"""`wadi.json`, the manifest every exported folder carries: the base model's BackboneSpec,
-where the student came from, and how to run it. Reading it tells an export from any
-other folder."""
+"""`wadi.json`, the manifest every exported folder carries: the base model's BackboneSpec
+(with the student's steps, resolution and text length), where the student came from, how
+to run it, and for a stock pipeline its class and the exact call that reproduces `wadi
+sample`. Reading it tells an export from any other folder."""
 
 from __future__ import annotations
 
@@ -19,9 +20,14 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def write_manifest(folder: Path, base: BackboneSpec, source: str, usage: str) -> Path:
+def write_manifest(folder: Path, base: BackboneSpec, source: str, usage: str, pipeline: str | None = None,
+                   call: dict | None = None) -> Path:
+    """`pipeline` and `call`: the stock pipeline class and the arguments of its call (besides
+    the prompt and a generator) that sample the student as `wadi sample` does."""
     path = folder / MANIFEST
     info = {"format": FORMAT, "base": base.to_dict(), "source": source, "usage": usage}
+    if pipeline:
+        info.update(pipeline=pipeline, call=call)
     path.write_text(json.dumps(info, indent=1) + "\n")
     return path
 

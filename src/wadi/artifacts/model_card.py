@@ -21,7 +21,7 @@ TEMPLATE = """---
 
 # {{ title }}
 
-A one-step text-to-image student of [{{ base }}]({{ base_link }}), distilled with WaDi
+A {{ steps_text }} text-to-image student of [{{ base }}]({{ base_link }}), distilled with WaDi
 (Weight Direction-aware Distillation, CVPR 2026; [paper]({{ paper }}), [authors' code]({{ code }}))
 by wadi (the `wadi-distill` Python package): variational score distillation in which the student
 and the fake score model are adapted by LoRaD, a low-rank rotation of weight directions.
@@ -36,7 +36,7 @@ and the fake score model are adapted by LoRaD, a low-rank rotation of weight dir
 {% endfor %}{% endif %}
 ## Use
 
-No guidance, one network evaluation per step{% if note %}. {{ note }}{% endif %}:
+{{ steps_text | capitalize }}, one network evaluation per step, no classifier-free guidance{% if note %}. {{ note }}{% endif %}:
 
 ```{{ language }}
 {{ usage }}
@@ -46,48 +46,63 @@ No guidance, one network evaluation per step{% if note %}. {{ note }}{% endif %}
 PROMPT = "a photo of a cat"
 
 
-def _call(kind: Kind, steps: int, pipe: str = "pipe") -> str:
-    """The stock pipeline's call for a student of `steps` steps, ending with the image."""
-    extra = f", {kind.pipeline_kwargs}" if kind.pipeline_kwargs else ""
-    return f"{pipe}({_py(PROMPT)}, num_inference_steps={steps}, guidance_scale=0{extra}).images[0]"
+def _arguments(call: dict) -> str:
+    """The call's keyword arguments as Python source."""
+    return "".join(f", {k}={_py(v) if isinstance(v, str) else repr(v)}" for k, v in call.items())
 
 
-def _sample(kind: Kind, steps: int) -> str:
-    return f"image = {_call(kind, steps)}\nimage.save(\"image.png\")"
+def _call(call: dict, pipe: str = "pipe") -> str:
+    """The stock pipeline's call that samples the student, ending with the image; the prompt
+    is passed by name (FLUX.2 klein's pipeline takes an image first)."""
+    return f"{pipe}(prompt={_py(PROMPT)}{_arguments(call)}).images[0]"
 
 
-def one_liner(kind: Kind, folder: Path, steps: int = 1) -> str:
+def _sample(call: dict) -> str:
+    return f"image = {_call(call)}\nimage.save(\"image.png\")"
+
+
+def one_liner(kind: Kind, folder: Path, call: dict | None) -> str:
     """One line that samples an exported pipeline folder (what `wadi export` prints)."""
     if kind.pipeline is None:
         return f"wadi sample {_quoted(folder)} --prompt {_quoted(PROMPT)} --out samples"
-    return _call(kind, steps, f"{kind.pipeline}.from_pretrained({_py(folder)})")
+    return _call(call, f"{kind.pipeline}.from_pretrained({_py(folder)})")
 
 
-def pipeline_usage(kind: Kind, folder: Path, steps: int = 1) -> tuple[str, str]:
+def pipeline_usage(kind: Kind, folder: Path, call: dict | None) -> tuple[str, str]:
     """(language, snippet) that samples an exported pipeline folder as written."""
     if kind.pipeline is None:
-        return "bash", one_liner(kind, folder)
+        return "bash", one_liner(kind, folder, call)
     return "python", (f"from diffusers import {kind.pipeline}\n\n"
-                      f"pipe = {kind.pipeline}.from_pretrained({_py(folder)})\n{_sample(kind, steps)}")
+                      f"pipe = {kind.pipeline}.from_pretrained({_py(folder)})\n{_sample(call)}")
 
 
-def lora_usage(kind: Kind, base: str, folder: Path, weight_name: str, scheduler: str,
-               steps: int = 1) -> tuple[str, str]:
+def lora_usage(kind: Kind, base: str, folder: Path, weight_name: str, scheduler: str, call: dict) -> tuple[str, str]:
     """(language, snippet) that samples the base model with an exported LoRA and the
     scheduler class beside it."""
     return "python", (f"from diffusers import {scheduler}, {kind.pipeline}\n\n"
                       f"pipe = {kind.pipeline}.from_pretrained({_py(base)})\n"
                       f"pipe.load_lora_weights({_py(folder)}, weight_name={_py(weight_name)})\n"
                       f"pipe.scheduler = {scheduler}.from_pretrained({_py(folder)}, subfolder=\"scheduler\")\n"
-                      f"{_sample(kind, steps)}")
+                      f"{_sample(call)}")
 
 
-def single_file_usage(kind: Kind, base: str, file: Path, scheduler: Path, steps: int = 1) -> tuple[str, str]:
+def single_file_usage(kind: Kind, base: str, file: Path, scheduler: Path, scheduler_class: str,
+                      call: dict) -> tuple[str, str]:
     """(language, snippet) that samples a single-file checkpoint; `base` gives the configs."""
     config = f", config={_py(base)}" if base else ""
-    return "python", (f"from diffusers import DDIMScheduler, {kind.pipeline}\n\n"
+    return "python", (f"from diffusers import {scheduler_class}, {kind.pipeline}\n\n"
                       f"pipe = {kind.pipeline}.from_single_file({_py(file)}{config})\n"
-                      f"pipe.scheduler = DDIMScheduler.from_pretrained({_py(scheduler)})\n{_sample(kind, steps)}")
+                      f"pipe.scheduler = {scheduler_class}.from_pretrained({_py(scheduler)})\n{_sample(call)}")
+
+
+def ui_settings(backbone, model: str) -> str:
+    """How to reproduce the student in A1111 or ComfyUI, by those interfaces' names (VP
+    students: DDIM from the last timestep; the interfaces space further steps their own way)."""
+    steps = backbone.student_steps
+    spacing = ("" if steps == 1 else f" (their DDIM spaces {steps} steps from timestep 1, not from the last one as the "
+               "student was trained; expect small differences, or use diffusers)")
+    return (f"In A1111 or ComfyUI: {model}, sampler DDIM (ComfyUI: sampler ddim, scheduler ddim_uniform), {steps} "
+            f"step(s), CFG scale 1{spacing}. In diffusers")
 
 
 def adapter_usage(file: Path, base: str) -> tuple[str, str]:
@@ -153,19 +168,23 @@ def run_settings(source: str) -> tuple[list[str], list[str]]:
     return settings, metrics
 
 
-def write_card(folder: Path, fmt: str, base: BackboneSpec, source: str, usage: tuple[str, str], note: str = "",
-               name: str = "README.md") -> Path:
-    """The card as `folder/name`; `usage` is (language, snippet) from the *_usage functions."""
+def write_card(folder: Path, fmt: str, base: BackboneSpec, source: str, usage: tuple[str, str], steps: int,
+               note: str = "", name: str = "README.md") -> Path:
+    """The card as `folder/name`; `usage` is (language, snippet) from the *_usage functions,
+    `steps` the student's sampling steps."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    steps_text = "one-step" if steps == 1 else f"{steps}-step"
     kind = get_kind(base.kind) if base.kind else None
     license_ = base_license(base)
     hub_id = base.path if base.path.count("/") == 1 and not Path(base.path).exists() else None
     data = ModelCardData(license=license_, base_model=hub_id, library_name="diffusers" if kind and kind.pipeline
-                         else None, pipeline_tag="text-to-image", tags=["wadi", "lorad", "one-step", "distillation"])
+                         else None, pipeline_tag="text-to-image",
+                         tags=["wadi", "lorad", "one-step" if steps == 1 else "few-step", "distillation"])
     settings, metrics = run_settings(source)
     card = ModelCard.from_template(
-        data, template_str=TEMPLATE, title=f"One-step WaDi student of {Path(base.path).name or 'its base'}",
+        data, template_str=TEMPLATE, title=f"{steps_text.capitalize()} WaDi student of {Path(base.path).name or 'its base'}",
+        steps_text=steps_text,
         base=base.path or "unknown", base_link=f"https://huggingface.co/{hub_id}" if hub_id else base.path,
         paper=PAPER, code=AUTHORS_CODE, format=fmt, license=license_, settings=settings, metrics=metrics,
         language=usage[0], usage=usage[1], note=note)

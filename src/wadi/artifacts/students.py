@@ -33,15 +33,8 @@ from wadi.errors import NeedsOption
 from wadi.files import hub
 from wadi.files.atomic import read_json_object
 from wadi.files.weights import TORCH_SUFFIXES, check_finite, check_fits, load_weights
-from wadi.models.backbones import (
-    DENOISER_SUBFOLDERS,
-    Backbone,
-    BackboneSpec,
-    Kind,
-    detect_kind,
-    get_kind,
-    load_backbone,
-)
+from wadi.models.backbones import (DENOISER_SUBFOLDERS, Backbone, BackboneSpec, Kind, detect_kind, get_kind,
+                                   load_backbone)
 
 
 @dataclass

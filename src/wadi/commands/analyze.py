@@ -10,21 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wadi.evaluation.analysis import (
-    DEFAULT_ENERGY,
-    HYBRIDS,
-    analyze,
-    check_threshold,
-    make_hybrid,
-)
-from wadi.evaluation.analysis_report import (
-    dtype_note,
-    format_summary,
-    plot_changes,
-    plot_energy,
-    write_csv,
-    write_json,
-)
+from wadi.evaluation.analysis import DEFAULT_ENERGY, HYBRIDS, analyze, check_threshold, make_hybrid
+from wadi.evaluation.analysis_report import dtype_note, format_summary, plot_changes, plot_energy, write_csv, write_json
 from wadi.files.atomic import check_out
 from wadi.files.weights import load_weights, save_weights
 from wadi.models.backbones import DENOISER_SUBFOLDERS

@@ -9,26 +9,10 @@ import json
 from pathlib import Path
 
 from wadi.artifacts.students import load_student, load_teacher, teacher_for
-from wadi.commands.model_args import (
-    DTYPES,
-    add_base_args,
-    add_device_args,
-    base_spec,
-    check_device,
-    check_seed,
-    finite,
-    positive,
-    student_options,
-)
-from wadi.evaluation.evaluate import (
-    INCEPTION,
-    METRICS,
-    Entry,
-    default_cache_dir,
-    evaluate,
-    metric_settings,
-    world_metric_settings,
-)
+from wadi.commands.model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, check_seed,
+                                      finite, positive, student_options)
+from wadi.evaluation.evaluate import (INCEPTION, METRICS, Entry, default_cache_dir, evaluate, metric_settings,
+                                      world_metric_settings)
 from wadi.evaluation.metrics import DEFAULT_CLIP
 from wadi.files.prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
 from wadi.models.sampling import Sampling

@@ -7,14 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wadi.artifacts.export import (
-    FORMATS,
-    export_adapter,
-    export_lora,
-    export_pipeline,
-    export_single_file,
-    single_file_paths,
-)
+from wadi.artifacts.export import (FORMATS, export_adapter, export_lora, export_pipeline, export_single_file,
+                                   single_file_paths)
 from wadi.artifacts.model_card import one_liner
 from wadi.artifacts.students import load_student, teacher_for
 from wadi.commands.model_args import DTYPES, add_base_args, base_spec, student_options
@@ -81,13 +75,15 @@ def export(args) -> int:
     model = load_student(args.model, base_spec(args), DTYPES[args.dtype], **student_options(args))
     if args.format == "pipeline":
         out = export_pipeline(model, args.out, args.force)
-        print(f"wrote {out}; sample it with {one_liner(model.backbone.kind, out.resolve(), model.backbone.student_steps)}")
+        bb = model.backbone
+        print(f"wrote {out}; sample it with "
+              f"{one_liner(bb.kind, out.resolve(), bb.pipeline_call() if bb.kind.pipeline else None)}")
         return 0
     teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype])
     if args.format == "single-file":
         path = export_single_file(model, teacher, resolve(args.template), args.out, args.force)
-        print(f"wrote {path}; load it with StableDiffusionPipeline.from_single_file and the one-step scheduler "
-              "beside it (its model card shows how)")
+        print(f"wrote {path}; load it with {model.backbone.kind.pipeline}.from_single_file and the scheduler beside "
+              f"it (its model card shows how)")
         return 0
     path, report = export_lora(model, teacher, args.out, args.rank, kohya=args.format == "lora-kohya",
                                force=args.force)

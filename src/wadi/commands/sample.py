@@ -8,17 +8,8 @@ import json
 from pathlib import Path
 
 from wadi.artifacts.students import load_student, load_teacher
-from wadi.commands.model_args import (
-    DTYPES,
-    add_base_args,
-    add_device_args,
-    base_spec,
-    check_device,
-    finite,
-    parse_seeds,
-    positive,
-    student_options,
-)
+from wadi.commands.model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, finite,
+                                      parse_seeds, positive, student_options)
 from wadi.files.atomic import atomic_path, check_out
 from wadi.files.prompts import FORMATS, check_prompts, read_prompts
 from wadi.models.sampling import Sampling, sample_to_folder

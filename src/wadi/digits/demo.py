@@ -25,15 +25,8 @@ from wadi.digits import paths, plugin, report, world
 from wadi.engine.config import DistillConfig, resolve
 from wadi.engine.presets import preset_values
 from wadi.engine.run_folder import RunFolder
-from wadi.evaluation.evaluate import (
-    Entry,
-    MetricSettings,
-    Scorer,
-    default_cache_dir,
-    evaluate,
-    image_path,
-    world_metric_settings,
-)
+from wadi.evaluation.evaluate import (Entry, MetricSettings, Scorer, default_cache_dir, evaluate, image_path,
+                                      world_metric_settings)
 from wadi.files import locks
 from wadi.files.atomic import check_out, write_text
 from wadi.files.images import read_images, save_png, to_uint8

@@ -52,6 +52,9 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: {install_hint('wandb')}")
     backbone = cfg.model.load()
     cfg.model.kind = backbone.kind.name
+    if backbone.kind.guidance == "none" and cfg.train.guidance != 1:
+        raise ValueError(f"setting train.guidance={cfg.train.guidance:g}: the {backbone.kind.name} model has no "
+                         "guidance; use train.guidance=1")
     cfg.model.one_step_abar = backbone.process.recorded_abar()  # recorded: which generator the run trains
     last = backbone.num_train_timesteps - 1
     ts = cfg.model.student_timesteps

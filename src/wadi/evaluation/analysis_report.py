@@ -51,9 +51,7 @@ def _block(name: str) -> str:
 def plot_changes(result: Analysis, path: Path) -> Path:
     """One point per layer: mean direction change against mean norm change, coloured by
     block; readable at any number of layers (Stable Diffusion has 282)."""
-    from matplotlib.figure import (
-        Figure,  # the object API needs no pyplot and renders with Agg
-    )
+    from matplotlib.figure import Figure  # the object API needs no pyplot and renders with Agg
 
     fig = Figure(figsize=(6.5, 5), layout="constrained")
     ax = fig.subplots()

@@ -278,11 +278,7 @@ class Scorer:
     def score(self, paths: list[Path], prompts: list[str]) -> dict:
         s, out = self.settings, {}
         if {"fid", "pr"} & set(s.metrics):
-            from wadi.evaluation.metrics import (
-                frechet_distance,
-                gaussian_stats,
-                precision_recall,
-            )
+            from wadi.evaluation.metrics import frechet_distance, gaussian_stats, precision_recall
 
             feats = s.features(paths, s.batch_size, self.device, self.progress)
             if "pr" in s.metrics:  # first: extracting the reference features caches its stats too

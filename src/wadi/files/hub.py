@@ -18,11 +18,7 @@ def resolve(source: str | Path) -> str:
     if not is_hub_reference(source):
         return str(source)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-    )
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
     ref, _, revision = str(source)[len(PREFIX):].partition("@")
     parts = ref.split("/")

@@ -1,11 +1,9 @@
 """Backbones: what the losses and samplers need from a text-to-image diffusion model, written once.
 
 A `BackboneSpec` says which model to load (kind, folder or hub id, text encoder,
-resolution, tokenizer length, the one-step generator's constant); the run config, exports
-and worlds all carry one. `KINDS` is the registry: one `Kind` per backbone family holds
-everything kind-specific (denoiser class and subfolder, text encoder and tokenizer,
-masking, VAE or not, stock pipeline, adapter target presets, how the denoiser is called).
-Adding a backbone is one entry here plus tests.
+resolution, tokenizer length, the one-step generator's constant, the student's steps); the
+run config, exports and worlds all carry one. What differs between backbone families is
+their `Kind` in the registry (wadi.models.registry); this module only reads it.
 
 A `Backbone` holds the frozen pieces shared by teacher, student and fake model (text
 encoder, tokenizer, VAE, noise schedule) and the teacher's denoiser `net`; student and
@@ -18,98 +16,16 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from wadi.errors import describe
-from wadi.models.conditioning import (
-    Cond,
-    call_mmdit,
-    call_pixart,
-    call_sana,
-    call_sdxl,
-    call_unet,
-    empty_sana,
-    empty_sdxl,
-    encode_sana,
-    encode_sd3,
-    encode_sdxl,
-    encode_states,
-    encode_states_pooled,
-)
+from wadi.models.conditioning import Cond
 from wadi.models.process import process_of, student_times
-
-# --- the registry ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Kind:
-    """Everything that differs between backbone families."""
-
-    name: str
-    denoiser: str  # diffusers class
-    subfolder: str  # the denoiser's folder in a pipeline
-    encoder: str  # transformers class of the text encoder
-    tokenizer: str  # transformers class of the tokenizer
-    masked: bool  # the denoiser attends with the tokenizer's mask (T5 / BERT); CLIP kinds attend to all tokens
-    vae: str | None  # the diffusers class of the VAE of a latent kind; None: pixels
-    pipeline: str | None  # stock diffusers pipeline; None: loaded by wadi only
-    targets: tuple[str, str]  # adapter target presets of (student, fake)
-    max_length: int | None  # tokenizer length; None: the tokenizer's own
-    call: Callable = call_unet  # (backbone, net, x_t, t, cond) -> what the net predicts, kind-shaped
-    encode: Callable = encode_states  # (backbone, prompts, mask_encoder) -> Cond
-    empty: Callable | None = None  # (backbone) -> the empty prompt's Cond, where not encode([""])
-    text: tuple[tuple[str, str], ...] = ()  # more text components (pipeline name, transformers class)
-    upcast_vae: bool = False  # decode in float32 under half precision (SDXL's VAE overflows in fp16)
-    long_encoder: str = "text_encoder"  # the text component whose token length is max_length
-    pipeline_kwargs: str = ""  # what a one-step call of the stock pipeline needs besides the prompt
-    pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
-
-
-KINDS: dict[str, Kind] = {
-    # Stable Diffusion 1.5 / 2.1: CLIP text states, the UNet attends to all 77 of them.
-    "sd": Kind("sd", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", masked=False, vae="AutoencoderKL",
-               pipeline="StableDiffusionPipeline", targets=("unet-student", "unet-fake"), max_length=None,
-               pipeline_extras=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)),
-    # PixArt-alpha: T5 with its attention mask, length 120; eps and variance out.
-    "pixart": Kind("pixart", "PixArtTransformer2DModel", "transformer", "T5EncoderModel", "AutoTokenizer",
-                   masked=True, vae="AutoencoderKL", pipeline="PixArtAlphaPipeline", targets=("dit-student", "dit-fake"),
-                   max_length=120, call=call_pixart, pipeline_kwargs="clean_caption=False"),
-    # A pixel-space UNet with any transformers encoder and no VAE (the embedded worlds).
-    "pixel": Kind("pixel", "UNet2DConditionModel", "unet", "AutoModel", "AutoTokenizer", masked=True, vae=None,
-                  pipeline=None, targets=("unet-student", "unet-fake"), max_length=None),
-    # A pixel-space SD3-class MMDiT with a sentence encoder (token states + their mean as the
-    # pooled embedding) and no VAE: the flow-matching world.
-    "pixel-mmdit": Kind("pixel-mmdit", "SD3Transformer2DModel", "transformer", "AutoModel", "AutoTokenizer",
-                        masked=False, vae=None, pipeline=None, targets=("mmdit-student", "mmdit-fake"),
-                        max_length=None, call=call_mmdit, encode=encode_states_pooled),
-    # SDXL: a UNet on two CLIPs' penultimate states, the second's pooled output and size
-    # micro-conditions; zeros for the empty prompt; its VAE decodes in float32.
-    "sdxl": Kind("sdxl", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", masked=False,
-                 vae="AutoencoderKL", pipeline="StableDiffusionXLPipeline", targets=("unet-student", "unet-fake"),
-                 max_length=None, call=call_sdxl, encode=encode_sdxl, empty=empty_sdxl, upcast_vae=True,
-                 text=(("text_encoder_2", "CLIPTextModelWithProjection"), ("tokenizer_2", "CLIPTokenizer"))),
-    # SD3 / SD3.5: an MMDiT on two CLIPs' penultimate states and T5's (length 256), the CLIPs'
-    # pooled outputs, a 16-channel VAE with a shift; rectified flow.
-    "sd3": Kind("sd3", "SD3Transformer2DModel", "transformer", "CLIPTextModelWithProjection", "CLIPTokenizer",
-                masked=False, vae="AutoencoderKL", pipeline="StableDiffusion3Pipeline",
-                targets=("mmdit-student", "mmdit-fake"), max_length=256, call=call_mmdit, encode=encode_sd3,
-                long_encoder="text_encoder_3",
-                text=(("text_encoder_2", "CLIPTextModelWithProjection"), ("tokenizer_2", "CLIPTokenizer"),
-                      ("text_encoder_3", "T5EncoderModel"), ("tokenizer_3", "AutoTokenizer"))),
-    # Sana: a linear-attention DiT on Gemma-2's states under their mask (length 300, after
-    # the pipeline's instruction), the deep-compression autoencoder; rectified flow.
-    "sana": Kind("sana", "SanaTransformer2DModel", "transformer", "AutoModel", "AutoTokenizer", masked=True,
-                 vae="AutoencoderDC", pipeline="SanaPipeline", targets=("sana-student", "sana-fake"), max_length=300,
-                 call=call_sana, encode=encode_sana, empty=empty_sana),
-}
-
-
-# Where a pipeline folder keeps its denoiser, for readers of weights that take any kind's.
-DENOISER_SUBFOLDERS = tuple(sorted({k.subfolder for k in KINDS.values()}))
+from wadi.models.registry import DENOISER_SUBFOLDERS, KINDS, Kind, detect_kind, get_kind, kind_of  # noqa: F401
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -117,51 +33,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def dtype_of(name: str) -> torch.dtype:
     """The torch dtype a precision name means; accelerate's mixed precision "no" is fp32."""
     return DTYPES["fp32" if name == "no" else name]
-
-
-def get_kind(name: str) -> Kind:
-    if name not in KINDS:
-        raise ValueError(f"unknown backbone kind {name!r}; choose one of {', '.join(KINDS)}")
-    return KINDS[name]
-
-
-def kind_of(model: nn.Module) -> Kind:
-    """The first kind whose denoiser class `model` is (UNets are "sd")."""
-    for kind in KINDS.values():
-        if kind.denoiser == type(model).__name__:
-            return kind
-    raise ValueError(f"no backbone kind has a {type(model).__name__} denoiser; give the adapter explicit targets")
-
-
-# Hub ids are recognised by name (a folder by its contents): the first word that matches.
-HUB_NAMES = (("pixart", "pixart"), ("sana", "sana"), ("stable-diffusion-3", "sd3"), ("sd3", "sd3"),
-             ("stable-diffusion-xl", "sdxl"), ("sdxl", "sdxl"))
-
-
-def _denoiser_class(folder: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def detect_kind(path: str) -> str:
-    """The kind of a diffusers pipeline folder, by its contents: the denoiser's subfolder
-    and class, a VAE or not, the kind's further text components. Hub ids by name."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        return next((kind for word, kind in HUB_NAMES if word in path.lower()), "sd")
-    found = [k.name for k in KINDS.values()
-             if (p / k.subfolder).is_dir() and (p / "vae").is_dir() == bool(k.vae)
-             and _denoiser_class(p / k.subfolder) in (k.denoiser, None)
-             and all((p / name).is_dir() for name, _ in k.text)]
-    if not found:
-        raise ValueError(f"{path}: not a diffusers pipeline folder of a known kind "
-                         f"({', '.join(KINDS)}): no matching {' or '.join(sorted({k.subfolder for k in KINDS.values()}))}/")
-    # A kind that asks for more components is the better match (sd3 over a plain MMDiT).
-    return max(found, key=lambda name: len(KINDS[name].text))
 
 
 @dataclass
@@ -212,17 +83,24 @@ class Backbone:
         self.text = {"text_encoder": text_encoder, "tokenizer": tokenizer, **(more_text or {})}
         self.vae = vae
         self.max_length = spec.max_length or self.kind.max_length or tokenizer.model_max_length
-        self.process = process_of(dict(scheduler_config), spec.one_step_abar)
         # The encoder whose token length max_length is (SD3's T5; T5's positions are relative: none).
         positions = getattr(self.text[self.kind.long_encoder].config, "max_position_embeddings", None)
         if positions and self.max_length > positions:
             raise ValueError(f"max_length {self.max_length} (model.max_length / --max-length) is beyond the text "
                              f"encoder's {positions} positions")
         self.channels = net.config.in_channels
-        # AutoencoderKL names its widths block_out_channels, AutoencoderDC encoder_block_out_channels.
-        widths = getattr(vae.config, "block_out_channels", None) or vae.config.encoder_block_out_channels if vae else ()
-        self.vae_scale = 2 ** (len(widths) - 1) if vae is not None else 1
-        self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else net.config.sample_size
+        self.vae_scale = self.kind.vae_scale(vae) if vae is not None else 1
+        multiple = self.kind.resolution_multiple(self)
+        if spec.resolution is not None and spec.resolution % multiple:
+            raise ValueError(f"resolution {spec.resolution} (model.resolution / --resolution) is not a multiple of "
+                             f"{multiple}, which the {self.kind.name} model's VAE and patches need")
+        size = getattr(net.config, "sample_size", None)
+        if spec.resolution is None and not isinstance(size, int):
+            raise ValueError(f"the {self.kind.name} model does not say its resolution; give model.resolution "
+                             "(--resolution)")
+        self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else size
+        tokens = self.kind.image_tokens(self) if self.kind.image_tokens else None
+        self.process = process_of(dict(scheduler_config), spec.one_step_abar, tokens)
         self._empty: Cond | None = None
         self._times: list | None = None
 
@@ -232,32 +110,44 @@ class Backbone:
         return self.latent_size * self.vae_scale
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.latent_size, self.latent_size)
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape each image's noise is drawn in: the kind's stock pipeline's."""
+        return tuple(self.kind.noise_shape(self))
 
     @property
     def student_steps(self) -> int:
         return self.spec.student_steps or 1
 
     def student_times(self, device=None) -> list[torch.Tensor]:
-        """The process time of each student step: the given indices, else the stock
-        scheduler's N evenly spaced steps (the export's)."""
+        """The process time of each student step: the given indices, else the times of the
+        exported scheduler as the stock pipeline sets them for the student's steps."""
         if self.spec.student_timesteps:
             return [self.process.time(torch.tensor(i, device=device)) for i in self.spec.student_timesteps]
         if self._times is None:
-            self._times = student_times(self.process, self.student_steps)
+            self._times = student_times(self.process, self.student_steps, self.kind.sigmas)
         return [torch.tensor(t, device=device) for t in self._times]
 
     def student_scheduler(self):
         """The stock scheduler an export ships: its `student_steps`-step sampling is the
         student's. Timesteps of one's own choosing have none."""
-        scheduler = self.process.student_scheduler(self.student_steps)
+        scheduler = self.process.student_scheduler(self.student_steps, self.kind.sigmas is not None)
         if self.spec.student_timesteps and [t.item() for t in self.student_times()] != \
-                student_times(self.process, self.student_steps):
+                student_times(self.process, self.student_steps, self.kind.sigmas):
             raise ValueError(f"the student's timesteps {self.spec.student_timesteps} are not a stock scheduler's "
                              f"{self.student_steps} evenly spaced steps; sample it with wadi sample, or distil "
                              "with the default model.student_timesteps")
         return scheduler
+
+    def set_timesteps(self, scheduler, steps: int, device=None) -> None:
+        """Set a stock scheduler's timesteps for `steps` steps as the kind's pipeline does."""
+        self.process.set_timesteps(scheduler, steps, self.kind.sigmas, device)
+
+    def pipeline_call(self) -> dict:
+        """The stock pipeline's call arguments (besides prompt and generator) that sample the
+        student as `wadi sample` does; the kind says them."""
+        if self.kind.pipeline_call is None:
+            raise ValueError(f"the {self.kind.name} kind has no stock diffusers pipeline")
+        return self.kind.pipeline_call(self, self.student_steps)
 
     @property
     def text_encoder(self) -> nn.Module:
@@ -291,32 +181,23 @@ class Backbone:
         return self.process.to_work(out, x_t, t)
 
     def guided(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
-        """`predict` in float32 with classifier-free guidance, from one batched [uncond; cond]
-        pass; at guidance 1 the conditional pass alone. (Guidance is affine, so guiding eps
-        or v is the same.)"""
-        from wadi.models.guidance import guide
-
-        if guidance == 1:
-            return self.predict(net, x, t, cond).float()
-        uncond = self.empty_cond().to(x.device, x.dtype).expand(len(x))
-        e_u, e_c = self.predict(net, torch.cat([x, x]), t.repeat(2), uncond.cat(cond)).float().chunk(2)
-        return guide(e_u, e_c, guidance)
+        """`predict` in float32, guided at scale `guidance` in the kind's mode
+        (wadi.models.guidance); at 1 the conditional prediction alone."""
+        return self.kind.guide(self, net, x, t, cond, guidance)
 
     # --- images ---------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], (B, C, H, W)."""
-        if self.vae is None:
-            return x0.clamp(-1, 1)
-        vae_dtype = next(self.vae.parameters()).dtype
-        if self.kind.upcast_vae and vae_dtype == torch.float16:
+        """Images in [-1, 1], (B, C, H, W), from latents in the drawn layout."""
+        return self.kind.decode(self, x0)
+
+    def vae_dtype(self) -> torch.dtype:
+        """The dtype the VAE decodes in: its own, or float32 for a kind whose VAE overflows in fp16."""
+        dtype = next(self.vae.parameters()).dtype
+        if self.kind.upcast_vae and dtype == torch.float16:
             self.vae.float()
-            vae_dtype = torch.float32
-        latents = x0.to(vae_dtype) / self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None)  # SD3's VAE is shifted as well as scaled
-        if shift is not None:
-            latents = latents + shift
-        return self.vae.decode(latents).sample.float().clamp(-1, 1)
+            dtype = torch.float32
+        return dtype
 
     def to(self, device, dtype=None) -> "Backbone":
         """Move the frozen parts (teacher net, text encoders, VAE)."""
@@ -362,9 +243,14 @@ def scheduler_config(path: str) -> dict:
     from diffusers import DDPMScheduler
 
     try:  # any scheduler class reads any scheduler's scheduler_config.json
-        return dict(DDPMScheduler.load_config(path, subfolder="scheduler"))
+        config = DDPMScheduler.load_config(path, subfolder="scheduler")
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the scheduler from {path!r}: {describe(e)}") from None
+    except (AttributeError, TypeError):  # a JSON value that is not an object
+        raise ValueError(f"{path}: scheduler/scheduler_config.json is not a JSON object") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: scheduler/scheduler_config.json is not a JSON object")
+    return dict(config)
 
 
 def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> Backbone:

@@ -19,6 +19,9 @@ Nothing else reads `alphas_cumprod` or picks a scheduler class.
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 
 # abar_T of the VP one-step generator in the authors' training and inference scripts, for
@@ -27,8 +30,16 @@ import torch
 AUTHORS_ONE_STEP_ABAR = 0.0047
 SCHEDULER = "scheduler"  # one_step_abar: the scheduler's own abar at T-1
 
-# Scheduler classes whose config describes a rectified flow (SD3, FLUX, Sana's samplers).
+# Scheduler classes whose config describes a rectified flow (SD3, FLUX, Qwen-Image, Z-Image).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+# Scheduler classes whose config describes the DDPM schedule (beta_* and num_train_timesteps);
+# DPM-Solver also samples flows (Sana: flow_prediction / use_flow_sigmas). EDM's and others'
+# configs describe other processes and are refused.
+VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                 "UniPCMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                 "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "LCMScheduler", "TCDScheduler")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # what DDPMScheduler builds
 
 
 def _view(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +74,7 @@ class VP(_Samplers):
     def __init__(self, scheduler_config: dict, one_step_abar: float | str | None = None):
         from diffusers import DDPMScheduler
 
+        _check_vp(scheduler_config)
         ddpm = DDPMScheduler.from_config(scheduler_config)
         self.config = dict(ddpm.config)
         self.prediction_type = self.config["prediction_type"]
@@ -144,20 +156,19 @@ class VP(_Samplers):
     # --- stock schedulers ---------------------------------------------------------------
     def sampler(self, name: str | None):
         """A multi-step diffusers scheduler on this schedule, fed eps."""
-        from diffusers import (
-            DDIMScheduler,
-            DPMSolverMultistepScheduler,
-            EulerDiscreteScheduler,
-        )
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
         classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
         name = self.sampler_name(name)
         return classes[name].from_config(self.config, prediction_type="epsilon")
 
-    def student_scheduler(self, steps: int = 1):
+    def student_scheduler(self, steps: int = 1, sigmas: bool = False):
         """The stock scheduler whose `steps`-step sampling is the student's (DDIM is the same
         object for every number of steps: trailing spacing puts N steps at T-1, T-1-T/N, ...)."""
         return self.one_step_scheduler()
+
+    def set_timesteps(self, scheduler, steps: int, sigmas=None, device=None) -> None:
+        scheduler.set_timesteps(steps, device=device)
 
     def one_step_scheduler(self):
         """The stock scheduler that makes one pipeline step the one-step student's sampling.
@@ -199,16 +210,31 @@ class Flow(_Samplers):
     samplers = ("euler", "dpm")
     default_sampler = "euler"
 
-    def __init__(self, scheduler_config: dict, one_step_abar: float | str | None = None):
+    def __init__(self, scheduler_config: dict, one_step_abar: float | str | None = None,
+                 image_tokens: int | None = None):
         if one_step_abar is not None:
             raise ValueError(f"model.one_step_abar={one_step_abar!r} is a setting of VP (DDPM) models; this model is "
                              "a rectified flow, whose one-step generator x0 = z - v(z, 1) has no such constant")
         self.config = dict(scheduler_config)
-        if self.config.get("use_dynamic_shifting"):
-            raise ValueError("resolution-dependent timestep shifting (use_dynamic_shifting, FLUX) is not supported; "
-                             "give a scheduler with a fixed shift")
-        self.num_train_timesteps = self.config.get("num_train_timesteps", 1000)
-        self.shift = float(self.config.get("shift", self.config.get("flow_shift", 1.0)) or 1.0)
+        self.num_train_timesteps = _count(self.config.get("num_train_timesteps", 1000))
+        self.dynamic = bool(self.config.get("use_dynamic_shifting"))
+        self.mu = None
+        if self.dynamic:
+            # FLUX, Qwen-Image: the shift grows with the image's token count; at one resolution
+            # it is the fixed shift exp(mu) (exponential time shift) or mu (linear), the same
+            # formula as a fixed shift (docs/method.md).
+            if image_tokens is None:
+                raise ValueError("this scheduler shifts its times by the image size (use_dynamic_shifting), which the "
+                                 "model's kind does not declare; give a scheduler with a fixed shift")
+            self.mu = _dynamic_mu(self.config, image_tokens)
+            self.shift = math.exp(self.mu) if self.config.get("time_shift_type", "exponential") == "exponential" \
+                else self.mu
+        else:
+            shift = self.config.get("shift")
+            self.shift = _positive(self.config.get("flow_shift", 1.0) if shift is None else shift, "shift")
+        terminal = self.config.get("shift_terminal")
+        if terminal is not None and not (_finite(terminal) and 0 < terminal < 1):
+            raise ValueError(f"scheduler setting shift_terminal={terminal!r} must be a number in (0, 1)")
 
     # --- time -------------------------------------------------------------------------
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
@@ -270,10 +296,18 @@ class Flow(_Samplers):
         return x.float() + _view(self.sigma(t_next) - self.sigma(t)) * pred.float()
 
     # --- stock schedulers ---------------------------------------------------------------
-    def _euler(self):
+    def _euler(self, **options):
+        """Flow-matching Euler on this flow: a fixed shift, or the resolution-dependent one
+        (which a pipeline completes with mu); never the terminal stretch of a teacher's
+        config, which the student's schedules set for themselves."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
+        if not self.dynamic:
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift,
+                                                   **options)
+        keys = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, use_dynamic_shifting=True,
+                                               **{k: self.config[k] for k in keys if k in self.config}, **options)
 
     def sampler(self, name: str | None):
         """A multi-step diffusers scheduler of this flow, fed the velocity."""
@@ -281,34 +315,45 @@ class Flow(_Samplers):
 
         if self.sampler_name(name) == "euler":
             return self._euler()
+        if self.dynamic:
+            raise ValueError("scheduler 'dpm' does not take this model's resolution-dependent shift; use 'euler'")
         return DPMSolverMultistepScheduler(num_train_timesteps=self.num_train_timesteps, prediction_type="flow_prediction",
                                            use_flow_sigmas=True, flow_shift=self.shift)
 
-    def student_scheduler(self, steps: int = 1):
+    def student_scheduler(self, steps: int = 1, sigmas: bool = False):
         """Flow-matching Euler. One step goes from s = 1 to 0, x0 = z + (0 - 1) v. For N
-        steps its times are spread evenly before the shift and its last time stretched to
-        shift(1 / N) (`shift_terminal`), so that no step is spent near s = 0 as its default
-        spacing (down to s = 0.001) would."""
-        if steps == 1:
+        steps of a pipeline that passes its own sigmas (`sigmas`: FLUX, Qwen-Image, Z-Image
+        pass 1 .. 1/N evenly before the shift) that is all; for a pipeline that passes none
+        (SD3, Sana) its times are spread evenly before the shift and its last time stretched
+        to shift(1 / N) (`shift_terminal`), so that no step is spent near s = 0 as its
+        default spacing (down to s = 0.001) would."""
+        if steps == 1 or sigmas:
             return self._euler()
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         u = 1 / steps
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift,
-                                               shift_terminal=self.shift * u / (1 + (self.shift - 1) * u))
+        return self._euler(shift_terminal=self.shift * u / (1 + (self.shift - 1) * u))
 
     def one_step_scheduler(self):
         return self.student_scheduler(1)
+
+    def set_timesteps(self, scheduler, steps: int, sigmas=None, device=None) -> None:
+        """The scheduler's timesteps for `steps` steps as a pipeline sets them: the kind's
+        `sigmas(steps)` where its pipeline passes some, and mu where the shift is dynamic."""
+        kwargs = {"mu": self.mu} if self.dynamic else {}
+        if sigmas is not None and "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+            scheduler.set_timesteps(sigmas=sigmas(steps), device=device, **kwargs)
+        else:
+            scheduler.set_timesteps(steps, device=device, **kwargs)
 
 
 Process = VP | Flow
 
 
-def student_times(process: Process, steps: int) -> list:
-    """The process times of an N-step student: those of its stock scheduler at N steps
-    (VP: 999, 749, 499, 249 for four; one step: T-1), so that export and sampler agree."""
-    sched = process.student_scheduler(steps)
-    sched.set_timesteps(steps)
+def student_times(process: Process, steps: int, sigmas=None) -> list:
+    """The process times of an N-step student: those of its stock scheduler at N steps as the
+    pipeline sets them (`sigmas`: the kind's, where its pipeline passes some); VP: 999, 749,
+    499, 249 for four; one step: T-1. So export and sampler agree."""
+    sched = process.student_scheduler(steps, sigmas is not None)
+    process.set_timesteps(sched, steps, sigmas)
     return [t.item() for t in sched.timesteps]
 
 
@@ -338,10 +383,67 @@ def run_student(process: Process, times: list[torch.Tensor], predict, z: torch.T
     return out if stop is None else (out, x0.detach())
 
 
-def process_of(scheduler_config: dict, one_step_abar: float | str | None = None) -> Process:
-    """The process a diffusers scheduler config describes: a flow-matching scheduler (or
-    one set to flow prediction, as Sana's DPM-Solver) is a rectified flow, the rest VP."""
+def process_of(scheduler_config: dict, one_step_abar: float | str | None = None,
+               image_tokens: int | None = None) -> Process:
+    """The process a diffusers scheduler config describes: a flow-matching scheduler (or one
+    set to flow prediction, as Sana's DPM-Solver) is a rectified flow, a DDPM-family one VP;
+    any other class is refused. `image_tokens` completes a resolution-dependent shift."""
+    if not isinstance(scheduler_config, dict):
+        raise ValueError(f"the scheduler config is a JSON {type(scheduler_config).__name__}, not an object")
     cls = scheduler_config.get("_class_name", "")
     flow = (cls in FLOW_SCHEDULERS or scheduler_config.get("prediction_type") == "flow_prediction"
             or scheduler_config.get("use_flow_sigmas", False))
-    return (Flow if flow else VP)(scheduler_config, one_step_abar)
+    if flow:
+        return Flow(scheduler_config, one_step_abar, image_tokens)
+    if cls not in VP_SCHEDULERS:
+        raise ValueError(f"scheduler class {cls or '(none)'!r} is not a noise process wadi knows; supported: "
+                         f"{', '.join(FLOW_SCHEDULERS)} (rectified flow) and {', '.join(VP_SCHEDULERS)} (DDPM)")
+    return VP(scheduler_config, one_step_abar)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value, name: str) -> float:
+    if not (_finite(value) and value > 0):
+        raise ValueError(f"scheduler setting {name}={value!r} must be a positive finite number")
+    return float(value)
+
+
+def _count(value) -> int:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
+        raise ValueError(f"scheduler setting num_train_timesteps={value!r} must be an integer of at least 2")
+    return value
+
+
+def _check_vp(config: dict) -> None:
+    """The DDPM settings that can be, before diffusers builds (or fails to build) the schedule."""
+    _count(config.get("num_train_timesteps", 1000))
+    if config.get("trained_betas") is not None:
+        return
+    schedule = config.get("beta_schedule", "linear")
+    if schedule not in BETA_SCHEDULES:
+        raise ValueError(f"scheduler setting beta_schedule={schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
+    start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
+    if not (_finite(start) and _finite(end) and 0 < start <= end < 1):
+        raise ValueError(f"scheduler settings beta_start={start!r}, beta_end={end!r} must satisfy "
+                         "0 < beta_start <= beta_end < 1")
+
+
+def _dynamic_mu(config: dict, image_tokens: int) -> float:
+    """mu of a resolution-dependent shift at `image_tokens`, as the FLUX-family pipelines
+    compute it (diffusers' calculate_shift: linear in the token count)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    kind = config.get("time_shift_type", "exponential")
+    if not (all(_finite(v) for v in (base, top, low, high)) and 0 < base < top) or kind not in ("exponential", "linear"):
+        raise ValueError(f"the scheduler's dynamic shift settings (base_image_seq_len={base!r}, max_image_seq_len="
+                         f"{top!r}, base_shift={low!r}, max_shift={high!r}, time_shift_type={kind!r}) cannot be")
+    mu = calculate_shift(image_tokens, base, top, low, high)
+    if kind == "linear" and mu <= 0:
+        raise ValueError(f"the scheduler's linear dynamic shift is {mu:.3g} at {image_tokens} image tokens; it must "
+                         "be positive")
+    return mu

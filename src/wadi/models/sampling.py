@@ -72,7 +72,7 @@ def sample_teacher(backbone: Backbone, net: torch.nn.Module, prompts: list[str],
         cond = backbone.encode_prompts(prompts[i:i + batch_size]).to(device, dtype)
         # Flow-matching schedulers neither scale the noise nor the model input.
         x = seeded_noise(backbone.latent_shape, seeds[i:i + batch_size], device) * getattr(sched, "init_noise_sigma", 1)
-        sched.set_timesteps(steps, device=device)
+        backbone.set_timesteps(sched, steps, device)
         for t in sched.timesteps:
             x_in = (sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x).to(dtype)
             tt = proc.time_tensor(t, len(x_in), device)

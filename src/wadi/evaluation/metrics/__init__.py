@@ -2,22 +2,11 @@
 feature extractor with clean-fid resizing, and CLIP score."""
 
 from wadi.evaluation.metrics.clip_score import DEFAULT_CLIP, ClipScorer, clip_score
-from wadi.evaluation.metrics.frechet import (
-                        frechet_distance,
-                        frechet_distance_features,
-                        gaussian_stats,
-                        load_stats,
-                        save_stats,
-)
+from wadi.evaluation.metrics.frechet import (frechet_distance, frechet_distance_features, gaussian_stats, load_stats,
+                                             save_stats)
 from wadi.evaluation.metrics.images import list_images, to_rgb_uint8
-from wadi.evaluation.metrics.inception import (
-                        EXTRACTOR,
-                        clean_resize,
-                        extract_features,
-                        load_inception,
-                        reference_stats,
-                        weights_path,
-)
+from wadi.evaluation.metrics.inception import (EXTRACTOR, clean_resize, extract_features, load_inception,
+                                               reference_stats, weights_path)
 from wadi.evaluation.metrics.prdc import PrecisionRecall, kth_nn_radii, precision_recall
 
 __all__ = [

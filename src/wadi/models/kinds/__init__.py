@@ -1,1 +1,2 @@
-"""Backbone kinds whose encode, call, guidance and schedule each live in a module of their own."""
+"""The backbone kinds that need more than a few lines of their own: one module each, holding
+the functions its registry entry (wadi.models.registry.KINDS) names."""
