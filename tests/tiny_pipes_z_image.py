@@ -47,7 +47,7 @@ def qwen3_config(vocab_size: int, hidden: int, layers: int):
 
 
 def save_tiny_z_image(folder: Path, seed: int = 0) -> Path:
-    """Qwen3 (2 layers, width 16), a Z-Image transformer of width 32, a 16-channel VAE with
+    """Qwen3 (2 layers, width 16), a Z-Image transformer of width 48 (its feed-forward 128 wide: LoRaD pairs need even widths), a 16-channel VAE with
     Z-Image's scale and shift and a 2x reduction (16 px is an 8x8 latent, 16 tokens), and
     Z-Image's scheduler: a static shift of 3."""
     from diffusers import (
@@ -61,9 +61,9 @@ def save_tiny_z_image(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tok = save_qwen_tokenizer(folder / "tokenizer")
     encoder = Qwen3Model(qwen3_config(len(tok), 16, 2))
-    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=48,
                                            n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
-                                           axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+                                           axes_dims=[8, 8, 8], axes_lens=[256, 32, 32])
     with torch.no_grad():  # made with torch.empty: random padding tokens keep the test honest
         transformer.x_pad_token.normal_()
         transformer.cap_pad_token.normal_()

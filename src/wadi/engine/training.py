@@ -52,9 +52,14 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: {install_hint('wandb')}")
     backbone = cfg.model.load()
     cfg.model.kind = backbone.kind.name
-    if backbone.kind.guidance == "none" and cfg.train.guidance != 1:
+    if backbone.guidance == "none" and cfg.train.guidance != 1:
         raise ValueError(f"setting train.guidance={cfg.train.guidance:g}: the {backbone.kind.name} model has no "
                          "guidance; use train.guidance=1")
+    unknown = sorted(set(cfg.train.guidance_options) - set(backbone.kind.guidance_options))
+    if unknown:
+        has = ", ".join(backbone.kind.guidance_options) or "none"
+        raise ValueError(f"setting train.guidance_options.{unknown[0]}: the {backbone.kind.name} model's guidance has "
+                         f"no such setting (it has: {has})")
     cfg.model.one_step_abar = backbone.process.recorded_abar()  # recorded: which generator the run trains
     last = backbone.num_train_timesteps - 1
     ts = cfg.model.student_timesteps

@@ -100,7 +100,8 @@ class Backbone:
                              "(--resolution)")
         self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else size
         tokens = self.kind.image_tokens(self) if self.kind.image_tokens else None
-        self.process = process_of(dict(scheduler_config), spec.one_step_abar, tokens)
+        steps_mu = (lambda steps: self.kind.steps_mu(self, steps)) if self.kind.steps_mu else None
+        self.process = process_of(dict(scheduler_config), spec.one_step_abar, tokens, steps_mu)
         self._empty: Cond | None = None
         self._times: list | None = None
 
@@ -180,10 +181,18 @@ class Backbone:
         out = self.kind.call(self, net, x_t, t, cond).to(x_t.dtype)
         return self.process.to_work(out, x_t, t)
 
-    def guided(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+    @property
+    def guidance(self) -> str:
+        """The guidance mode (wadi.models.guidance.MODES): the kind's, or what the model's
+        folder says where the kind lets it decide."""
+        return self.kind.guidance_of(self) if self.kind.guidance_of else self.kind.guidance
+
+    def guided(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float,
+               **options) -> torch.Tensor:
         """`predict` in float32, guided at scale `guidance` in the kind's mode
-        (wadi.models.guidance); at 1 the conditional prediction alone."""
-        return self.kind.guide(self, net, x, t, cond, guidance)
+        (wadi.models.guidance), with the kind's further guidance `options`; at 1 the
+        conditional prediction alone."""
+        return self.kind.guide(self, net, x, t, cond, guidance, **options)
 
     # --- images ---------------------------------------------------------------------
     @torch.no_grad()

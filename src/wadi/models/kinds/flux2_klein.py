@@ -16,6 +16,7 @@ each transcribed from the stock pipeline's default call.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,13 +24,12 @@ import torch
 from torch import nn
 
 from wadi.models.conditioning import Cond, _tokens
-from wadi.models.guidance import guide as cfg
+from wadi.models.guidance import guided_cfg, guided_none
 
 if TYPE_CHECKING:
     from wadi.models.backbones import Backbone
 
 MAX_LENGTH = 512  # the pipeline's max_sequence_length
-DEFAULT_RESOLUTION = 1024  # the pipeline's default_sample_size times the VAE's factor
 LAYERS = (9, 18, 27)  # the pipeline's text_encoder_out_layers
 
 
@@ -65,26 +65,16 @@ def call(backbone: Backbone, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
     return out.transpose(1, 2).reshape(b, c, h, w)  # tokens back in the order _pack_latents took them
 
 
-def _latent_side(backbone: Backbone) -> int:
-    """The side of the patchified latent: the pipeline takes sizes divisible by twice the
-    VAE's factor (it silently crops others, which wadi refuses instead)."""
-    multiple = 2 * backbone.vae_scale
-    if backbone.resolution % multiple:
-        raise ValueError(f"resolution {backbone.resolution} is not a multiple of {multiple}: FLUX.2's latents are "
-                         f"patchified 2x2 after the VAE's {backbone.vae_scale}x reduction")
-    return backbone.resolution // multiple
-
-
 def noise_shape(backbone: Backbone) -> tuple[int, int, int]:
-    """Flux2KleinPipeline.prepare_latents draws (4 C, H / 2f, W / 2f) per image, in the
-    text encoder's dtype."""
-    side = _latent_side(backbone)
-    return (backbone.net.config.in_channels, side, side)
+    """Flux2KleinPipeline.prepare_latents draws (4 C, H / 2f, W / 2f) per image (in the text
+    encoder's dtype: on the CPU the same numbers as float32's, rounded)."""
+    side = backbone.latent_size // 2
+    return (backbone.channels, side, side)
 
 
 def image_tokens(backbone: Backbone) -> int:
     """The pipeline's image_seq_len: one token per patchified latent pixel."""
-    return _latent_side(backbone) ** 2
+    return (backbone.latent_size // 2) ** 2
 
 
 def mu(backbone: Backbone, steps: int) -> float:
@@ -109,26 +99,25 @@ def decode(backbone: Backbone, x0: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
 
 
-def is_distilled(backbone: Backbone) -> bool:
-    """Whether the pipeline folder says its klein is step-distilled (model_index.json)."""
+@lru_cache
+def _distilled(path: str) -> bool:
     from diffusers import DiffusionPipeline
 
-    return bool(DiffusionPipeline.load_config(backbone.spec.path).get("is_distilled", False))
+    return bool(DiffusionPipeline.load_config(path).get("is_distilled", False))
+
+
+def guidance_mode(backbone: Backbone) -> str:
+    """"none" for a step-distilled klein (is_distilled in its model_index.json), whose
+    pipeline ignores guidance; "cfg" for the base."""
+    return "none" if _distilled(backbone.spec.path) else "cfg"
 
 
 def guide(backbone: Backbone, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond,
           scale: float) -> torch.Tensor:
-    """The velocity guided as Flux2KleinPipeline guides it, in float32: e_u + s (e_c - e_u)
-    against the empty prompt from one batched pass; s = 1 is the conditional pass alone. A
-    distilled klein takes no guidance, so any other scale is refused."""
-    if scale == 1:
-        return call(backbone, net, x, t, cond).float()
-    if is_distilled(backbone):
-        raise ValueError(f"{backbone.spec.path} is a step-distilled FLUX.2 klein (is_distilled), which takes no "
-                         f"guidance; give guidance 1 (got {scale:g}), or distil from the undistilled base")
-    empty = backbone.empty_cond().to(x.device, cond.embeds.dtype).expand(len(x))
-    e_u, e_c = call(backbone, net, torch.cat([x, x]), t.repeat(2), empty.cat(cond)).float().chunk(2)
-    return cfg(e_u, e_c, scale)
+    """As Flux2KleinPipeline guides: e_u + s (e_c - e_u) against the empty prompt for the
+    base (one batched pass here, two there); a distilled klein refuses any scale but 1."""
+    mode = guided_none if guidance_mode(backbone) == "none" else guided_cfg
+    return mode(backbone, net, x, t, cond, scale)
 
 
 def pipeline_call(backbone: Backbone, steps: int) -> dict:

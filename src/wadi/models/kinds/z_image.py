@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from wadi.models.backbones import Backbone
 
 MAX_LENGTH = 512  # the pipeline's max_sequence_length
-DEFAULT_RESOLUTION = 1024  # the pipeline's default height and width
 
 # The guidance options this kind has, at the pipeline's defaults (both off).
 GUIDANCE_OPTIONS = {"cfg_normalization": 0.0, "cfg_truncation": 1.0}
@@ -57,25 +56,9 @@ def call(backbone: Backbone, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor,
     return -torch.stack(out).squeeze(2)
 
 
-def _latent_side(backbone: Backbone) -> int:
-    """The latent's side: the pipeline takes sizes divisible by twice the VAE's factor
-    (the denoiser's 2x2 patches)."""
-    multiple = 2 * backbone.vae_scale
-    if backbone.resolution % multiple:
-        raise ValueError(f"resolution {backbone.resolution} is not a multiple of {multiple}: Z-Image's latents are "
-                         f"cut into 2x2 patches after the VAE's {backbone.vae_scale}x reduction")
-    return backbone.resolution // backbone.vae_scale
-
-
-def noise_shape(backbone: Backbone) -> tuple[int, int, int]:
-    """ZImagePipeline.prepare_latents draws (C, H / f, W / f) per image, in float32."""
-    side = _latent_side(backbone)
-    return (backbone.net.config.in_channels, side, side)
-
-
 def image_tokens(backbone: Backbone) -> int:
     """The pipeline's image_seq_len: one token per 2x2 latent patch."""
-    return (_latent_side(backbone) // 2) ** 2
+    return (backbone.latent_size // 2) ** 2
 
 
 def sigmas(steps: int) -> list[float]:
@@ -83,13 +66,6 @@ def sigmas(steps: int) -> list[float]:
     from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
     return get_default_z_image_sigmas(steps)
-
-
-def decode(backbone: Backbone, x0: torch.Tensor) -> torch.Tensor:
-    """Latents unscaled and unshifted as the pipeline does, then the VAE; images in [-1, 1]."""
-    vae = backbone.vae
-    latents = x0.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
-    return vae.decode(latents, return_dict=False)[0].float().clamp(-1, 1)
 
 
 def pipeline_guidance(scale: float) -> float:
@@ -107,9 +83,9 @@ def guide(backbone: Backbone, net: nn.Module, x: torch.Tensor, t: torch.Tensor, 
     g = pipeline_guidance(scale)
     guided = (1000 - t) / 1000 <= cfg_truncation
     if g <= 0 or not guided.any():
-        return call(backbone, net, x, t, cond).float()
-    empty = backbone.empty_cond().to(x.device, cond.embeds.dtype).expand(len(x))
-    pos, neg = call(backbone, net, torch.cat([x, x]), t.repeat(2), cond.cat(empty)).float().chunk(2)
+        return backbone.predict(net, x, t, cond).float()
+    empty = backbone.empty_cond().to(x.device, x.dtype).expand(len(x))
+    pos, neg = backbone.predict(net, torch.cat([x, x]), t.repeat(2), cond.cat(empty)).float().chunk(2)
     pred = pos + g * (pos - neg)
     if cfg_normalization > 0:
         limit = pos.flatten(1).norm(dim=1) * cfg_normalization
