@@ -50,12 +50,7 @@ def save_tiny_z_image(folder: Path, seed: int = 0) -> Path:
     """Qwen3 (2 layers, width 16), a Z-Image transformer of width 48 (its feed-forward 128 wide: LoRaD pairs need even widths), a 16-channel VAE with
     Z-Image's scale and shift and a 2x reduction (16 px is an 8x8 latent, 16 tokens), and
     Z-Image's scheduler: a static shift of 3."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        ZImagePipeline,
-        ZImageTransformer2DModel,
-    )
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Model
 
     torch.manual_seed(seed)

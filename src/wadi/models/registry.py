@@ -161,8 +161,9 @@ KINDS: dict[str, Kind] = {
                     hub_words=("z-image",), pipeline_classes=("ZImagePipeline",)),
     # FLUX.2 klein: an MMDiT on three of Qwen3's layers side by side, 32-channel latents
     # patchified 2x2 and normalised by the VAE's batch-norm statistics, 4-axis ids, a shift
-    # by tokens and steps. The base is guided by CFG; a distilled klein takes none.
-    "flux2-klein": Kind("flux2-klein", "Flux2Transformer2DModel", "transformer", "Qwen3ForCausalLM", "AutoTokenizer",
+    # by tokens and steps. The base is guided by CFG; a distilled klein takes none. Its
+    # Qwen3 is loaded without the language-model head, whose logits nothing reads.
+    "flux2-klein": Kind("flux2-klein", "Flux2Transformer2DModel", "transformer", "Qwen3Model", "AutoTokenizer",
                         masked=False, vae="AutoencoderKLFlux2", targets=("flux2-student", "flux2-fake"),
                         max_length=flux2_klein.MAX_LENGTH, call=flux2_klein.call, encode=flux2_klein.encode,
                         noise_shape=flux2_klein.noise_shape, image_tokens=flux2_klein.image_tokens,
