@@ -162,3 +162,16 @@ def test_what_does_not_fit_is_refused_in_one_line(folder, tmp_path, capsys):
     refused(capsys, [*base, "model.resolution=16", "train.guidance_options.cfg_truncation=0.5", *run],
             "guidance has no such setting (it has: none)")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("model,preset,billions", [("flux2-klein-4b", "flux2-klein-4b-wadi", 3.88),
+                                                   ("flux2-klein-9b", "flux2-klein-9b-wadi", 9.08)])
+def test_params_of_the_released_models_and_the_presets_ranks(capsys, model, preset, billions):
+    """FLUX.2 klein 4B and 9B built from their released configs without weights, and each
+    preset's rank about the paper's tenth of the denoiser."""
+    from wadi.engine.config import resolve
+
+    rank = resolve(preset).student.rank
+    assert main(["params", "--model", model, "--rank", str(rank), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert round(out["total"] / 1e9, 2) == billions and 0.08 < out["fraction"] < 0.12

@@ -161,3 +161,14 @@ def test_what_does_not_fit_is_refused_in_one_line(folder, runs, tmp_path, capsys
     refused(capsys, ["export", str(runs(1)), "--format", "lora-kohya", "--rank", "2", "--out", str(tmp_path / "o")],
             "has no lora-kohya export")
     assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()
+
+
+def test_params_of_the_released_model_and_the_presets_rank(capsys):
+    """Z-Image 6B built from its released config without weights: 6.15B parameters, and the
+    preset's rank is about the paper's tenth of them."""
+    from wadi.engine.config import resolve
+
+    rank = resolve("z-image-wadi").student.rank
+    assert main(["params", "--model", "z-image-6b", "--rank", str(rank), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert round(out["total"] / 1e9, 2) == 6.15 and 0.08 < out["fraction"] < 0.12
