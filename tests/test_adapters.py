@@ -238,3 +238,14 @@ def test_a_student_from_an_adapter_file_reads_the_file_once(tmp_path, monkeypatc
     student = load_student(path, BackboneSpec(path=str(base)))
     assert reads == [path]
     assert torch.equal(student.net.state_dict()["conv_in.weight"], adapter.model.state_dict()["conv_in.weight"])
+
+
+def test_an_adapter_file_is_checked_once_per_load(tmp_path, monkeypatch):
+    from wadi.adapters.file import AdapterFile
+
+    adapter = attach(tiny_unet(), AdapterConfig(rank=4, targets={"include": ["to_q"]}))
+    path = adapter.save(tmp_path / "a.safetensors")
+    checks, real = [], AdapterFile.check
+    monkeypatch.setattr(AdapterFile, "check", lambda self, *a, **k: checks.append(a) or real(self, *a, **k))
+    load_adapter(tiny_unet(), path)
+    assert len(checks) == 1 and checks[0][5] is not None  # one check, and it is the full one (fingerprint)

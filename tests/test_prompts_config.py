@@ -98,3 +98,18 @@ def test_bad_overrides(overrides, message):
 def test_unknown_config_name():
     with pytest.raises(FileNotFoundError, match="neither a preset"):
         resolve("sd99-wadi")
+
+
+def test_a_run_is_read_as_saved_not_through_todays_preset(tmp_path, monkeypatch):
+    """A preset that changed after a run was made does not change the run's settings."""
+    from wadi.engine.config import run_config
+    from wadi.engine.presets import deep_update
+
+    saved = resolve("sd15-wadi").to_dict()
+    del saved["train"]["warmup_steps"]  # a run written before this setting existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    monkeypatch.setitem(PRESETS, "sd15-wadi", deep_update(PRESETS["sd15-wadi"], {"train": {"warmup_steps": 77}}))
+    assert resolve("sd15-wadi").train.warmup_steps == 77
+    run = type("Run", (), {"config": tmp_path / "config.yaml"})()
+    cfg = run_config(run)
+    assert cfg.train.warmup_steps == 0 and cfg.preset == "sd15-wadi"

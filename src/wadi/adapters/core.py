@@ -137,6 +137,10 @@ class Adapter:
         file = source if isinstance(source, AdapterFile) else adapter_file.read(source)
         file.check(self.config.kind, self.config.rank, self.ranked, self.model, self.backbone,
                    self.base_fingerprint, self.base_sample, allow_other_base)
+        self._load_tensors(file)
+
+    def _load_tensors(self, file: AdapterFile) -> None:
+        """The file's tensors into the adapter, their names and shapes checked first."""
         tensors, path = file.tensors, file.path
         current = self.state_dict()
         missing, extra = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
@@ -285,10 +289,13 @@ def load_adapter(model: nn.Module, source: str | os.PathLike | AdapterFile, allo
     file = source if isinstance(source, AdapterFile) else adapter_file.read(source)
     config = AdapterConfig(**file.config)
     cls = adapter_class(config.kind)
-    file.check(config.kind, config.rank, cls.ranked, model)
-    names = cls.select(model, config)
+    try:
+        names = cls.select(model, config)
+    except ValueError:
+        file.check(config.kind, config.rank, cls.ranked, model)  # a file of another model says so first
+        raise
     file.check(config.kind, config.rank, cls.ranked, model, backbone, fingerprint(model, names),
-               content_sample(model, names), allow_other_base)
+               content_sample(model, names), allow_other_base)  # once, before the model is touched
     adapter = attach(model, config, file.backbone or backbone)
-    adapter.load(file, allow_other_base)
+    adapter._load_tensors(file)
     return adapter

@@ -230,8 +230,10 @@ def _build(cls, values: dict, where: str):
         raise ValueError(f"{where.rstrip('.')}: {e}") from None
 
 
-def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
-    """Expand a preset name or YAML file, apply `key=value` overrides, convert and check."""
+def resolve(config: str, overrides: list[str] = (), expand_preset: bool = True) -> DistillConfig:
+    """Expand a preset name or YAML file, apply `key=value` overrides, convert and check.
+    A run's saved config.yaml is complete: `expand_preset=False` reads it as saved, its
+    `preset` a name only (today's preset may differ from the one the run was made with)."""
     values = preset_values(config)
     preset = config if values is not None else ""
     if values is None:
@@ -252,7 +254,7 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
         preset = loaded.pop("preset", "") or ""
         if not isinstance(preset, str):
             raise ValueError(f"config file {path}: preset must be a preset name, got {brief(preset)}")
-        base = preset_values(preset) if preset else {}
+        base = preset_values(preset) if preset and expand_preset else {}
         if base is None:
             raise ValueError(f"config file {path} names unknown preset {brief(preset)}")
         values = deep_update(base, loaded)
@@ -283,8 +285,9 @@ RESUMABLE = {"train.steps", "train.max_nonfinite", "run.log_every", "run.checkpo
 
 
 def run_config(run, overrides: list[str] = ()) -> DistillConfig:
-    """The resolved config of a run folder (a RunFolder), with `overrides`: the one reader of config.yaml."""
-    return resolve(str(run.config), overrides)
+    """The resolved config of a run folder (a RunFolder), with `overrides`: the one reader of
+    config.yaml, which is read as saved (not re-expanded through today's presets)."""
+    return resolve(str(run.config), overrides, expand_preset=False)
 
 
 def resume_config(run, overrides: list[str]) -> DistillConfig:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -60,10 +60,6 @@ class BackboneSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "BackboneSpec":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def load(self, dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> "Backbone":
         if not self.path:

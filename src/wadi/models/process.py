@@ -130,10 +130,6 @@ class VP(_Samplers):
         return ((alpha * pred.float() - alpha * eps.float()) ** 2).mean()
 
     # --- the one-step generator ---------------------------------------------------------
-    @property
-    def generator_index(self) -> int:
-        return self.num_train_timesteps - 1
-
     def generate(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x0 = (z - sigma_T eps) / alpha_T with abar_T = one_step_abar, in float32."""
         abar = torch.tensor(self.one_step_abar, dtype=torch.float32, device=z.device)
@@ -277,10 +273,6 @@ class Flow(_Samplers):
         return ((pred.float() - (eps.float() - x0.float())) ** 2).mean()
 
     # --- the one-step generator ---------------------------------------------------------
-    @property
-    def generator_index(self) -> int:
-        return self.num_train_timesteps - 1  # s = 1: pure noise
-
     def generate(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x0 = z - v(z, s = 1), in float32."""
         return z.float() - pred.float()
