@@ -76,3 +76,14 @@ def student_images(run: Path) -> torch.Tensor:
 
     student = load_student(run)
     return sample_student(student.backbone, student.net, PROMPTS, SEEDS) / 2 + 0.5
+
+
+def run_card(export: Path, monkeypatch) -> None:
+    """The Python snippet of an export's card, run as written (in the export's parent folder)."""
+    from test_ecosystem import card_snippet
+
+    language, code = card_snippet((export / "README.md").read_text())
+    assert language == "python" and "prompt=" in code
+    monkeypatch.chdir(export.parent)
+    exec(compile(code, "card", "exec"), {})
+    assert (export.parent / "image.png").is_file()

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from kind_runs import PROMPTS, SEEDS, backbone, distil, stock, stock_teacher, student_images, wadi_teacher
+from kind_runs import PROMPTS, SEEDS, backbone, distil, run_card, stock, stock_teacher, student_images, wadi_teacher
 from tiny_pipes_flux2_klein import save_tiny_flux2_klein
 
 from wadi.cli import main
@@ -90,7 +90,7 @@ def runs(folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("steps", [1, 4])
-def test_the_export_reproduces_wadi_sample(runs, tmp_path, steps):
+def test_the_export_reproduces_wadi_sample(runs, tmp_path, monkeypatch, steps):
     from tiny_pipes import stock_images
 
     run = runs(steps)
@@ -105,9 +105,10 @@ def test_the_export_reproduces_wadi_sample(runs, tmp_path, steps):
     assert (ours - theirs).abs().max() < 1 / 255
     teacher = wadi_teacher(backbone(info["base"]["path"], student_steps=steps), steps, 1.0)
     assert (ours - teacher).abs().max() > 1e-2, "the trained student should differ from its teacher"
+    run_card(tmp_path / "export", monkeypatch)
 
 
-def test_the_lora_export_loads_in_the_stock_pipeline_exactly(runs, folder, tmp_path):
+def test_the_lora_export_loads_in_the_stock_pipeline_exactly(runs, folder, tmp_path, monkeypatch):
     from wadi.artifacts.students import load_student
 
     run = runs(1)
@@ -126,6 +127,7 @@ def test_the_lora_export_loads_in_the_stock_pipeline_exactly(runs, folder, tmp_p
         base = bb.predict(bb.net, x, t, cond)
     err, moved = (got - want).abs().max(), (want - base).abs().max()
     assert err < 1e-4 and moved > 20 * err, (err, moved)
+    run_card(tmp_path / "lora", monkeypatch)
 
 
 def test_a_distilled_klein_takes_no_guidance(distilled, tmp_path, capsys):

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from kind_runs import PROMPTS, SEEDS, backbone, distil, stock, stock_teacher, student_images, wadi_teacher
+from kind_runs import PROMPTS, SEEDS, backbone, distil, run_card, stock, stock_teacher, student_images, wadi_teacher
 from tiny_pipes_z_image import save_tiny_z_image
 
 from wadi.cli import main
@@ -36,7 +36,8 @@ def test_folders_and_hub_ids_are_recognised(folder):
 def test_encode_is_the_pipelines(folder, bb):
     cond = bb.encode_prompts(PROMPTS)
     with torch.no_grad():
-        theirs, _ = stock(folder).encode_prompt(list(PROMPTS), do_classifier_free_guidance=False, max_sequence_length=24)
+        theirs, _ = stock(folder).encode_prompt(list(PROMPTS), do_classifier_free_guidance=False,
+                                                max_sequence_length=24)
     ours = z_image._captions(cond)
     assert [len(c) for c in ours] == [len(c) for c in theirs] and len(ours[0]) != len(ours[1])
     for a, b in zip(ours, theirs):
@@ -107,7 +108,7 @@ def runs(folder, tmp_path_factory):
 
 
 @pytest.mark.parametrize("steps", [1, 4])
-def test_the_export_reproduces_wadi_sample(runs, tmp_path, steps):
+def test_the_export_reproduces_wadi_sample(runs, tmp_path, monkeypatch, steps):
     from tiny_pipes import stock_images
 
     run = runs(steps)
@@ -120,9 +121,10 @@ def test_the_export_reproduces_wadi_sample(runs, tmp_path, steps):
     assert (ours - theirs).abs().max() < 1 / 255
     teacher = wadi_teacher(backbone(info["base"]["path"], student_steps=steps), steps, 1.0)
     assert (ours - teacher).abs().max() > 1e-2, "the trained student should differ from its teacher"
+    run_card(tmp_path / "export", monkeypatch)
 
 
-def test_the_lora_export_loads_in_the_stock_pipeline_exactly(runs, folder, tmp_path):
+def test_the_lora_export_loads_in_the_stock_pipeline_exactly(runs, folder, tmp_path, monkeypatch):
     from wadi.artifacts.students import load_student
 
     run = runs(1)
@@ -141,6 +143,7 @@ def test_the_lora_export_loads_in_the_stock_pipeline_exactly(runs, folder, tmp_p
         base = bb.predict(bb.net, x, t, cond)
     err, moved = (got - want).abs().max(), (want - base).abs().max()
     assert err < 1e-4 and moved > 20 * err, (err, moved)
+    run_card(tmp_path / "lora", monkeypatch)
 
 
 def refused(capsys, args, text):
@@ -172,3 +175,18 @@ def test_params_of_the_released_model_and_the_presets_rank(capsys):
     assert main(["params", "--model", "z-image-6b", "--rank", str(rank), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert round(out["total"] / 1e9, 2) == 6.15 and 0.08 < out["fraction"] < 0.12
+
+
+def test_guidance_options_reach_the_teacher_in_training(runs, folder, tmp_path):
+    """Truncation at net time 0 leaves no training time guided: the run is the unguided one
+    bit for bit, and not the guided one it would otherwise be."""
+    from safetensors.torch import load_file
+
+    def student(run):
+        return load_file(str(run / "student.safetensors"))
+
+    cut = distil("z-image", folder, tmp_path / "cut", 1, guidance=1.5, guidance_options={"cfg_truncation": 0.0})
+    plain = distil("z-image", folder, tmp_path / "plain", 1, guidance=1.0)
+    a, b, guided = student(cut), student(plain), student(runs(1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], guided[k]) for k in a)

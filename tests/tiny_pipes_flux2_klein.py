@@ -30,7 +30,8 @@ def save_tiny_flux2_klein(folder: Path, seed: int = 0, is_distilled: bool = Fals
                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
                                           timestep_guidance_channels=256, axes_dims_rope=[4, 4, 4, 4],
                                           guidance_embeds=False)
-    vae = AutoencoderKLFlux2(sample_size=16, in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+    vae = AutoencoderKLFlux2(sample_size=16, in_channels=3, out_channels=3, latent_channels=4,
+                             block_out_channels=(8, 16),
                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                              layers_per_block=1, norm_num_groups=8, use_quant_conv=False, use_post_quant_conv=False)
     with torch.no_grad():

@@ -47,9 +47,10 @@ def qwen3_config(vocab_size: int, hidden: int, layers: int):
 
 
 def save_tiny_z_image(folder: Path, seed: int = 0) -> Path:
-    """Qwen3 (2 layers, width 16), a Z-Image transformer of width 48 (its feed-forward 128 wide: LoRaD pairs need even widths), a 16-channel VAE with
-    Z-Image's scale and shift and a 2x reduction (16 px is an 8x8 latent, 16 tokens), and
-    Z-Image's scheduler: a static shift of 3."""
+    """Qwen3 (2 layers, width 16), a Z-Image transformer of width 48 (its feed-forward is
+    then 128 wide: LoRaD's rotation pairs need even widths), a 16-channel VAE with Z-Image's
+    scale and shift and a 2x reduction (16 px is an 8x8 latent, 16 tokens), and Z-Image's
+    scheduler: a static shift of 3."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Model
 

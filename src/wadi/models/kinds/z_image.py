@@ -40,8 +40,8 @@ def encode(backbone: Backbone, prompts: list[str], mask_encoder: bool) -> Cond:
                                            add_generation_prompt=True, enable_thinking=True) for p in prompts]
     ids, mask = _tokens(backbone, texts)
     mask = mask.bool()
-    states = backbone.text["text_encoder"](input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-    return Cond(states, mask)
+    out = backbone.text["text_encoder"](input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return Cond(out.hidden_states[-2], mask)
 
 
 def _captions(cond: Cond) -> list[torch.Tensor]:
