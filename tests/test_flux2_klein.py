@@ -147,9 +147,21 @@ def test_a_distilled_klein_takes_no_guidance(distilled, tmp_path, capsys):
                      f"data.prompts={tmp_path / 'p.txt'}", f"run.root={tmp_path / 'runs'}", "train.mixed_precision=no",
                      "train.guidance=3"], "has no guidance; use train.guidance=1")
     assert not (tmp_path / "runs").exists()
+    # The flag is the folder's: the same weights without a model_index.json are the base,
+    # and one that cannot be read is said in one line.
+    import shutil
+
+    shutil.copytree(distilled, tmp_path / "bare")
+    (tmp_path / "bare" / "model_index.json").unlink()
+    assert backbone(tmp_path / "bare").guidance == "cfg"
+    shutil.copytree(distilled, tmp_path / "broken")
+    (tmp_path / "broken" / "model_index.json").write_text("[1")
+    with pytest.raises(ValueError, match="could not read the model_index.json"):
+        backbone(tmp_path / "broken").guidance  # noqa: B018
 
 
 def refused(capsys, args, text):
+    capsys.readouterr()  # what came before
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and text in err[0], err

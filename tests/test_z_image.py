@@ -147,6 +147,7 @@ def test_the_lora_export_loads_in_the_stock_pipeline_exactly(runs, folder, tmp_p
 
 
 def refused(capsys, args, text):
+    capsys.readouterr()  # what came before
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and text in err[0], err

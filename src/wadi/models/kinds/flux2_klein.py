@@ -17,12 +17,14 @@ each transcribed from the stock pipeline's default call.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
+from wadi.errors import describe
 from wadi.models.conditioning import Cond, _tokens
 from wadi.models.guidance import guided_cfg, guided_none
 
@@ -101,9 +103,18 @@ def decode(backbone: Backbone, x0: torch.Tensor) -> torch.Tensor:
 
 @lru_cache
 def _distilled(path: str) -> bool:
+    """is_distilled of a pipeline folder's or hub id's model_index.json; a folder without
+    one holds the base, as the pipeline's default says."""
     from diffusers import DiffusionPipeline
 
-    return bool(DiffusionPipeline.load_config(path).get("is_distilled", False))
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        return False
+    try:
+        return bool(DiffusionPipeline.load_config(path).get("is_distilled", False))
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"could not read the model_index.json of {path} (whether its FLUX.2 klein is "
+                         f"step-distilled): {describe(e)}") from None
 
 
 def guidance_mode(backbone: Backbone) -> str:
