@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from wadi.adapters.core import ADAPTERS
-from wadi.commands.model_args import parse_seeds
+from wadi.adapters.config import ADAPTERS
+from wadi.commands.model_args import check_seed, parse_seeds
+from wadi.files.atomic import FORCE_HELP
 
 
 def register(sub) -> None:
@@ -38,8 +39,8 @@ def _register_demo(sub) -> None:
                    help="distill once per seed and report each, their median and the worst, e.g. 0-4 (default 0)")
     p.add_argument("--per-class", type=int, default=50, help="evaluation images per digit (default 50)")
     p.add_argument("--root", default="runs", help="where the numbered demo folder goes (default runs)")
-    p.add_argument("--out", help="the demo folder instead (new or empty; with --force, any)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--out", help="the demo folder instead (new or empty; with --force, an existing one)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--threads", type=int,
                    help="CPU threads (default: the cores, at most 4; models this small gain nothing from more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -89,11 +90,13 @@ def _register_teacher(sub) -> None:
 
 def _teacher_command(args) -> int:
     from wadi.digits.teacher import train_teacher
-    from wadi.files.atomic import check_out
 
-    check_out(args.out, force=False)
+    # This tool has no --force: it writes a new folder only.
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise FileExistsError(f"--out {args.out} exists; give a new or empty folder")
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
+    check_seed(args.seed, "--seed")
     out = train_teacher(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         name=args.world, progress=not args.no_progress)
     print(f"teacher: {out}")

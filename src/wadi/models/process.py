@@ -391,7 +391,8 @@ def process_of(scheduler_config: dict, one_step_abar: float | str | None = None,
             or scheduler_config.get("use_flow_sigmas", False))
     if flow:
         return Flow(scheduler_config, one_step_abar, image_tokens, steps_mu)
-    if cls not in VP_SCHEDULERS:
+    ddpm_shaped = not cls and any(k in scheduler_config for k in ("beta_schedule", "beta_start", "trained_betas"))
+    if cls not in VP_SCHEDULERS and not ddpm_shaped:  # a config made in code has no class name
         raise ValueError(f"scheduler class {cls or '(none)'!r} is not a noise process wadi knows; supported: "
                          f"{', '.join(FLOW_SCHEDULERS)} (rectified flow) and {', '.join(VP_SCHEDULERS)} (DDPM)")
     return VP(scheduler_config, one_step_abar)
