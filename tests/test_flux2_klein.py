@@ -112,7 +112,7 @@ def test_the_lora_export_loads_in_the_stock_pipeline_exactly(runs, folder, tmp_p
     from wadi.artifacts.students import load_student
 
     run = runs(1)
-    assert main(["export", str(run), "--format", "lora", "--rank", "64", "--out", str(tmp_path / "lora")]) == 0
+    assert main(["export", str(run), "--format", "lora", "--rank", "32", "--out", str(tmp_path / "lora")]) == 0
     report = json.loads((tmp_path / "lora" / "lora_report.json").read_text())
     assert report["energy_min"] > 1 - 1e-9 and report["layers"] > 0
     pipe = stock(folder)
@@ -172,7 +172,7 @@ def test_what_does_not_fit_is_refused_in_one_line(folder, tmp_path, capsys):
     run = [f"data.prompts={tmp_path / 'p.txt'}", f"run.root={tmp_path / 'runs'}", "train.mixed_precision=no"]
     base = ["distill", "--config", "flux2-klein-4b-wadi", f"model.path={folder}"]
     refused(capsys, [*base, "model.kind=z-image", *run], "is a flux2-klein pipeline folder, not z-image")
-    refused(capsys, [*base, "model.resolution=18", *run], "resolution 18")
+    refused(capsys, [*base, "model.resolution=18", *run], "must be a multiple of 4")
     refused(capsys, [*base, "model.resolution=16", "train.guidance_options.cfg_truncation=0.5", *run],
             "guidance has no such setting (it has: none)")
     assert not (tmp_path / "runs").exists()
