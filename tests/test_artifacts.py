@@ -61,6 +61,9 @@ def test_a_few_step_student_samples_the_same_from_every_file_that_holds_it(two_s
     assert manifest["process"]["prediction type"] == "epsilon" and manifest["process"]["beta_schedule"] == "scaled_linear"
     assert "num_inference_steps=2" in (tmp_path / "e" / "README.md").read_text()
     np.testing.assert_array_equal(sample(tmp_path / "e", tmp_path / "export"), ours)
+    # The stock pipeline called as wadi.json says: its size and text length, not the base's.
+    stock = tiny_pipes.stock_images(tmp_path / "e", ["a red car"], [0])[0]
+    assert np.abs(np.round(stock * 255) - ours.astype(int)).max() <= 1
 
 
 def test_the_records_are_in_the_files(two_step):

@@ -56,6 +56,19 @@ PRESETS: dict[str, TargetRule] = {
     # rotation does not take.
     "sana-student": TargetRule(exclude=("time_embed",)),
     "sana-fake": TargetRule(include=("transformer_blocks",), exclude=_FAKE_EXCLUDE),
+    # Student Z-Image: every Linear of the refiners and the main layers (attention,
+    # feed-forward, their adaLN modulations), the patch and caption embedders and the final
+    # layer, but the timestep embedder: the MMDiT student's rule on a single stream.
+    "zimage-student": TargetRule(exclude=("t_embedder",)),
+    # Fake Z-Image: attention and feed-forward of the refiners and main layers, without the
+    # modulations (the MMDiT fake's rule).
+    "zimage-fake": TargetRule(include=("attention", "feed_forward")),
+    # Student FLUX.2: every Linear of both kinds of blocks, the shared modulations, the
+    # embedders and the output, but the timestep embedder (the MMDiT student's rule).
+    "flux2-student": TargetRule(exclude=("time_guidance_embed",)),
+    # Fake FLUX.2: the blocks' attention and feed-forward; FLUX.2's modulations are shared
+    # outside the blocks, so nothing inside needs excluding.
+    "flux2-fake": TargetRule(include=("transformer_blocks",)),
 }
 
 

@@ -64,6 +64,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to 0 at the last step)
     max_grad_norm: float = 1.0
     guidance: float = 1.5  # on both teacher and fake model
+    guidance_options: dict[str, float] = field(default_factory=dict)  # the kind's further guidance settings
     t_min: int = 20
     t_max: int = 980
     fake_uncond_prob: float = 0.1
@@ -408,6 +409,9 @@ def _check_config(c: DistillConfig) -> None:
     _require(math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0, "train.max_grad_norm", "a positive number",
              t.max_grad_norm)
     _require(math.isfinite(t.guidance), "train.guidance", "a finite number", t.guidance)
+    for name, v in t.guidance_options.items():
+        _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                 f"train.guidance_options.{name}", "a finite number", v)
     _require(t.t_min >= 0, "train.t_min", "at least 0", t.t_min)
     _require(t.t_max >= t.t_min, "train.t_max", f"at least train.t_min ({t.t_min})", t.t_max)
     _require(0 <= t.fake_uncond_prob <= 1, "train.fake_uncond_prob", "a probability in [0, 1]", t.fake_uncond_prob)

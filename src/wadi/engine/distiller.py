@@ -207,8 +207,8 @@ class Distiller:
         t = self._time(noise, tc.t_min, tc.t_max)
         x_t = bb.process.add_noise(x0.detach(), noise.normal(x0.shape[1:]), t).to(self.weight_dtype)
         with torch.no_grad(), self.acc.autocast():
-            real = bb.guided(bb.net, x_t, t, cond, tc.guidance)
-            fake = bb.guided(self.acc.unwrap_model(self.fake_net), x_t, t, cond, tc.guidance)
+            real = bb.guided(bb.net, x_t, t, cond, tc.guidance, **tc.guidance_options)
+            fake = bb.guided(self.acc.unwrap_model(self.fake_net), x_t, t, cond, tc.guidance, **tc.guidance_options)
         g = bb.process.score_difference(real, fake, t)
         return vsd_loss(x0, g), int((~torch.isfinite(g)).sum())
 

@@ -45,6 +45,20 @@ PRESETS: dict[str, dict] = {
                   "student": {"rank": 256},
                   "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True,
                             "guidance": 1.0, "fake_uncond_prob": 0.0}},
+    # Z-Image and FLUX.2 klein (docs/backbones.md): the undistilled bases as teachers (CFG against
+    # the empty prompt), rank for about 10% of the denoiser as above (wadi params: Z-Image 6B
+    # r=256 10.1%, klein 4B r=256 8.6%, klein 9B r=384 9.8%), bf16.
+    "z-image-wadi": {"model": {"kind": "z-image", "path": "Tongyi-MAI/Z-Image", "resolution": 1024},
+                     "student": {"rank": 256},
+                     "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
+    "flux2-klein-4b-wadi": {"model": {"kind": "flux2-klein", "path": "black-forest-labs/FLUX.2-klein-base-4B",
+                                      "resolution": 1024},
+                            "student": {"rank": 256},
+                            "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
+    "flux2-klein-9b-wadi": {"model": {"kind": "flux2-klein", "path": "black-forest-labs/FLUX.2-klein-base-9B",
+                                      "resolution": 1024},
+                            "student": {"rank": 384},
+                            "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
 }
 # The paper's rank ablation (student r) and adapter ablation (same targets, matched budget).
 for _r in (64, 128, 512):

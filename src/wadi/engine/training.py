@@ -64,6 +64,11 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError(f"setting train.guidance={cfg.train.guidance:g}: the {backbone.kind.name} model takes its "
                          "guidance as an input, which teacher, fake model and student share; set model.guidance "
                          "instead and leave train.guidance=1")
+    unknown = sorted(set(cfg.train.guidance_options) - set(backbone.kind.guidance_options))
+    if unknown:
+        has = ", ".join(backbone.kind.guidance_options) or "none"
+        raise ValueError(f"setting train.guidance_options.{unknown[0]}: the {backbone.kind.name} model's guidance has "
+                         f"no such setting (it has: {has})")
     if cfg.data.mask_prompts and not masks_on_request(backbone.kind):
         raise ValueError(f"setting data.mask_prompts masks the padding of a single CLIP encoder (the sd kind); the "
                          f"{backbone.kind.name} kind encodes prompts as its stock pipeline does: unset it")

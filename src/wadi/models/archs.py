@@ -1,9 +1,9 @@
 """Built-in architecture configs of the paper's backbones, buildable without weights.
 
 The configs are those of the public SD 1.5 / SD 2.1 / SDXL UNets, the PixArt-alpha transformer,
-the SD3.5 medium / large MMDiTs, the Sana 0.6B / 1.6B (1024 px) transformers and the FLUX.1
-[dev] / [schnell] transformers. Built on the meta device they cost no memory, so adapter
-parameter counts need no download.
+the SD3.5 medium / large MMDiTs, the Sana 0.6B / 1.6B (1024 px) transformers, the FLUX.1
+[dev] / [schnell] transformers, Z-Image 6B and FLUX.2 klein 4B / 9B. Built on the meta device
+they cost no memory, so adapter parameter counts need no download.
 """
 
 from __future__ import annotations
@@ -83,6 +83,25 @@ ARCHS: dict[str, Arch] = {
     # embedder; [schnell] is the same without it.
     "flux-dev": Arch("flux-dev", "flux", _FLUX),
     "flux-schnell": Arch("flux-schnell", "flux", dict(_FLUX, guidance_embeds=False)),
+    # Z-Image 6B (Turbo and base alike): 30 single-stream layers of width 3840 after two noise and
+    # two caption refiners, on Qwen3-4B's 2560-wide states.
+    "z-image-6b": Arch("z-image-6b", "z-image",
+                       dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30,
+                            n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True,
+                            cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48],
+                            axes_lens=[1536, 512, 512])),
+    # FLUX.2 klein 4B: 5 double- and 20 single-stream blocks of width 3072 on three of
+    # Qwen3-4B's layers (3 x 2560); 9B: 8 and 24 of width 4096 on Qwen3-8B's (3 x 4096).
+    "flux2-klein-4b": Arch("flux2-klein-4b", "flux2-klein",
+                           dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20,
+                                attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680,
+                                timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                                rope_theta=2000, eps=1e-6, guidance_embeds=False)),
+    "flux2-klein-9b": Arch("flux2-klein-9b", "flux2-klein",
+                           dict(patch_size=1, in_channels=128, num_layers=8, num_single_layers=24,
+                                attention_head_dim=128, num_attention_heads=32, joint_attention_dim=12288,
+                                timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
+                                rope_theta=2000, eps=1e-6, guidance_embeds=False)),
 }
 
 

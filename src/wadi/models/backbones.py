@@ -136,7 +136,8 @@ class Backbone:
                              "(--resolution)")
         self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else size
         tokens = self.kind.image_tokens(self) if self.kind.image_tokens else None
-        self.process = process_of(dict(scheduler_config), spec.one_step_abar, tokens)
+        steps_mu = (lambda steps: self.kind.steps_mu(self, steps)) if self.kind.steps_mu else None
+        self.process = process_of(dict(scheduler_config), spec.one_step_abar, tokens, steps_mu)
         check_student_steps(spec, self.process.num_train_timesteps)
         self._empty: Cond | None = None
         self._times: list | None = None
@@ -223,10 +224,12 @@ class Backbone:
         out = self.kind.call(self, net, x_t, t, cond).to(x_t.dtype)
         return self.process.to_work(out, x_t, t)
 
-    def guided(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+    def guided(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float,
+               **options) -> torch.Tensor:
         """`predict` in float32, guided at scale `guidance` in the kind's mode
-        (wadi.models.guidance); at 1 the conditional prediction alone."""
-        return self.kind.guide(self, net, x, t, cond, guidance)
+        (wadi.models.guidance), with the kind's further guidance `options`; at 1 the
+        conditional prediction alone."""
+        return self.kind.guide(self, net, x, t, cond, guidance, **options)
 
     # --- images ---------------------------------------------------------------------
     @torch.no_grad()

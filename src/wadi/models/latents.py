@@ -40,3 +40,9 @@ def decode_scaled(backbone: "Backbone", x0: torch.Tensor) -> torch.Tensor:
     if shift is not None:
         latents = latents + shift
     return vae.decode(latents).sample.float().clamp(-1, 1)
+
+
+def pipeline_patch_multiple(backbone: "Backbone") -> int:
+    """What a resolution must be a multiple of where the pipeline cuts latents into 2x2
+    patches whatever the denoiser's own patch setting says (Z-Image, FLUX.2)."""
+    return 2 * backbone.vae_scale

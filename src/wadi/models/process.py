@@ -207,7 +207,7 @@ class Flow(_Samplers):
     default_sampler = "euler"
 
     def __init__(self, scheduler_config: dict, one_step_abar: float | str | None = None,
-                 image_tokens: int | None = None):
+                 image_tokens: int | None = None, steps_mu=None):
         if one_step_abar is not None:
             raise ValueError(f"model.one_step_abar={one_step_abar!r} is a setting of VP (DDPM) models; this model is "
                              "a rectified flow, whose one-step generator x0 = z - v(z, 1) has no such constant")
@@ -215,6 +215,9 @@ class Flow(_Samplers):
         self.num_train_timesteps = _count(self.config.get("num_train_timesteps", 1000))
         self.dynamic = bool(self.config.get("use_dynamic_shifting"))
         self.mu = None
+        # steps -> mu, where a pipeline's shift depends on the number of steps as well
+        # (FLUX.2's empirical fit): its sampling and exports; training keeps `mu`.
+        self.steps_mu = steps_mu
         if self.dynamic:
             # FLUX, Qwen-Image: the shift grows with the image's token count; at one resolution
             # it is the fixed shift exp(mu) (exponential time shift) or mu (linear), the same
@@ -330,7 +333,7 @@ class Flow(_Samplers):
     def set_timesteps(self, scheduler, steps: int, sigmas=None, device=None) -> None:
         """The scheduler's timesteps for `steps` steps as a pipeline sets them: the kind's
         `sigmas(steps)` where its pipeline passes some, and mu where the shift is dynamic."""
-        kwargs = {"mu": self.mu} if self.dynamic else {}
+        kwargs = {"mu": self.steps_mu(steps) if self.steps_mu else self.mu} if self.dynamic else {}
         if sigmas is not None and "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
             scheduler.set_timesteps(sigmas=sigmas(steps), device=device, **kwargs)
         else:
@@ -376,17 +379,18 @@ def run_student(process: Process, times: list[torch.Tensor], predict, z: torch.T
 
 
 def process_of(scheduler_config: dict, one_step_abar: float | str | None = None,
-               image_tokens: int | None = None) -> Process:
+               image_tokens: int | None = None, steps_mu=None) -> Process:
     """The process a diffusers scheduler config describes: a flow-matching scheduler (or one
     set to flow prediction, as Sana's DPM-Solver) is a rectified flow, a DDPM-family one VP;
-    any other class is refused. `image_tokens` completes a resolution-dependent shift."""
+    any other class is refused. `image_tokens` completes a resolution-dependent shift;
+    `steps_mu` (steps -> mu) gives it per number of steps where the kind's pipeline does."""
     if not isinstance(scheduler_config, dict):
         raise ValueError(f"the scheduler config is a JSON {type(scheduler_config).__name__}, not an object")
     cls = scheduler_config.get("_class_name", "")
     flow = (cls in FLOW_SCHEDULERS or scheduler_config.get("prediction_type") == "flow_prediction"
             or scheduler_config.get("use_flow_sigmas", False))
     if flow:
-        return Flow(scheduler_config, one_step_abar, image_tokens)
+        return Flow(scheduler_config, one_step_abar, image_tokens, steps_mu)
     ddpm_shaped = not cls and any(k in scheduler_config for k in ("beta_schedule", "beta_start", "trained_betas"))
     if cls not in VP_SCHEDULERS and not ddpm_shaped:  # a config made in code has no class name
         raise ValueError(f"scheduler class {cls or '(none)'!r} is not a noise process wadi knows; supported: "

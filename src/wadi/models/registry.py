@@ -22,8 +22,8 @@ from wadi.models.conditioning import (call_mmdit, call_pixart, call_sana, call_s
                                       empty_sdxl, encode_sana, encode_sd3, encode_sdxl, encode_states,
                                       encode_states_pooled)
 from wadi.models.guidance import MODES, guided_cfg
-from wadi.models.kinds import flux
-from wadi.models.latents import decode_scaled, image_noise_shape, patch_multiple, vae_scale
+from wadi.models.kinds import flux, flux2_klein, z_image
+from wadi.models.latents import decode_scaled, image_noise_shape, patch_multiple, pipeline_patch_multiple, vae_scale
 
 if TYPE_CHECKING:
     from wadi.models.backbones import Backbone
@@ -79,13 +79,15 @@ class Kind:
     resolution_multiple: Callable = patch_multiple  # (backbone) -> what a resolution must be a multiple of
     # --- guidance
     guidance: str = "cfg"  # one of guidance.MODES
-    guide: Callable = guided_cfg  # (backbone, net, x, t, cond, scale) -> guided prediction, float32
-    guidance_of: Callable | None = None  # (backbone) -> its mode, where the kind's checkpoints differ (FLUX.1)
+    guide: Callable = guided_cfg  # (backbone, net, x, t, cond, scale, **options) -> guided prediction, float32
+    guidance_of: Callable | None = None  # (backbone) -> its mode, where the model's checkpoint decides (FLUX.1, klein)
+    guidance_options: dict = field(default_factory=dict)  # further settings `guide` takes: {name: default}
     # --- the ecosystem
     pipeline: str | None = None  # stock diffusers pipeline; None: loaded by wadi only
     pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
     pipeline_call: Callable | None = cfg_off_call  # (backbone, steps) -> the call's arguments besides the prompt
     sigmas: Callable | None = None  # (steps) -> the sigmas the pipeline passes its scheduler; None: none
+    steps_mu: Callable | None = None  # (backbone, steps) -> the pipeline's mu where it depends on the steps
     exports: tuple[str, ...] = ("pipeline", "adapter")  # what its ecosystem reads (EXPORTS)
     lora_note: str = ""  # for its LoRA card: the tools besides diffusers that read the diffusers file as it is
     hub_words: tuple[str, ...] = ()  # words that mark its hub ids, lower case
@@ -167,6 +169,29 @@ KINDS: dict[str, Kind] = {
                            "base model, this LoRA at strength 1, FluxGuidance at the guidance_scale below, CFG 1, "
                            "sampler euler, scheduler simple, the steps below (with its own noise; several steps are "
                            "spaced its own way, expect small differences)"),
+    # Z-Image: a single-stream DiT on Qwen3's second-to-last states (chat template, real
+    # tokens only), a list of latents, time 1 - sigma with the output negated, a static
+    # shift of 3; CFG as its pipeline combines it, with its normalisation and truncation.
+    "z-image": Kind("z-image", "ZImageTransformer2DModel", "transformer", "Qwen3Model", "AutoTokenizer", masked=True,
+                    vae="AutoencoderKL", targets=("zimage-student", "zimage-fake"), max_length=z_image.MAX_LENGTH,
+                    call=z_image.call, encode=z_image.encode, image_tokens=z_image.image_tokens,
+                    resolution_multiple=pipeline_patch_multiple, guide=z_image.guide,
+                    guidance_options=z_image.GUIDANCE_OPTIONS, pipeline="ZImagePipeline",
+                    pipeline_call=z_image.pipeline_call, sigmas=z_image.sigmas, exports=("pipeline", "adapter", "lora"),
+                    hub_words=("z-image",), pipeline_classes=("ZImagePipeline",)),
+    # FLUX.2 klein: an MMDiT on three of Qwen3's layers side by side, 32-channel latents
+    # patchified 2x2 and normalised by the VAE's batch-norm statistics, 4-axis ids, a shift
+    # by tokens and steps. The base is guided by CFG; a distilled klein takes none. Its
+    # Qwen3 is loaded without the language-model head, whose logits nothing reads.
+    "flux2-klein": Kind("flux2-klein", "Flux2Transformer2DModel", "transformer", "Qwen3Model", "AutoTokenizer",
+                        masked=False, vae="AutoencoderKLFlux2", targets=("flux2-student", "flux2-fake"),
+                        max_length=flux2_klein.MAX_LENGTH, call=flux2_klein.call, encode=flux2_klein.encode,
+                        noise_shape=flux2_klein.noise_shape, image_tokens=flux2_klein.image_tokens,
+                        decode=flux2_klein.decode, resolution_multiple=pipeline_patch_multiple,
+                        guide=flux2_klein.guide, guidance_of=flux2_klein.guidance_mode, pipeline="Flux2KleinPipeline",
+                        pipeline_extras=dict(is_distilled=True), pipeline_call=flux2_klein.pipeline_call,
+                        sigmas=flux2_klein.sigmas, steps_mu=flux2_klein.mu, exports=("pipeline", "adapter", "lora"),
+                        hub_words=("flux.2-klein", "flux2-klein"), pipeline_classes=("Flux2KleinPipeline",)),
 }
 
 # Where a pipeline folder keeps its denoiser, for readers of weights that take any kind's.
