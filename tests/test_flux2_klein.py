@@ -157,7 +157,7 @@ def test_a_distilled_klein_takes_no_guidance(distilled, tmp_path, capsys):
     shutil.copytree(distilled, tmp_path / "broken")
     (tmp_path / "broken" / "model_index.json").write_text("[1")
     with pytest.raises(ValueError, match="could not read the model_index.json"):
-        backbone(tmp_path / "broken").guidance  # noqa: B018
+        backbone(tmp_path / "broken").guidance_mode  # noqa: B018
 
 
 def refused(capsys, args, text):
