@@ -46,6 +46,9 @@ PRESETS: dict[str, TargetRule] = {
     # Fake MMDiT: the blocks' attention and feed-forward, without the modulations (the
     # counterpart of the UNet fake's time_emb_proj).
     "mmdit-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1",)),
+    # Fake Qwen-Image MMDiT: the same, its modulations named img_mod / txt_mod (its student
+    # is mmdit-student: every Linear but the timestep embedder).
+    "qwen-fake": TargetRule(include=("transformer_blocks",), exclude=("img_mod", "txt_mod")),
     # Student Sana: every Linear of the blocks' linear self-attention and cross-attention,
     # the caption projection and the output, but the adaLN-single timestep path (as
     # PixArt's); its feed-forward is convolutional (GLUMBConv), which LoRaD's linear
