@@ -37,6 +37,12 @@ PRESETS: dict[str, dict] = {
     "sana-wadi": {"model": {"kind": "sana", "path": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
                             "resolution": 1024},
                   "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
+    # Qwen-Image (20B) at its pipeline's default 1024 px: the same 10% rule, r=256 (1892M of
+    # 20430M, 9.3%; wadi params); 16 prompts per process as 2 x 8 (docs/backbones.md).
+    "qwen-image-wadi": {"model": {"kind": "qwen-image", "path": "Qwen/Qwen-Image", "resolution": 1024},
+                        "student": {"rank": 256},
+                        "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True,
+                                  "batch_size": 2, "grad_accum": 8}},
 }
 # The paper's rank ablation (student r) and adapter ablation (same targets, matched budget).
 for _r in (64, 128, 512):

@@ -1,7 +1,8 @@
 """Built-in architecture configs of the paper's backbones, buildable without weights.
 
 The configs are those of the public SD 1.5 / SD 2.1 / SDXL UNets, the PixArt-alpha transformer,
-the SD3.5 medium / large MMDiTs and the Sana 0.6B / 1.6B (1024 px) transformers. Built on the meta device they cost no memory, so adapter parameter counts
+the SD3.5 medium / large MMDiTs, the Sana 0.6B / 1.6B (1024 px) transformers and Qwen-Image's
+20B MMDiT. Built on the meta device they cost no memory, so adapter parameter counts
 need no download.
 """
 
@@ -73,6 +74,12 @@ ARCHS: dict[str, Arch] = {
                            num_attention_heads=70, attention_head_dim=32, num_cross_attention_heads=20,
                            cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
                            mlp_ratio=2.5, norm_elementwise_affine=False, norm_eps=1e-6)),
+    # Qwen-Image (20B): 60 double-stream blocks of width 3072 (24 heads of 128) on Qwen2.5-VL
+    # 7B's 3584-wide states, 16-channel latents packed 2x2 (its released transformer config).
+    "qwen-image": Arch("qwen-image", "qwen-image",
+                       dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                            axes_dims_rope=(16, 56, 56))),
 }
 
 
