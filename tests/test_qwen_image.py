@@ -114,10 +114,13 @@ def test_guidance_is_the_pipelines_rescaled_combination(bb):
         neg = bb.predict(bb.net, x, t, bb.empty_cond().expand(2))
     comb = neg + 2.5 * (pos - neg)
 
-    def patch_norm(v):
-        return torch.linalg.vector_norm(v.unflatten(2, (4, 2)).unflatten(4, (4, 2)), dim=(1, 3, 5), keepdim=True)
+    def patches(v):  # (B, C, 4, 2, 4, 2): each 2x2 patch's values over dims 1, 3, 5
+        return v.unflatten(2, (4, 2)).unflatten(4, (4, 2))
 
-    want = (comb.unflatten(2, (4, 2)).unflatten(4, (4, 2)) * patch_norm(pos) / patch_norm(comb)).flatten(4).flatten(2, 3)
+    def patch_norm(v):
+        return torch.linalg.vector_norm(patches(v), dim=(1, 3, 5), keepdim=True)
+
+    want = (patches(comb) * patch_norm(pos) / patch_norm(comb)).flatten(4).flatten(2, 3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, comb, atol=1e-3)
 

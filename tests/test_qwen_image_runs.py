@@ -114,6 +114,18 @@ def test_the_lora_export_in_load_lora_weights_is_the_student(tiny, tmp_path):
     assert "QwenImagePipeline" in (tmp_path / "lora" / "README.md").read_text()
 
 
+@pytest.mark.parametrize("fmt,extra", [("pipeline", []), ("lora", ["--rank", "8"])])
+def test_the_cards_snippet_runs_as_written(tiny, tmp_path, monkeypatch, fmt, extra):
+    from test_ecosystem import card_snippet
+
+    assert main(["export", str(tiny[2](1)), "--format", fmt, "--out", str(tmp_path / fmt), *extra]) == 0
+    language, code = card_snippet((tmp_path / fmt / "README.md").read_text())
+    assert language == "python" and "QwenImagePipeline" in code and "true_cfg_scale=1.0" in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "card", "exec"), {})
+    assert np.asarray(Image.open(tmp_path / "image.png")).shape == (RESOLUTION, RESOLUTION, 3)
+
+
 def refused(capsys, args: list[str], text: str, one_line: bool = True) -> None:
     """Exit 2 and one error line naming `text`; with one_line, nothing else on stderr (a
     refusal that comes at the first training step follows the progress bar's line)."""
@@ -155,10 +167,10 @@ def test_folders_and_hub_ids_are_recognised(tiny):
 def test_the_preset(tiny):
     cfg = resolve("qwen-image-wadi")
     assert cfg.model.kind == "qwen-image" and cfg.model.path == "Qwen/Qwen-Image" and cfg.model.resolution == 1024
-    assert (cfg.student.rank, cfg.student.targets, cfg.fake.targets) == (256, "mmdit-student", "qwen-fake")
+    assert (cfg.student.rank, cfg.student.targets, cfg.fake.targets) == (128, "mmdit-student", "qwen-fake")
 
 
-@pytest.mark.parametrize("role,rank,layers", [("student", 256, 844), ("fake", 32, 720)])
+@pytest.mark.parametrize("role,rank,layers", [("student", 128, 844), ("fake", 32, 720)])
 def test_params_of_the_released_20b_model(capsys, role, rank, layers):
     """The released transformer's 40.86 GB of bf16 weights are 20.43B parameters; the student
     takes 14 linear layers in each of 60 blocks and the 4 outside, the fake the blocks'
