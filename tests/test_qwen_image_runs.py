@@ -67,6 +67,14 @@ def test_the_export_through_its_wadi_json_call_is_wadi_sample(tiny, tmp_path, st
         assert np.abs(png.astype(int) - np.round(image * 255).astype(int)).max() <= 1
     teacher = sample_student(student.backbone, student.backbone.net, *PAIRS) / 2 + 0.5
     assert (teacher - ours).abs().max() > 4 / 255, "the trained student should differ from its teacher by more"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 3 and all(np.isfinite([r["loss_student"], r["loss_fake"]]).all() and not r["skipped"]
+                                 for r in log)
+    # wadi reads the export back as the student
+    args = ["sample", str(tmp_path / "export"), "--out", str(tmp_path / "again"), "--seeds", "0-1"]
+    assert main(args + [a for p in PROMPTS for a in ("--prompt", p)]) == 0
+    for a, b in zip(_pngs(tmp_path / "samples"), _pngs(tmp_path / "again")):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_released_scheduler_is_nan_at_one_step_and_the_exported_one_is_the_student(tiny, tmp_path):
