@@ -117,7 +117,7 @@ class AuthorsScheme:
         uncond = bb.empty_cond().to(device, wd).expand(n)
         proc = bb.process
         T = bb.num_train_timesteps - 1
-        t_T = proc.time(torch.full((n,), proc.generator_index, device=device, dtype=torch.long))
+        t_T = proc.time(torch.full((n,), proc.num_train_timesteps - 1, device=device, dtype=torch.long))
         z = noise.normal(bb.latent_shape)
         with self.acc.autocast():
             eps = bb.predict(self.student, z.to(wd), t_T, cond)

@@ -65,7 +65,7 @@ def test_a_second_command_on_a_held_output_refuses_naming_the_holder(world, tmp_
 
 def test_the_lock_of_a_killed_command_does_not_block(world, tmp_path):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from wadi.files import locks; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from wadi.files.atomic import locks; "
                                f"held = locks.acquire({str(out)!r}); print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -3,7 +3,6 @@ teachers (the UNet of `digits`, the rectified-flow MMDiT of `digits-flow`), the 
 known inputs, and shortened demo runs end to end."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -193,8 +193,6 @@ def test_trackers_get_scalars_and_sample_grids(tmp_path, monkeypatch):
 def test_single_file_export_loads_with_from_single_file(lorad_run, tmp_path):
     """The original layout, through diffusers' own conversion: from_single_file of the
     export gives the student's image."""
-    from safetensors.torch import save_file
-
     base, run, student = lorad_run
     tiny_pipes.save_template(base, tmp_path / "base.safetensors")  # the test's layout is diffusers' own
 
@@ -208,9 +206,7 @@ def test_single_file_export_loads_with_from_single_file(lorad_run, tmp_path):
         safety_checker=None, requires_safety_checker=False)
     torch.testing.assert_close(unet_out(loaded.unet), unet_out(student), rtol=0, atol=1e-6)
     assert (tmp_path / "single" / "README.md").is_file() and (tmp_path / "single" / "scheduler").is_dir()
-    other = tiny_pipes.original_layout(UNet2DConditionModel.from_pretrained(
-        tiny_pipes.save_tiny_sd(tmp_path / "other", seed=4), subfolder="unet"))
-    save_file(other, str(tmp_path / "other.safetensors"))
+    tiny_pipes.save_template(tiny_pipes.save_tiny_sd(tmp_path / "other", seed=4), tmp_path / "other.safetensors")
     assert main(["export", str(run), "--format", "single-file", "--template", str(tmp_path / "other.safetensors"),
                  "--out", str(tmp_path / "wrong")]) == 2  # another base's file is refused
 
@@ -237,11 +233,8 @@ def unbound_names(code: str) -> set[str]:
 
 
 def test_every_cards_snippet_is_runnable_as_written(lorad_run, tmp_path, monkeypatch):
-    from safetensors.torch import save_file
-
     base, run, _ = lorad_run
-    save_file(tiny_pipes.original_layout(UNet2DConditionModel.from_pretrained(base, subfolder="unet")),
-              str(tmp_path / "base.safetensors"))
+    tiny_pipes.save_template(base, tmp_path / "base.safetensors")
     exports = {"pipeline": [], "adapter": [], "lora": ["--rank", "4"], "lora-kohya": ["--rank", "4"],
                "single-file": ["--template", str(tmp_path / "base.safetensors")]}
     snippets = {}
@@ -267,11 +260,10 @@ def test_every_cards_snippet_is_runnable_as_written(lorad_run, tmp_path, monkeyp
 
 
 def test_a_single_file_export_named_as_a_file_is_that_file(lorad_run, tmp_path, capsys):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     base, run, _ = lorad_run
-    save_file(tiny_pipes.original_layout(UNet2DConditionModel.from_pretrained(base, subfolder="unet")),
-              str(tmp_path / "base.safetensors"))
+    tiny_pipes.save_template(base, tmp_path / "base.safetensors")
     out = tmp_path / "models" / "wadi-1step.safetensors"
     out.parent.mkdir()
     args = ["export", str(run), "--format", "single-file", "--template", str(tmp_path / "base.safetensors"),

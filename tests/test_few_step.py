@@ -180,6 +180,7 @@ def test_a_resumed_two_step_run_is_the_uninterrupted_one(tmp_path):
 def test_impossible_step_settings_are_one_line(tmp_path, capsys, overrides, text):
     (tmp_path / "prompts.txt").write_text("a cat\n")
     base = tiny_pipes.save_tiny_sd(tmp_path / "sd")
+    capsys.readouterr()  # saving may show transformers' progress bar (before any wadi command quiets it)
     assert main(["distill", "--config", "sd15-wadi", f"model.path={base}", f"data.prompts={tmp_path / 'prompts.txt'}",
                  "train.mixed_precision=no", "model.resolution=16", f"run.root={tmp_path / 'runs'}", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()

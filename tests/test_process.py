@@ -99,7 +99,7 @@ def test_flow_time_is_the_training_schedulers_shifted_sigma():
     torch.testing.assert_close(flow.time(index), stock.timesteps.flip(0).float(), rtol=1e-6, atol=1e-3)
     u = (index.double() + 1) / 1000
     torch.testing.assert_close(flow.time(index).double() / 1000, 3 * u / (1 + 2 * u), rtol=1e-6, atol=1e-6)
-    assert flow.time(torch.tensor([flow.generator_index])).item() == 1000.0  # s = 1: pure noise
+    assert flow.time(torch.tensor([flow.num_train_timesteps - 1])).item() == 1000.0  # s = 1: pure noise
 
 
 def test_flow_forward_process_predictions_and_generator():

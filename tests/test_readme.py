@@ -1,7 +1,8 @@
 """The README as a user meets it: the install lines name extras that exist, and its Python
 runs as written on a CPU.
 
-Every ```python block of README.md runs, in order and in one namespace, in a fresh folder.
+Every ```python block of README.md runs on its own (a reader copies one), in its own
+namespace, one after the other in a fresh folder.
 A line `NAME = ...  # yours: ...` assigns what a reader changes (a model, a prompt file,
 more settings); the test assigns YOURS[NAME] instead: a tiny model built in code, its
 prompts, and settings that make the run two steps of a tiny student.
@@ -49,12 +50,12 @@ def test_the_readme_python_runs_as_written_on_tiny_models(tmp_path, monkeypatch)
     blocks = [YOURS_LINE.sub(assign, b) for b in python_blocks(README.read_text())]
     assert len(blocks) == 2 and found == set(yours)
     monkeypatch.chdir(tmp_path)
-    namespace = {}
-    for i, block in enumerate(blocks):
+    namespaces = [{} for _ in blocks]
+    for i, (block, namespace) in enumerate(zip(blocks, namespaces)):
         exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
-    assert tuple(namespace["images"].shape) == (1, 3, 16, 16)
+    assert tuple(namespaces[0]["images"].shape) == (1, 3, 16, 16)
     assert (tmp_path / "sd15-wadi-pipeline" / "model_index.json").is_file()
-    assert (tmp_path / "student-unet" / "config.json").is_file() and namespace["again"].backbone == "sd"
+    assert (tmp_path / "student-unet" / "config.json").is_file() and namespaces[1]["again"].backbone == "sd"
 
 
 def test_wadi_distill_stays_the_function_once_the_engine_module_is_loaded():

@@ -119,9 +119,11 @@ def test_a_folder_is_recognised_by_its_pipeline_class(tiny_run, tmp_path):
 
     base = tmp_path / "sdxl-named"
     shutil.copytree(tiny_run("sd")[0], base)
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     assert detect_kind(str(base)) == "sd"
     (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    assert detect_kind(str(base)) == "sdxl"  # the pipeline's own word over the folder's contents
+    with pytest.raises(ValueError, match="a sdxl pipeline folder without text_encoder_2/, tokenizer_2/"):
+        detect_kind(str(base))  # the pipeline's own word: an SDXL folder missing its second encoder
 
 
 @pytest.mark.parametrize("kind,fmt", [("pixart", "lora"), ("sd3", "lora-kohya"), ("sana", "single-file")])
@@ -132,3 +134,11 @@ def test_exports_a_kind_does_not_declare_are_one_line(tiny_run, tmp_path, capsys
     assert main(["export", str(run), "--format", fmt, "--out", str(tmp_path / "o"), *extra[fmt]]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"has no {fmt} export" in err and not (tmp_path / "o").exists()
+
+
+def test_a_ddpm_config_made_in_code_without_a_class_name_is_vp():
+    from wadi.models.process import VP
+
+    assert isinstance(process_of({k: v for k, v in SD.items() if k != "_class_name"}), VP)
+    with pytest.raises(ValueError, match="not a noise process"):
+        process_of({"sigma_min": 0.002, "sigma_max": 80.0})  # an EDM-shaped config without its class

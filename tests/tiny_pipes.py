@@ -213,18 +213,90 @@ def make_cfg(pipes: dict, tmp_path: Path, kind: str = "sd", student: str = "lora
                       log_every=1, sample_seeds=[0]))
 
 
-def save_template(base: Path, path: Path) -> Path:
-    """The base's UNet as an original single-file checkpoint at `path`, after checking that
-    diffusers' own conversion reads this layout back to the same tensors."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+def save_template(base: Path, path: Path, **changes) -> Path:
+    """The base as a complete original single-file checkpoint at `path` (UNet, VAE, text
+    encoders; SDXL's second in OpenCLIP's layout), after checking that diffusers' own
+    conversions read each part back to the same tensors. `changes` = {key: factor} scales
+    those original keys afterwards (a template that is not the base)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    def same(back: dict, module) -> None:
+        assert all(torch.equal(back[k].reshape(v.shape), v) for k, v in module.state_dict().items())
 
     teacher = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-    template = original_layout(teacher)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    template, vae_part = original_layout(teacher), vae_layout(vae)
     back = convert_ldm_unet_checkpoint(template, dict(teacher.config))
-    assert all(torch.equal(back[k], v) for k, v in teacher.state_dict().items()) and len(back) == len(template)
-    save_file(template, str(path))
+    same(back, teacher)
+    assert len(back) == len(template)
+    same(convert_ldm_vae_checkpoint(vae_part, dict(vae.config)), vae)
+    template.update(vae_part)
+    sdxl = (base / "text_encoder_2").is_dir()
+    clip = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+    prefix = "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
+    # The original keys are transformers' older ones, under text_model. (5.6 flattened CLIPTextModel).
+    clip_part = {prefix + ("" if k.startswith("text_model.") else "text_model.") + k: v.clone()
+                 for k, v in clip.state_dict().items()}
+    same({k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(clip_part).items()}, clip)
+    template.update(clip_part)
+    if sdxl:
+        big = CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2")
+        big_part = open_clip_layout(big, "conditioner.embedders.1.model.")
+        same(convert_open_clip_checkpoint(big, big_part, "conditioner.embedders.1.model."), big)
+        template.update(big_part)
+    for key, factor in changes.items():
+        template[key] = template[key] * factor
+    save_file(template, str(path), metadata={"modelspec.title": "tiny base", "modelspec.license": "test"})
     return path
+
+
+def vae_layout(vae) -> dict:
+    """An AutoencoderKL's tensors under the original checkpoint's keys (first_stage_model.*);
+    save_template checks them with diffusers' conversion back."""
+    import re
+
+    last = len(vae.config.up_block_types) - 1
+    renames = [(r"down_blocks\.(\d+)\.resnets\.", lambda m: f"down.{m[1]}.block."),
+               (r"down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"down.{m[1]}.downsample."),
+               (r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{last - int(m[1])}.block."),
+               (r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{last - int(m[1])}.upsample."),
+               (r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}."),
+               (r"mid_block\.attentions\.0\.", lambda m: "mid.attn_1."),
+               (r"conv_norm_out", lambda m: "norm_out"), (r"conv_shortcut", lambda m: "nin_shortcut"),
+               (r"attn_1\.group_norm", lambda m: "attn_1.norm"), (r"attn_1\.to_out\.0", lambda m: "attn_1.proj_out"),
+               (r"attn_1\.to_([qkv])\.", lambda m: f"attn_1.{m[1]}.")]
+    out = {}
+    for name, tensor in vae.state_dict().items():
+        for pattern, new in renames:
+            name = re.sub(pattern, new, name)
+        if "attn_1." in name and tensor.ndim == 2:  # the original's 1x1 convolutions
+            tensor = tensor[:, :, None, None]
+        out[f"first_stage_model.{name}"] = tensor.clone()
+    return out
+
+
+def open_clip_layout(text_model, prefix: str) -> dict:
+    """A transformers CLIP text model under OpenCLIP's keys (q, k, v fused, the projection
+    transposed), by inverting diffusers' own table of the renames."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    table = DIFFUSERS_TO_LDM_MAPPING["openclip"]
+    state, out = text_model.state_dict(), {}
+    for ours, theirs in table["layers"].items():
+        tensor = state.pop(ours)
+        out[prefix + theirs] = tensor.T.contiguous() if theirs == "text_projection" else tensor.clone()
+    for name in [k for k in state if ".q_proj." in k]:  # q, k and v as one in_proj
+        state[name.replace("q_proj.", "in_proj_")] = torch.cat(
+            [state.pop(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj")])
+    for name, tensor in state.items():
+        for ours, theirs in table["transformer"].items():
+            name = name.replace(ours, theirs)
+        out[f"{prefix}transformer.{name}"] = tensor.clone()
+    return out
 
 
 def original_layout(unet) -> dict:

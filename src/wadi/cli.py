@@ -31,7 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
             importlib.import_module(module).register(sub)
         for command in set(sub.choices) - before:
             sub.choices[command].set_defaults(world_of_command=world_name)
+    parser.set_defaults(commands=sub.choices)
     return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line. argparse fills a command's positional list (`key=value` overrides,
+    eval's models) from one stretch only, so words after a flag that follows some of them
+    are refused, with the top-level usage; the command's own parser reads them wherever
+    they stand (and says its own usage when something is wrong)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        rest = argv[argv.index(args.command) + 1:]  # the top level has no option that takes a value
+        vars(args).update(vars(args.commands[args.command].parse_intermixed_args(rest)))
+    return args
 
 
 def version() -> str:
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         from wadi.engine.training import TrainingStopped
         from wadi.files import locks
 
-        args = build_parser().parse_args(argv)
+        args = parse(argv)
         command = f"wadi {args.command}"
         _quiet_libraries()
         if getattr(args, "world_of_command", None):

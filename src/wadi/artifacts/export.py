@@ -30,6 +30,8 @@ from wadi.models.backbones import BackboneSpec
 from wadi.models.registry import EXPORTS, Kind
 
 if TYPE_CHECKING:
+    import torch
+
     from wadi.artifacts.students import Loaded
 
 FORMATS = EXPORTS
@@ -37,9 +39,18 @@ SINGLE_FILE = "student.safetensors"
 
 
 def check_format(kind: Kind, fmt: str) -> None:
-    """Refuse, in one line, an export the kind's ecosystem does not read."""
-    if not kind.supports(fmt):
-        raise ValueError(f"the {kind.name} kind has no {fmt} export; it has {', '.join(kind.exports)}")
+    """Refuse, in one line, an export the kind's ecosystem does not read, with the reason
+    where it is not obvious: a single file diffusers can read but not write."""
+    import diffusers
+
+    if kind.supports(fmt):
+        return
+    why = ""
+    readers = (getattr(diffusers, kind.pipeline or "", None), getattr(diffusers, kind.denoiser, None))
+    if fmt == "single-file" and any(hasattr(r, "from_single_file") for r in readers):
+        why = (" (its original single file fuses tensors that diffusers keeps apart, and diffusers converts that "
+               "layout only into its own, not back)")
+    raise ValueError(f"the {kind.name} kind has no {fmt} export{why}; it has {', '.join(kind.exports)}")
 
 
 def build_pipeline(loaded: "Loaded"):
@@ -83,10 +94,12 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
 
 
 def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int, kohya: bool = False,
-                force: bool = False) -> tuple[Path, dict]:
+                force: bool = False, dtype: torch.dtype | None = None) -> tuple[Path, dict]:
     """The student's change of the teacher's linear layers as a LoRA of `rank` (with the
-    one-step scheduler beside it and a card); returns the file and what the rank keeps."""
+    one-step scheduler beside it and a card), its tensors in `dtype` (default float32);
+    returns the file and what the rank keeps."""
     import diffusers
+    import torch
 
     from wadi.artifacts.lora_export import delta_lora, save_lora
 
@@ -95,6 +108,7 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
     check_format(bb.kind, "lora-kohya" if kohya else "lora")
     pipeline = getattr(diffusers, bb.kind.pipeline)
     tensors, report = delta_lora(student.net, teacher.net, rank)
+    tensors = {k: v.to(dtype or torch.float32) for k, v in tensors.items()}
     base = teacher.backbone.spec
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -120,38 +134,60 @@ def single_file_paths(out: str | Path, force: bool = False) -> tuple[Path, Path,
         check_out(out, force)
         return out / SINGLE_FILE, out / "scheduler", out / "README.md"
     file, scheduler, card = out, out.with_suffix(".scheduler"), out.with_suffix(".md")
+    _remove_killed_export(file, scheduler, card)
     check_new_file(file, force)
     check_new_file(card, force)
     check_out(scheduler, force)
     return file, scheduler, card
 
 
+def _remove_killed_export(file: Path, scheduler: Path, card: Path) -> None:
+    """What an export to the checkpoint `file` killed before the checkpoint appeared left:
+    its card (written first, naming `file`) and scheduler. Nothing else is taken for one."""
+    if file.exists() or not card.is_file():
+        return
+    try:
+        ours = str(file.resolve()) in card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    if ours:
+        card.unlink()
+        shutil.rmtree(scheduler, ignore_errors=True)
+
+
 def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Path, out: str | Path,
-                       force: bool = False) -> Path:
+                       force: bool = False, dtype: torch.dtype | None = None) -> Path:
     """The student as one checkpoint in the original layout, built on the base model's own
-    single file `template` (its VAE and text encoder kept), with the one-step scheduler
-    and a card beside it (see single_file_paths); returns the checkpoint."""
+    single file `template` (its VAE and text encoders kept, and its metadata with a note of
+    what changed), with the student's scheduler and a card beside it (see single_file_paths);
+    its tensors in `dtype` (default: the template's). Returns the checkpoint."""
     from safetensors.torch import save_file
 
-    from wadi.artifacts.single_file import student_checkpoint
+    from wadi.artifacts.single_file import student_checkpoint, template_metadata
     from wadi.files.weights import read_file
 
     file, scheduler, card = single_file_paths(out, force)
     bb = student.backbone
     check_format(bb.kind, "single-file")
-    state = student_checkpoint(read_file(Path(template)), student.net, teacher.net)
+    state = student_checkpoint(read_file(Path(template)), student.net, teacher.backbone)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    metadata = template_metadata(Path(template), student.source, bb.student_steps, dtype)
     usage = single_file_usage(bb.kind, teacher.backbone.spec.path, file.resolve(), scheduler.resolve(),
                               type(bb.student_scheduler()).__name__, bb.pipeline_call())
 
     def write(file_to: Path, scheduler_to: Path, card_to: Path) -> None:
-        save_file(state, str(file_to))
+        save_file(state, str(file_to), metadata=metadata)
         bb.student_scheduler().save_pretrained(scheduler_to)
         write_card(card_to.parent, "one checkpoint in the original Stable Diffusion layout (A1111, ComfyUI, "
                    "from_single_file)", teacher.backbone.spec, student.source, usage, bb.student_steps,
                    ui_settings(bb, f"{file.name} as the checkpoint"), name=card_to.name)
 
     if file == Path(out):
-        with atomic_path(scheduler) as s, atomic_path(card) as c, atomic_path(file) as f:
+        # Three paths cannot appear at once: the card, then the scheduler, then the checkpoint
+        # (the last block to close renames first), so a checkpoint is never without its
+        # scheduler and card, and what a killed export leaves the next one removes.
+        with atomic_path(file) as f, atomic_path(scheduler) as s, atomic_path(card) as c:
             write(f, s, c)
     else:
         with atomic_path(out) as tmp:

@@ -3,8 +3,12 @@
 Per linear layer the change W_student - W_teacher is factored by a truncated SVD,
 D ~ U_r S_r V_r^T, into lora_B = U_r sqrt(S_r) and lora_A = sqrt(S_r) V_r^T (scale 1):
 exact at full rank, and at a lower rank the share of each layer's squared singular values
-kept says what was lost. Layers narrower than the rank are padded with zeros. Written with diffusers' own writers: `save_lora_weights` (what
-`load_lora_weights` reads) or `convert_state_dict_to_kohya` (A1111, ComfyUI).
+kept says what was lost. Every layer carries the same rank, layers narrower than it padded
+with zeros: a file of one rank, without alphas, is what every loader reads at scale 1
+(diffusers' loaders take one alpha for a file that records none). A rank beyond the widest
+changed layer's full rank would only add zeros, and is refused. Written with diffusers' own
+writers: `save_lora_weights` (what `load_lora_weights` reads) or
+`convert_state_dict_to_kohya` (A1111, ComfyUI).
 """
 
 from __future__ import annotations
@@ -41,14 +45,15 @@ def delta_lora(student: nn.Module, teacher: nn.Module, rank: int) -> tuple[dict[
         raise ValueError(f"--rank must be at least 1, got {rank}")
     base = dict(teacher.named_parameters())
     tensors, report = {}, LoraReport(rank)
-    linear = set()
-    for name, module in student.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        linear.add(f"{name}.weight")
-        delta = module.weight.double() - base[f"{name}.weight"].double()
-        if not delta.any():
-            continue
+    linear = {f"{name}.weight": module for name, module in student.named_modules() if isinstance(module, nn.Linear)}
+    changed = {name: m for name, m in linear.items() if not torch.equal(m.weight, base[name])}
+    widest = max((min(m.weight.shape) for m in changed.values()), default=0)
+    if changed and rank > widest:
+        raise ValueError(f"--rank {rank} is beyond the full rank of the widest layer the student changed ({widest}); "
+                         f"at --rank {widest} the LoRA is already exact, a higher one only adds zeros")
+    for weight, module in changed.items():
+        name = weight.removesuffix(".weight")
+        delta = module.weight.double() - base[weight].double()
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(rank, len(s))
         root = s[:r].sqrt()

@@ -26,15 +26,15 @@ import torch.nn as nn
 from wadi.adapters import file as adapter_file
 from wadi.adapters.core import adapter_base_copy, load_adapter
 from wadi.adapters.file import is_adapter_file
-from wadi.artifacts.manifest import is_export, read_manifest
+from wadi.artifacts.manifest import MANIFEST, is_export, read_manifest
 from wadi.engine.config import run_config
 from wadi.engine.run_folder import RunFolder
 from wadi.errors import NeedsOption
 from wadi.files import hub
 from wadi.files.atomic import read_json_object
 from wadi.files.weights import TORCH_SUFFIXES, check_finite, check_fits, load_weights
-from wadi.models.backbones import (DENOISER_SUBFOLDERS, Backbone, BackboneSpec, Kind, detect_kind, get_kind,
-                                   load_backbone)
+from wadi.models.backbones import (DENOISER_SUBFOLDERS, Backbone, BackboneSpec, Kind, StudentStepsError, detect_kind,
+                                   get_kind, load_backbone, load_denoiser)
 
 
 @dataclass
@@ -83,7 +83,7 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
         backbone = load_backbone(base, dtype, allow_bin)
         if (run.student_model / "config.json").is_file():
             read_json_object(run.student_model / "config.json")  # diffusers takes a damaged one for a hub id
-            net = type(backbone.net).from_pretrained(run.student_model, torch_dtype=dtype, use_safetensors=True)
+            net = load_denoiser(backbone.net, run.student_model, dtype)
         elif run.student_adapter.is_file():
             net = adapter_student(backbone, run.student_adapter, allow_other_base)
         else:
@@ -94,7 +94,10 @@ def _load_student(source: str | Path, spec: BackboneSpec, dtype: torch.dtype, al
         base = read_manifest(path)["base"]
         mine = spec.filled(**base.to_dict())
         # The export's own folder as the model, with every setting of how it was made and samples.
-        backbone = load_backbone(replace(mine, path=str(path), text_encoder=None), dtype, allow_bin)
+        try:
+            backbone = load_backbone(replace(mine, path=str(path), text_encoder=None), dtype, allow_bin)
+        except StudentStepsError as e:
+            raise ValueError(f"{path / MANIFEST}: {e}; export the student again") from None
         return Loaded(backbone, backbone.net, str(path), mine if spec.path or base.path else None, False)
     lora = lora_export_file(path)
     if lora is not None:
@@ -145,8 +148,9 @@ def base_kind(spec: BackboneSpec) -> Kind:
 
 
 def load_teacher(source: str | Path | None, spec: BackboneSpec | None = None,
-                 dtype: torch.dtype = torch.float32) -> Loaded:
-    """The multi-step teacher: `source` is its base model, or a run folder / export naming it."""
+                 dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> Loaded:
+    """The multi-step teacher: `source` is its base model, or a run folder / export naming it;
+    `allow_bin` reads its .bin weights (as plain tensors)."""
     spec = spec or BackboneSpec()
     path = Path(source).expanduser() if source else None
     if path is not None and RunFolder.is_run(path):
@@ -155,11 +159,12 @@ def load_teacher(source: str | Path | None, spec: BackboneSpec | None = None,
         spec = spec.filled(**read_manifest(path)["base"].to_dict())
     elif source:
         spec = spec.filled(path=str(source))
-    backbone = spec.load(dtype)
+    backbone = spec.load(dtype, allow_bin)
     return Loaded(backbone, backbone.net, backbone.spec.path, backbone.spec, True)
 
 
-def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.dtype = torch.float32) -> Loaded:
+def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.dtype = torch.float32,
+                allow_bin: bool = False) -> Loaded:
     """The teacher of a loaded student, sharing its backbone when that was loaded from the base."""
     if student.teacher_in_backbone:
         bb = student.backbone
@@ -168,7 +173,7 @@ def teacher_for(student: Loaded, spec: BackboneSpec | None = None, dtype: torch.
     wanted = (spec or BackboneSpec()).filled(**known)
     if not wanted.path:
         raise ValueError(f"{student.source} does not name its base model; pass --base for the teacher")
-    return load_teacher(None, wanted, dtype)
+    return load_teacher(None, wanted, dtype, allow_bin)
 
 
 def adapter_student(backbone: Backbone, path: Path, allow_other_base: bool = False) -> nn.Module:

@@ -116,7 +116,8 @@ def run(args) -> int:
                for name, student in ((name, load_student(src, spec, dtype, **student_options(args)))
                                      for name, src in sources)]
     if args.teacher:
-        teacher = teacher_for(entries[0].model, spec, dtype) if entries else load_teacher(None, spec, dtype)
+        teacher = (teacher_for(entries[0].model, spec, dtype, args.allow_bin) if entries
+                   else load_teacher(None, spec, dtype, args.allow_bin))
         scheduler = args.teacher_scheduler or teacher.backbone.process.default_sampler  # recorded by name
         entries.append(Entry("teacher", teacher, Sampling(False, args.teacher_steps, args.teacher_guidance, scheduler)))
     results = evaluate(entries, prompts, args.seed, args.out, metrics, args.batch_size, args.force,

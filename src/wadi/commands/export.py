@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wadi.artifacts.export import (FORMATS, export_adapter, export_lora, export_pipeline, export_single_file,
-                                   single_file_paths)
+import torch
+
+from wadi.artifacts.export import (FORMATS, check_format, export_adapter, export_lora, export_pipeline,
+                                   export_single_file, single_file_paths)
 from wadi.artifacts.model_card import one_liner
 from wadi.artifacts.students import load_student, teacher_for
 from wadi.commands.model_args import DTYPES, add_base_args, base_spec, student_options
@@ -32,7 +34,8 @@ def register(sub) -> None:
                                              "the widest adapted layer's; the energy each layer keeps is reported)")
     p.add_argument("--fake", action="store_true", help="with --format adapter: the fake score model's adapter too")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved weights (default fp32)")
+    p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default fp32; with --format "
+                                                   "single-file the template's)")
     p.add_argument("--push-to-hub", metavar="OWNER/REPO", help="also upload the export (with its card) to the hub")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
     add_base_args(p)
@@ -72,21 +75,27 @@ def export(args) -> int:
         single_file_paths(args.out, args.force)
     else:
         check_out(args.out, args.force)
-    model = load_student(args.model, base_spec(args), DTYPES[args.dtype], **student_options(args))
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    # A LoRA (a difference) and a checkpoint built on a template are computed in float32 and
+    # written in --dtype; a pipeline is loaded in it.
+    load_dtype = (dtype or torch.float32) if args.format == "pipeline" else torch.float32
+    model = load_student(args.model, base_spec(args), load_dtype, **student_options(args))
     if args.format == "pipeline":
         out = export_pipeline(model, args.out, args.force)
         bb = model.backbone
         print(f"wrote {out}; sample it with "
               f"{one_liner(bb.kind, out.resolve(), bb.pipeline_call() if bb.kind.pipeline else None)}")
         return 0
-    teacher = teacher_for(model, base_spec(args), DTYPES[args.dtype])
     if args.format == "single-file":
-        path = export_single_file(model, teacher, resolve(args.template), args.out, args.force)
+        check_format(model.backbone.kind, "single-file")  # before the teacher loads
+    teacher = teacher_for(model, base_spec(args), load_dtype, args.allow_bin)
+    if args.format == "single-file":
+        path = export_single_file(model, teacher, resolve(args.template), args.out, args.force, dtype)
         print(f"wrote {path}; load it with {model.backbone.kind.pipeline}.from_single_file and the scheduler beside "
               f"it (its model card shows how)")
         return 0
     path, report = export_lora(model, teacher, args.out, args.rank, kohya=args.format == "lora-kohya",
-                               force=args.force)
+                               force=args.force, dtype=dtype)
     print(f"wrote {path}: {json.dumps({k: v for k, v in report.items() if k != 'left_out'})}")
     if report["left_out"]:
         print(f"note: {len(report['left_out'])} changed tensors are not linear weights and are not in the LoRA "

@@ -51,7 +51,7 @@ def run(args) -> int:
     check_out(args.out, args.force)
     dtype = DTYPES[args.dtype]
     if args.teacher:
-        model = load_teacher(args.model, base_spec(args), dtype)
+        model = load_teacher(args.model, base_spec(args), dtype, args.allow_bin)
     else:
         model = load_student(args.model, base_spec(args), dtype, **student_options(args))
     model.to(args.device, dtype)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from wadi.adapters.core import ADAPTERS
-from wadi.commands.model_args import parse_seeds
+from wadi.adapters.config import ADAPTERS
+from wadi.commands.model_args import check_seed, parse_seeds
 
 
 def register(sub) -> None:
@@ -89,11 +89,13 @@ def _register_teacher(sub) -> None:
 
 def _teacher_command(args) -> int:
     from wadi.digits.teacher import train_teacher
-    from wadi.files.atomic import check_out
 
-    check_out(args.out, force=False)
+    # This tool has no --force: it writes a new folder only.
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise FileExistsError(f"--out {args.out} exists; give a new or empty folder")
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be at least 1, got {args.steps} and {args.batch_size}")
+    check_seed(args.seed, "--seed")
     out = train_teacher(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         name=args.world, progress=not args.no_progress)
     print(f"teacher: {out}")

@@ -11,9 +11,11 @@ student), and the report (`report.md`, `metrics.json`, `grid.png`, `loss.png`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -170,14 +172,26 @@ def _images(out: Path, name: str, n: int):
     return read_images([image_path(out / name, i) for i in range(n)])
 
 
-def _folder(s: DemoSettings, out: str | Path | None, force: bool, name: str) -> Path:
+@contextlib.contextmanager
+def _folder(s: DemoSettings, out: str | Path | None, force: bool, name: str) -> Iterator[Path]:
+    """The demo folder for the block; one this command made goes again when the block fails
+    before anything was written into it (a distillation refused at its start)."""
+    made = out is None or not Path(out).exists()
+    root_made = out is None and not Path(s.root).exists()
     if out is None:
         folder, lock = RunFolder.reserve(s.root, name)
         locks.release(lock)  # a new number: no other command looks for it
-        return folder.path
-    out = check_out(out, force)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        folder = folder.path
+    else:
+        folder = check_out(out, force)
+        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for path in [folder] * made + [Path(s.root)] * root_made:
+            with contextlib.suppress(OSError):  # only an empty one
+                path.rmdir()
+        raise
 
 
 def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False, progress: bool = True) -> Path:
@@ -188,12 +202,12 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     paths.minilm_dir()  # a missing text encoder fails here, before any work
     configs = check(s)  # bad settings fail before any folder
     metrics, ev = _metric_settings(s)
-    folder = _folder(s, out, force, f"{s.world}-demo")
     runs, seconds = [], []
-    for seed in s.seeds:
-        start = time.perf_counter()
-        runs.append(distill(distill_config(s, folder / "runs", seed), progress=progress))
-        seconds.append(time.perf_counter() - start)
+    with _folder(s, out, force, f"{s.world}-demo") as folder:
+        for seed in s.seeds:
+            start = time.perf_counter()
+            runs.append(distill(distill_config(s, folder / "runs", seed), progress=progress))
+            seconds.append(time.perf_counter() - start)
     cfg = configs[0]
     t_eval = time.perf_counter()
     teacher = load_teacher(None, _one_step(cfg.model))
@@ -246,17 +260,18 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = Fa
     seed = s.seeds[0]
     configs = dict(zip(ADAPTERS, check(s, compare=True)))
     metrics, ev = _metric_settings(s)
-    folder = _folder(s, out, force, f"{s.world}-compare")
     shared = configs["lorad"]
-    teacher = load_teacher(None, _one_step(shared.model))
-    entries, results_extra = [_teacher_entries(teacher, shared.train.guidance)[0]], {}
-    for kind in ADAPTERS:
-        start = time.perf_counter()
-        run = distill(distill_config(s, folder / "runs", seed, kind), progress=progress)
-        student = load_student(run)
-        entries.append(Entry(f"student-{kind}", student, Sampling.for_student(student.backbone)))
-        results_extra[kind] = {"run_dir": str(run), "distill_seconds": round(time.perf_counter() - start, 1),
-                               "trainable": trainable(configs[kind], teacher.net)["student"]}
+    entries, results_extra = [], {}
+    with _folder(s, out, force, f"{s.world}-compare") as folder:
+        teacher = load_teacher(None, _one_step(shared.model))
+        entries.append(_teacher_entries(teacher, shared.train.guidance)[0])
+        for kind in ADAPTERS:
+            start = time.perf_counter()
+            run = distill(distill_config(s, folder / "runs", seed, kind), progress=progress)
+            student = load_student(run)
+            entries.append(Entry(f"student-{kind}", student, Sampling.for_student(student.backbone)))
+            results_extra[kind] = {"run_dir": str(run), "distill_seconds": round(time.perf_counter() - start, 1),
+                                   "trainable": trainable(configs[kind], teacher.net)["student"]}
     results = evaluate(entries, ev.prompts, 0, folder / "eval", metrics, batch_size=100, progress=progress,
                        device="cpu")
     rows = _rows(results, [e.name for e in entries])

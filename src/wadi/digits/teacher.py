@@ -16,6 +16,7 @@ that `wadi.models.backbones.load_backbone` loads.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from wadi.digits import paths, world
 from wadi.engine.distiller import lr_lambda
 from wadi.files.atomic import atomic_path
+from wadi.files.weights import check_finite
 from wadi.models.backbones import Backbone, BackboneSpec, get_kind, load_backbone
 
 UNET_CONFIG = dict(
@@ -138,6 +140,8 @@ def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 64, lr: 
 
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps and batch size must be positive, got {steps} and {batch_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"the learning rate (--lr) must be a positive number, got {lr}")
     r = recipe(name)
     out = Path(out)
     bb = _fresh_backbone(r, seed)
@@ -171,6 +175,7 @@ def train_teacher(out: str | Path, steps: int = 3000, batch_size: int = 64, lr: 
         ema.step(params)
         losses.append(loss.item())
     ema.copy_to(params)
+    check_finite(net.named_parameters(), f"the {name} teacher diverged (lower --lr); not written")
     window = max(1, steps // 20)
     # The default world needs no --world: its recorded command stays the one it was made with.
     flag = "" if name == DEFAULT_WORLD else f" --world {name}"

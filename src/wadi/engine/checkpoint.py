@@ -132,6 +132,18 @@ def begin(tmp: Path) -> Path:
     return tmp
 
 
+def write(tmp: Path, pieces: list[Piece], keep: int, complete: Callable[[], list[Path]]) -> Path:
+    """Write a checkpoint's pieces into the fresh folder `tmp` and commit it; a write that
+    fails (a full disk) leaves no `.tmp` folder behind."""
+    begin(tmp)
+    try:
+        write_pieces(tmp, pieces)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit(tmp, keep, complete)
+
+
 def commit(tmp: Path, keep: int, complete: Callable[[], list[Path]]) -> Path:
     """Make a written checkpoint visible (atomic rename), then prune to the newest `keep`."""
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))

@@ -9,8 +9,10 @@ written into each run folder.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -20,12 +22,13 @@ from pathlib import Path
 import yaml
 
 from wadi.adapters.core import AdapterConfig, adapter_class
-from wadi.adapters.targets import resolve_rule
-from wadi.engine.presets import deep_update, preset_names, preset_values
-from wadi.errors import brief
-from wadi.files.prompts import check_prompts
 from wadi.models.backbones import KINDS, BackboneSpec, get_kind
+from wadi.errors import brief
 from wadi.models.process import SCHEDULER
+from wadi.engine.presets import deep_update, preset_names, preset_values
+from wadi.files.prompts import FORMATS as PROMPT_FORMATS
+from wadi.files.prompts import check_prompts
+from wadi.adapters.targets import resolve_rule
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -35,11 +38,14 @@ MAX_SEED = 2**64 - 1  # the largest torch.Generator.manual_seed takes
 
 @dataclass
 class DataConfig:
-    prompts: str = ""  # prompt file: .txt, .jsonl (JourneyDB too) or COCO captions .json
-    format: str = "auto"
+    prompts: str = ""  # prompt file (.txt, .jsonl with JourneyDB's too, COCO captions .json) or a dataset: hub id,
+    # saved folder, .parquet / .csv / .arrow file
+    format: str = "auto"  # auto | txt | jsonl | coco | dataset (a .json or .jsonl read by datasets)
+    split: str = "train"  # a dataset's split
+    column: str | None = None  # a dataset's text column; None: the first of prompt, caption, text
     dedupe: bool = True  # sorted unique prompts, as the authors read JourneyDB
     cache_embeddings: bool = False  # encode every prompt once up front (small prompt sets)
-    mask_prompts: bool = False  # CLIP kinds: mask padding in the text encoder for training prompts (the authors' loader)
+    mask_prompts: bool = False  # the sd kind: mask CLIP's padding for training prompts (the authors' loader)
     sample_prompts: list[str] = field(default_factory=lambda: [
         "a photo of a cat sitting on a windowsill", "a red sports car on a mountain road",
         "a bowl of fruit on a wooden table", "an astronaut riding a horse"])
@@ -81,6 +87,8 @@ class RunConfig:
     sample_seeds: list[int] = field(default_factory=lambda: [0, 1])
     export: bool = True  # write the merged student as a plain diffusers model at the end
     report_to: str = "tensorboard"  # tensorboard | wandb | all | none, through accelerate's trackers
+    wandb_project: str = "wadi"  # the W&B project of the run
+    wandb_entity: str | None = None  # the W&B team or user; None: your default entity
 
 
 @dataclass
@@ -276,11 +284,29 @@ def resolve(config: str, overrides: list[str] = (), expand_preset: bool = True) 
     return cfg.check()
 
 
+def absolute_paths(cfg: DistillConfig) -> DistillConfig:
+    """A copy of `cfg` whose local paths (model, text encoder, prompts, run root) are
+    absolute, so that a run folder's config.yaml means the same from any directory (a run
+    resumes from anywhere); hub ids, and names of nothing on disk, stay as written."""
+    out = copy.deepcopy(cfg)
+
+    def absolute(path: str) -> str:  # links kept: the path as the user named it
+        return os.path.abspath(os.path.expanduser(path))
+
+    def local(path: str | None) -> str | None:
+        return absolute(path) if path and os.path.exists(os.path.expanduser(path)) else path
+
+    out.model.path, out.model.text_encoder, out.data.prompts = (
+        local(cfg.model.path), local(cfg.model.text_encoder), local(cfg.data.prompts))
+    out.run.root = absolute(cfg.run.root)
+    return out
+
+
 # What a resumed run may change (recorded in its config.yaml); every other setting defines
 # the run (model, adapters, batch, rates, schedule, seed, ...) and must stay as it was.
 RESUMABLE = {"train.steps", "train.max_nonfinite", "run.log_every", "run.checkpoint_every",
              "run.keep_checkpoints", "run.sample_every", "run.sample_seeds", "data.sample_prompts",
-             "run.export", "run.report_to"}
+             "run.export", "run.report_to", "run.wandb_project", "run.wandb_entity"}
 
 
 def run_config(run, overrides: list[str] = ()) -> DistillConfig:
@@ -291,8 +317,8 @@ def run_config(run, overrides: list[str] = ()) -> DistillConfig:
 
 def resume_config(run, overrides: list[str]) -> DistillConfig:
     """The config of a run folder with `overrides`, refused where they change the run itself."""
-    saved = run_config(run)
-    cfg = run_config(run, overrides)
+    saved = absolute_paths(run_config(run))
+    cfg = absolute_paths(run_config(run, overrides))
     old, new = flat_settings(saved.to_dict()), flat_settings(cfg.to_dict())
     changed = [k for k in new if new[k] != old.get(k) and k not in RESUMABLE]
     if changed:
@@ -364,7 +390,8 @@ def _check_config(c: DistillConfig) -> None:
     for role, a in (("student", c.student), ("fake", c.fake)):
         if adapter_class(a.kind).ranked and a.targets is not None:
             resolve_rule(a.targets)  # an unknown preset or a bad rule raises here
-    _require(d.format in ("auto", "txt", "jsonl", "coco"), "data.format", "auto, txt, jsonl or coco", d.format)
+    _require(d.format in PROMPT_FORMATS, "data.format", ", ".join(PROMPT_FORMATS), d.format)
+    _require(bool(d.split), "data.split", "a split name", d.split)
     _require(t.steps >= 1, "train.steps", "at least 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", "at least 1", t.batch_size)
     _require(t.grad_accum >= 1, "train.grad_accum", "at least 1", t.grad_accum)
@@ -391,6 +418,7 @@ def _check_config(c: DistillConfig) -> None:
     _require(bool(r.root), "run.root", "a folder", r.root)
     _require("/" not in r.desc and "\\" not in r.desc, "run.desc", "a name without slashes", r.desc)
     _require(r.report_to in REPORT_TO, "run.report_to", " or ".join(REPORT_TO), r.report_to)
+    _require(bool(r.wandb_project.strip()), "run.wandb_project", "a W&B project name", r.wandb_project)
     _require(r.log_every >= 1, "run.log_every", "at least 1", r.log_every)
     _require(r.checkpoint_every >= 0, "run.checkpoint_every", "at least 0 (0: only the final export)",
              r.checkpoint_every)

@@ -12,10 +12,20 @@ import numpy as np
 from wadi.engine.config import flat_settings
 
 
-def trackers_for(report_to: str) -> list[str]:
-    """accelerate's `log_with` for a `run.report_to` setting."""
-    return {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
-            "none": []}[report_to]
+def trackers_for(settings, folder: Path, name: str) -> list:
+    """accelerate's `log_with` for a run's settings (`run.report_to`): TensorBoard by name
+    (its events in the run folder's tb/), wandb as a tracker made here, so that its project
+    and entity are `run.wandb_project` / `run.wandb_entity` (accelerate names the wandb
+    project after TensorBoard's folder otherwise) and its files stay in the run folder."""
+    names = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
+             "none": []}[settings.report_to]
+    if "wandb" not in names:
+        return names
+    from accelerate.tracking import WandBTracker
+
+    entity = {"entity": settings.wandb_entity} if settings.wandb_entity else {}
+    return [n for n in names if n != "wandb"] + [WandBTracker(settings.wandb_project, dir=str(folder), name=name,
+                                                              **entity)]
 
 
 def _json_value(v):
@@ -42,6 +52,28 @@ def hyperparameters(config: dict) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flat_settings(config).items()}
 
 
+class Progress:
+    """What the progress bar shows beside tqdm's step rate and time left: the fake model's
+    loss as a moving average (it falls as the fake model catches up with the student and
+    rises when the student moves away: the run's pulse), the student's gradient norm
+    before clipping, and how many updates were skipped. Not the student's surrogate loss:
+    its value is 0.5 mean(g^2) of the score difference, which says how far the teacher and
+    the fake model disagree, not how good the student is (docs/method.md)."""
+
+    def __init__(self, smoothing: float = 0.9):
+        self.smoothing, self.fake, self.skipped = smoothing, None, 0
+
+    def update(self, out: dict) -> dict[str, str]:
+        """The bar's fields after a step's `train_step` record."""
+        self.skipped += out["skipped"]
+        if math.isfinite(out["loss_fake"]):
+            self.fake = out["loss_fake"] if self.fake is None else (
+                self.smoothing * self.fake + (1 - self.smoothing) * out["loss_fake"])
+        norm = out["grad_norm_student"]  # None for a skipped update
+        return {"fake_loss": "-" if self.fake is None else f"{self.fake:.3g}",
+                "grad": "-" if norm is None else f"{norm:.3g}", "skipped": str(self.skipped)}
+
+
 class Tracker:
     """Scalars to log.jsonl and the trackers, images to the trackers (main process only)."""
 
@@ -53,8 +85,7 @@ class Tracker:
             log_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
             self.file = log_file.open("a")
         if accelerator.log_with:
-            kwargs = {"tensorboard": {"purge_step": start_step or None},  # a resumed run rewrites what follows
-                      "wandb": {"dir": str(log_file.parent), "name": name}}
+            kwargs = {"tensorboard": {"purge_step": start_step or None}}  # a resumed run rewrites what follows
             accelerator.init_trackers("tb", config=hyperparameters(config), init_kwargs=kwargs)
 
     def log(self, record: dict) -> None:

@@ -8,6 +8,7 @@ same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -18,18 +19,19 @@ from pathlib import Path
 import torch
 import yaml
 
-from wadi.adapters.core import check_attach
 from wadi.engine import checkpoint as ckpt
-from wadi.engine.config import DistillConfig, resolve, resume_config
-from wadi.engine.distiller import Distiller
-from wadi.engine.run_folder import RunFolder
-from wadi.engine.tracking import Tracker, trackers_for
-from wadi.errors import install_hint
 from wadi.files import locks
+from wadi.adapters.core import check_attach
+from wadi.errors import install_hint
+from wadi.models.backbones import Backbone, check_model_path
+from wadi.engine.config import DistillConfig, absolute_paths, resolve, resume_config
+from wadi.engine.distiller import Distiller
 from wadi.files.atomic import atomic_path, write_text
 from wadi.files.images import save_grid
 from wadi.files.prompts import read_prompts
-from wadi.models.backbones import Backbone, check_model_path
+from wadi.engine.run_folder import RunFolder
+from wadi.engine.tracking import Progress, Tracker, trackers_for
+from wadi.models.conditioning import masks_on_request
 
 
 class TrainingStopped(RuntimeError):
@@ -39,9 +41,10 @@ class TrainingStopped(RuntimeError):
 def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
     """Everything that can fail on bad input and needs files or models, before any run
     folder is written: prompts, model folders, the precision, the timestep range."""
-    if not cfg.data.prompts:
-        raise ValueError("no prompt file: set data.prompts=PATH")
-    prompts = read_prompts(cfg.data.prompts, cfg.data.format, dedupe=cfg.data.dedupe)
+    d = cfg.data
+    if not d.prompts:
+        raise ValueError("no prompts: set data.prompts=FILE (or a Hugging Face dataset: hub id or folder)")
+    prompts = read_prompts(d.prompts, d.format, dedupe=d.dedupe, split=d.split, column=d.column)
     if not cfg.model.path:
         raise ValueError("no model: set model.path=FOLDER_OR_HUB_ID")
     check_model_path(cfg.model.path)
@@ -56,12 +59,11 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
     if backbone.kind.guidance == "none" and cfg.train.guidance != 1:
         raise ValueError(f"setting train.guidance={cfg.train.guidance:g}: the {backbone.kind.name} model has no "
                          "guidance; use train.guidance=1")
+    if cfg.data.mask_prompts and not masks_on_request(backbone.kind):
+        raise ValueError(f"setting data.mask_prompts masks the padding of a single CLIP encoder (the sd kind); the "
+                         f"{backbone.kind.name} kind encodes prompts as its stock pipeline does: unset it")
     cfg.model.one_step_abar = backbone.process.recorded_abar()  # recorded: which generator the run trains
     last = backbone.num_train_timesteps - 1
-    ts = cfg.model.student_timesteps
-    if ts and ts[0] != last:
-        raise ValueError(f"setting model.student_timesteps must start at {last} (the student starts from pure "
-                         f"noise, the schedule's last timestep), got {ts}")
     if cfg.train.t_max > last:
         raise ValueError(f"setting train.t_max must be at most {last} (the schedule's last timestep), "
                          f"got {cfg.train.t_max}")
@@ -94,9 +96,8 @@ def save_checkpoint(distiller: Distiller, run: RunFolder) -> None:
     acc = distiller.acc
     checksums = distiller.adapter_checksums()  # a collective: every process takes part
     if acc.is_main_process:  # the processes hold the same state (DDP): one writes it
-        tmp = ckpt.begin(run.checkpoint(distiller.step).with_suffix(".tmp"))
-        ckpt.write_pieces(tmp, distiller.state_pieces(checksums))
-        ckpt.commit(tmp, distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
+        ckpt.write(run.checkpoint(distiller.step).with_suffix(".tmp"), distiller.state_pieces(checksums),
+                   distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
     acc.wait_for_everyone()
 
 
@@ -131,18 +132,32 @@ def _process_state():
     return PartialState(cpu=_multi_cpu())
 
 
+def _resumed_run(config: str | DistillConfig | None, overrides: list[str], resume: str) -> RunFolder:
+    if config and resume != "latest":
+        raise ValueError(f"--config goes with a new run or --resume latest (where it names run.root); --resume "
+                         f"{resume} continues with the run's own config.yaml (change what may change as "
+                         "key=value)")
+    root = config.run.root if isinstance(config, DistillConfig) else (
+        resolve(config, overrides).run.root if config else "runs")
+    return RunFolder.find(root, resume)
+
+
+def settings(config: str | DistillConfig | None = None, overrides: list[str] = (),
+             resume: str | None = None) -> DistillConfig:
+    """The settings `distill` would run with, its local paths absolute (what config.yaml
+    records), before any model is loaded; nothing is written."""
+    if resume:
+        return resume_config(_resumed_run(config, overrides, resume), overrides)
+    cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
+    return absolute_paths(cfg.check())
+
+
 def distill(config: str | DistillConfig | None = None, overrides: list[str] = (), resume: str | None = None,
             progress: bool = True) -> Path:
     """Run (or continue) a distillation; returns the run folder. The run's lock
     (wadi.files.locks) is held throughout: a second command on the same run refuses."""
     if resume:
-        if config and resume != "latest":
-            raise ValueError(f"--config goes with a new run or --resume latest (where it names run.root); --resume "
-                             f"{resume} continues with the run's own config.yaml (change what may change as "
-                             "key=value)")
-        root = config.run.root if isinstance(config, DistillConfig) else (
-            resolve(config, overrides).run.root if config else "runs")
-        run = RunFolder.find(root, resume)
+        run = _resumed_run(config, overrides, resume)
         with locks.hold(run.path, "--resume"):
             cfg = resume_config(run, overrides)
             saved = resolve(str(run.config)).train.steps
@@ -152,11 +167,11 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
             cfg.check()
             prompts, backbone = prepare(cfg)
             return _train(cfg, prompts, backbone, run, True, progress)
-    cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
-    cfg.check()
+    cfg = settings(config, overrides)
     prompts, backbone = prepare(cfg)
     if not _process_state().is_main_process:
         return _train(cfg, prompts, backbone, None, False, progress)
+    root_made = not Path(cfg.run.root).exists()
     run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
         return _train(cfg, prompts, backbone, run, False, progress)
@@ -166,6 +181,9 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
         raise
     finally:
         locks.release(lock)
+        if root_made:  # a root this run made, left empty by its failure
+            with contextlib.suppress(OSError):
+                Path(cfg.run.root).rmdir()
 
 
 def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunFolder | None, resume: bool,
@@ -181,7 +199,7 @@ def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunF
     if not resume:
         run = broadcast_object_list([run])[0]
     acc = Accelerator(mixed_precision=tc.mixed_precision, cpu=multi_cpu, project_dir=str(run.trackers),
-                      log_with=trackers_for(rc.report_to) or None)
+                      log_with=trackers_for(rc, run.trackers, run.name) or None)
     torch.manual_seed(tc.seed)
     distiller = Distiller(cfg, backbone, prompts, acc)
     if resume and not _resume(distiller, run) and run.complete_checkpoints():
@@ -197,7 +215,7 @@ def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunF
     tracker = Tracker(run.log, acc, distiller.step, cfg.to_dict(), run.name)
     bar = tqdm(total=tc.steps, initial=distiller.step, disable=not (progress and acc.is_main_process),
                desc=run.name, dynamic_ncols=True)
-    t0 = time.time()
+    t0, shown = time.time(), Progress()
     while distiller.step < tc.steps:
         out = distiller.train_step()
         distiller.nonfinite_streak = distiller.nonfinite_streak + 1 if out["skipped"] else 0
@@ -209,7 +227,7 @@ def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunF
                                f"{distiller.step}; last good checkpoint: {last[-1] if last else 'none'}")
         step = distiller.step
         bar.update(1)
-        bar.set_postfix(student=f"{out['loss_student']:.4g}", fake=f"{out['loss_fake']:.4g}")
+        bar.set_postfix(shown.update(out))
         if step % rc.log_every == 0 or step == tc.steps:
             tracker.log({"step": step, **out, "time": round(time.time() - t0, 3)})
         if rc.sample_every and (step % rc.sample_every == 0 or step == tc.steps):

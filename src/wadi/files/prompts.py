@@ -1,5 +1,5 @@
-"""Prompt files: plain text, JSON lines (JourneyDB annotations included), COCO captions;
-and the prompt sets of evaluation (the zero-shot COCO protocols, any prompt file).
+"""Prompt files: plain text, JSON lines (JourneyDB annotations included), COCO captions, or
+a Hugging Face dataset (wadi.files.prompt_datasets); and the prompt sets of evaluation (the zero-shot COCO protocols, any prompt file).
 
 WaDi trains on text alone. Every reader returns a list of non-empty prompts, and every
 problem with the file is a one-line error raised before any model is loaded.
@@ -16,7 +16,7 @@ import numpy as np
 
 from wadi.files.atomic import DuplicateKey, loads_json
 
-FORMATS = ("auto", "txt", "jsonl", "coco")
+FORMATS = ("auto", "txt", "jsonl", "coco", "dataset")
 # Text encoders read 77 (CLIP) to 300 (T5) tokens and truncate the rest; a longer prompt is
 # a mistake (a file pasted as one), and would be copied into every PNG's metadata.
 MAX_PROMPT_CHARS = 4000
@@ -101,15 +101,21 @@ def _detect(path: Path, text: str) -> str:
     return "coco" if first == "{" and '"annotations"' in text[:10000] else ("jsonl" if first == "{" else "txt")
 
 
-def read_prompts(path: str | Path, fmt: str = "auto", dedupe: bool = False) -> list[str]:
-    """Prompts of a file, in file order (sorted unique when `dedupe`, as the authors do)."""
-    path = Path(path)
+def read_prompts(path: str | Path, fmt: str = "auto", dedupe: bool = False, split: str = "train",
+                 column: str | None = None) -> list[str]:
+    """Prompts of a file, in file order (sorted unique when `dedupe`, as the authors do), or
+    of a Hugging Face dataset's `split` and `column` (wadi.files.prompt_datasets)."""
+    from wadi.files.prompt_datasets import dataset_prompts, is_dataset
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if is_dataset(str(path), fmt):
+        return _cleaned(dataset_prompts(str(path), split, column), f"dataset {path}", dedupe)
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"prompt file {path} is unreadable ({e.__class__.__name__}: {e})") from None
     fmt = _detect(path, text) if fmt == "auto" else fmt
@@ -119,11 +125,16 @@ def read_prompts(path: str | Path, fmt: str = "auto", dedupe: bool = False) -> l
         prompts = _read_jsonl(text, path)
     else:
         prompts = _read_coco(text, path)
-    prompts = check_prompts([p.strip() for p in prompts if p.strip()], f"prompt file {path}")
+    return _cleaned(prompts, f"prompt file {path}", dedupe)
+
+
+def _cleaned(prompts: list[str], where: str, dedupe: bool) -> list[str]:
+    """Stripped, blank ones left out, checked (check_prompts), sorted unique when `dedupe`."""
+    prompts = check_prompts([p.strip() for p in prompts if p.strip()], where)
     if dedupe:
         prompts = sorted(set(prompts))
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise ValueError(f"{where} holds no prompts")
     return prompts
 
 
@@ -144,7 +155,7 @@ def coco_prompts(path: str | Path, n: int, seed: int = 0) -> PromptSet:
     each image's captions drawn, both with a generator seeded by `seed`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read the COCO caption file {path} ({e})") from None
     data = _coco_data(text, path)

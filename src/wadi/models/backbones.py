@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from wadi.errors import describe
+from wadi.errors import CorruptFile, describe
 from wadi.models.conditioning import Cond
 from wadi.models.process import process_of, student_times
-from wadi.models.registry import DENOISER_SUBFOLDERS, KINDS, Kind, detect_kind, get_kind, kind_of  # noqa: F401
+from wadi.models.registry import DENOISER_SUBFOLDERS, KINDS, IncompleteFolder, Kind, detect_kind, get_kind, kind_of  # noqa: F401
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,6 +49,13 @@ class BackboneSpec:
     one_step_abar: float | str | None = None  # VP only: the generator's abar_T; None: 0.0047; "scheduler": abar at T-1
     student_steps: int | None = None  # the student's sampling steps; None: 1
     student_timesteps: list[int] | None = None  # their time indices, first T-1; None: evenly spaced
+    revision: str | None = None  # hub: a branch, tag or commit of `path`; None: main
+    variant: str | None = None  # the weight files' variant (e.g. "fp16": model.fp16.safetensors); None: the plain ones
+
+    @property
+    def hub_options(self) -> dict:
+        """What every from_pretrained of `path` takes besides it."""
+        return {k: v for k, v in (("revision", self.revision), ("variant", self.variant)) if v is not None}
 
     def filled(self, **known) -> "BackboneSpec":
         """A copy whose unset fields take the values `known` gives."""
@@ -60,10 +68,6 @@ class BackboneSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "BackboneSpec":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def load(self, dtype: torch.dtype = torch.float32, allow_bin: bool = False) -> "Backbone":
         if not self.path:
@@ -72,6 +76,38 @@ class BackboneSpec:
 
 
 # --- the backbone ------------------------------------------------------------------------
+
+def check_resolution(resolution: int, multiple: int, net: nn.Module) -> None:
+    """A resolution the denoiser can take: a multiple of what its kind says (the VAE's factor
+    times the net's patch size or packing), within its position table if it has one."""
+    if resolution % multiple:
+        raise ValueError(f"setting model.resolution (--resolution) must be a multiple of {multiple} (what the "
+                         f"{type(net).__name__}'s VAE factor and patches take), got {resolution}")
+    positions = getattr(net.config, "pos_embed_max_size", None)
+    if positions and resolution // multiple > positions:
+        raise ValueError(f"setting model.resolution (--resolution) must be at most {positions * multiple} (the "
+                         f"{type(net).__name__}'s {positions} positions of {multiple} pixels), got {resolution}")
+
+
+class StudentStepsError(ValueError):
+    """A student's steps or timesteps that its model's schedule does not have."""
+
+
+def check_student_steps(spec: BackboneSpec, num_train_timesteps: int) -> None:
+    """The student's steps within the schedule's training timesteps (more would never end,
+    or fail at the first step), its timesteps indices of that schedule starting at the last."""
+    steps, last = spec.student_steps or 1, num_train_timesteps - 1
+    if steps > num_train_timesteps:
+        raise StudentStepsError(f"setting model.student_steps must be at most {num_train_timesteps} (the model's "
+                                f"training timesteps), got {steps}")
+    ts = spec.student_timesteps
+    if ts and ts[0] != last:
+        raise StudentStepsError(f"setting model.student_timesteps must start at {last} (the student starts from pure "
+                                f"noise, the schedule's last timestep), got {ts}")
+    if ts and not (len(ts) == steps and min(ts) >= 0 and all(b < a for a, b in zip(ts, ts[1:]))):
+        raise StudentStepsError(f"setting model.student_timesteps must be {steps} strictly decreasing timestep "
+                                f"indices in 0..{last}, got {ts}")
+
 
 class Backbone:
     def __init__(self, spec: BackboneSpec, net: nn.Module, text_encoder: nn.Module, tokenizer, scheduler_config: dict,
@@ -90,10 +126,8 @@ class Backbone:
                              f"encoder's {positions} positions")
         self.channels = net.config.in_channels
         self.vae_scale = self.kind.vae_scale(vae) if vae is not None else 1
-        multiple = self.kind.resolution_multiple(self)
-        if spec.resolution is not None and spec.resolution % multiple:
-            raise ValueError(f"resolution {spec.resolution} (model.resolution / --resolution) is not a multiple of "
-                             f"{multiple}, which the {self.kind.name} model's VAE and patches need")
+        if spec.resolution is not None:
+            check_resolution(spec.resolution, self.kind.resolution_multiple(self), net)
         size = getattr(net.config, "sample_size", None)
         if spec.resolution is None and not isinstance(size, int):
             raise ValueError(f"the {self.kind.name} model does not say its resolution; give model.resolution "
@@ -101,6 +135,7 @@ class Backbone:
         self.latent_size = (spec.resolution // self.vae_scale) if spec.resolution else size
         tokens = self.kind.image_tokens(self) if self.kind.image_tokens else None
         self.process = process_of(dict(scheduler_config), spec.one_step_abar, tokens)
+        check_student_steps(spec, self.process.num_train_timesteps)
         self._empty: Cond | None = None
         self._times: list | None = None
 
@@ -223,27 +258,49 @@ def check_model_path(path: str) -> None:
 
 
 def _load(library: str, class_name: str, path: str, what: str, dtype: torch.dtype | None = None, **kwargs):
-    """`library.class_name` (diffusers or transformers) from a folder or hub id."""
+    """`library.class_name` (diffusers or transformers) from a folder or hub id. A model
+    (given a dtype) whose weights lack a tensor is refused: the libraries would fill it
+    with random values (transformers) or leave it on the meta device (diffusers)."""
     import importlib
 
     cls = getattr(importlib.import_module(library), class_name)
-    if dtype is not None:  # diffusers and transformers name the argument differently
+    model = dtype is not None
+    if model:  # diffusers and transformers name the argument differently
         kwargs["torch_dtype" if library == "diffusers" else "dtype"] = dtype
+        kwargs["output_loading_info"] = True
     if kwargs.get("subfolder", "") is None:  # transformers 5 fails on subfolder=None
         del kwargs["subfolder"]
     try:
-        return cls.from_pretrained(path, **kwargs)
+        loaded = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the {what} from {path!r}: {describe(e)}") from None
+    except (KeyError, EOFError, pickle.UnpicklingError) as e:  # transformers' torch.load of a damaged .bin
+        raise CorruptFile(f"could not load the {what} from {path!r}: its weights file is unreadable "
+                          f"({type(e).__name__} {describe(e)[:100]})") from None
+    if not model:
+        return loaded
+    loaded, info = loaded
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        where = Path(path, kwargs.get("subfolder") or "")
+        raise ValueError(f"the {what} in {where} lacks {len(missing)} of its tensors ({missing[0]}"
+                         f"{', ...' if len(missing) > 1 else ''}): its weights file is incomplete or of "
+                         "another model")
+    return loaded
 
 
-def scheduler_config(path: str) -> dict:
+def load_denoiser(like: nn.Module, path: str | Path, dtype: torch.dtype) -> nn.Module:
+    """A denoiser of `like`'s diffusers class from a model folder (a merged student)."""
+    return _load("diffusers", type(like).__name__, str(path), "denoiser", dtype=dtype, use_safetensors=True)
+
+
+def scheduler_config(path: str, revision: str | None = None) -> dict:
     """The scheduler config of a pipeline folder or hub id (whatever its class: it says
     which noise process the model was trained with)."""
     from diffusers import DDPMScheduler
 
     try:  # any scheduler class reads any scheduler's scheduler_config.json
-        config = DDPMScheduler.load_config(path, subfolder="scheduler")
+        config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the scheduler from {path!r}: {describe(e)}") from None
     except (AttributeError, TypeError):  # a JSON value that is not an object
@@ -267,6 +324,8 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
     if Path(spec.path).expanduser().is_dir():
         try:
             found = detect_kind(spec.path)
+        except IncompleteFolder:
+            raise
         except ValueError:
             found = spec.kind  # an incomplete folder: the loaders below say what is missing
         if found != spec.kind:
@@ -276,13 +335,19 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
         check_model_path(spec.text_encoder)
     te_path, te_sub, tok_sub = ((spec.text_encoder, None, None) if spec.text_encoder
                                 else (spec.path, "text_encoder", "tokenizer"))
-    scheduler = scheduler_config(spec.path)
+    scheduler = scheduler_config(spec.path, spec.revision)
+    # The revision and variant are the model's (a text encoder from another folder takes
+    # neither); tokenizers have no weight variants.
+    weights.update(spec.hub_options)
+    revision = {"revision": spec.revision} if spec.revision else {}
+    te_weights, te_revision = ({"use_safetensors": weights["use_safetensors"]}, {}) if spec.text_encoder else (
+        weights, revision)
     net = _load("diffusers", kind.denoiser, spec.path, kind.subfolder, dtype=dtype, subfolder=kind.subfolder, **weights)
-    encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **weights)
-    tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub)
+    encoder = _load("transformers", kind.encoder, te_path, "text encoder", dtype=dtype, subfolder=te_sub, **te_weights)
+    tokenizer = _load("transformers", kind.tokenizer, te_path, "tokenizer", subfolder=tok_sub, **te_revision)
     vae = _load("diffusers", kind.vae, spec.path, "VAE", dtype=dtype, subfolder="vae", **weights) if kind.vae else None
     more = {name: _load("transformers", cls, spec.path, name.replace("_", " "), subfolder=name,
-                        **({} if name.startswith("tokenizer") else dict(dtype=dtype, **weights)))
+                        **(revision if name.startswith("tokenizer") else dict(dtype=dtype, **weights)))
             for name, cls in kind.text}
     for m in (net, encoder, vae, *more.values()):
         if isinstance(m, nn.Module):

@@ -100,6 +100,12 @@ def encode_states(backbone: "Backbone", prompts: list[str], mask_encoder: bool) 
     return Cond(backbone.text_encoder(ids, attention_mask=mask if mask_encoder else None)[0])
 
 
+def masks_on_request(kind) -> bool:
+    """Whether `data.mask_prompts` changes how a kind encodes: one CLIP whose padding the
+    denoiser sees (the others mask always, or never, as their stock pipelines do)."""
+    return kind.encode is encode_states and not kind.masked
+
+
 def encode_states_pooled(backbone: "Backbone", prompts: list[str], mask_encoder: bool) -> Cond:
     """A sentence encoder's token states and their mean over the real tokens (the pooling
     sentence-transformers trains MiniLM with) as the pooled embedding an MMDiT takes."""

@@ -130,10 +130,6 @@ class VP(_Samplers):
         return ((alpha * pred.float() - alpha * eps.float()) ** 2).mean()
 
     # --- the one-step generator ---------------------------------------------------------
-    @property
-    def generator_index(self) -> int:
-        return self.num_train_timesteps - 1
-
     def generate(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x0 = (z - sigma_T eps) / alpha_T with abar_T = one_step_abar, in float32."""
         abar = torch.tensor(self.one_step_abar, dtype=torch.float32, device=z.device)
@@ -274,10 +270,6 @@ class Flow(_Samplers):
         return ((pred.float() - (eps.float() - x0.float())) ** 2).mean()
 
     # --- the one-step generator ---------------------------------------------------------
-    @property
-    def generator_index(self) -> int:
-        return self.num_train_timesteps - 1  # s = 1: pure noise
-
     def generate(self, pred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x0 = z - v(z, s = 1), in float32."""
         return z.float() - pred.float()
@@ -395,7 +387,8 @@ def process_of(scheduler_config: dict, one_step_abar: float | str | None = None,
             or scheduler_config.get("use_flow_sigmas", False))
     if flow:
         return Flow(scheduler_config, one_step_abar, image_tokens)
-    if cls not in VP_SCHEDULERS:
+    ddpm_shaped = not cls and any(k in scheduler_config for k in ("beta_schedule", "beta_start", "trained_betas"))
+    if cls not in VP_SCHEDULERS and not ddpm_shaped:  # a config made in code has no class name
         raise ValueError(f"scheduler class {cls or '(none)'!r} is not a noise process wadi knows; supported: "
                          f"{', '.join(FLOW_SCHEDULERS)} (rectified flow) and {', '.join(VP_SCHEDULERS)} (DDPM)")
     return VP(scheduler_config, one_step_abar)

@@ -185,6 +185,10 @@ def _class_name(file: Path) -> str | None:
         return None
 
 
+class IncompleteFolder(ValueError):
+    """A pipeline folder of a known kind with some of its components missing."""
+
+
 def _by_pipeline_class(name: str | None) -> str | None:
     return next((k.name for k in KINDS.values() if name in k.pipeline_classes), None)
 
@@ -197,13 +201,19 @@ def detect_kind(path: str) -> str:
     p = Path(path).expanduser()
     if not p.is_dir():
         return _hub_kind(path)
-    known = _by_pipeline_class(_class_name(p / "model_index.json"))
+    pipeline = _class_name(p / "model_index.json")
+    shaped = [k for k in KINDS.values()
+              if (p / k.subfolder).is_dir() and (p / "vae").is_dir() == bool(k.vae)
+              and _class_name(p / k.subfolder / "config.json") in (k.denoiser, None)]
+    for k in shaped:  # a kind's folder with some of its components gone is that kind's, incomplete
+        lacking = [name for name, _ in k.text if not (p / name).is_dir()]
+        if lacking and (len(lacking) < len(k.text) or pipeline in k.pipeline_classes):
+            raise IncompleteFolder(f"{path}: a {k.name} pipeline folder without "
+                                   f"{', '.join(n + '/' for n in lacking)}; give the complete folder")
+    known = _by_pipeline_class(pipeline)
     if known:
         return known
-    found = [k.name for k in KINDS.values()
-             if (p / k.subfolder).is_dir() and (p / "vae").is_dir() == bool(k.vae)
-             and _class_name(p / k.subfolder / "config.json") in (k.denoiser, None)
-             and all((p / name).is_dir() for name, _ in k.text)]
+    found = [k.name for k in shaped if all((p / name).is_dir() for name, _ in k.text)]
     if not found:
         raise ValueError(f"{path}: not a diffusers pipeline folder of a known kind "
                          f"({', '.join(KINDS)}): no matching {' or '.join(DENOISER_SUBFOLDERS)}/")
