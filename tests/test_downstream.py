@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from wadi.artifacts.export import export_pipeline
 from wadi.artifacts.students import load_student
-from wadi.models.backbones import BackboneSpec
+from wadi.models.backbones import BackboneSpec, load_backbone
 from wadi.models.sampling import sample_student
 
 PROMPT = "a cat"
@@ -103,8 +103,12 @@ def test_higher_resolution_than_trained(exported):
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 16
     big = one_step_image(pipe, height=32, width=48)
     assert big.shape == (1, 3, 32, 48) and torch.isfinite(big).all()
-    # The same one step as the library's sampler at that size.
-    student = load_student(exported, BackboneSpec(resolution=32))
-    ours = sample_student(student.backbone, student.net, [PROMPT], [0])
+    # The same one step as the library's sampler at that size: the export's folder as a plain
+    # model (a student refuses a resolution other than the one it records), whose
+    # scheduler's abar at T-1 is the generator's.
+    with pytest.raises(ValueError, match="distilled with resolution 16, not 32"):
+        load_student(exported, BackboneSpec(resolution=32))
+    bb = load_backbone(BackboneSpec(kind="sd", path=str(exported), resolution=32, one_step_abar="scheduler"))
+    ours = sample_student(bb, bb.net, [PROMPT], [0])
     square = one_step_image(pipe, height=32, width=32)
     np.testing.assert_allclose(square.numpy(), (ours / 2 + 0.5).numpy(), atol=1e-6, rtol=0)

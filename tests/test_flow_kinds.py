@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from wadi.artifacts.students import load_student, load_teacher
-from wadi.cli import main
+from conftest import assert_close_ulps
+
 from wadi.models.backbones import BackboneSpec, detect_kind
+from wadi.cli import main
 
 PROMPTS = ["a cat", "The red car  "]
 
@@ -46,8 +48,9 @@ def test_sd3_conditioning_is_the_pipelines(backbones):
     assert cond.mask is None and set(cond.extra) == {"pooled"}
     torch.testing.assert_close(cond.embeds, embeds, rtol=0, atol=0)
     torch.testing.assert_close(cond.extra["pooled"], pooled, rtol=0, atol=0)
-    torch.testing.assert_close(empty.embeds, neg[:1], rtol=0, atol=0)
-    torch.testing.assert_close(empty.extra["pooled"], neg_pooled[:1], rtol=0, atol=0)
+    # The pipeline encodes the empty prompt once per prompt, a batch of 2: another GEMM shape.
+    assert_close_ulps(empty.embeds, neg[:1], what="the empty prompt's states")
+    assert_close_ulps(empty.extra["pooled"], neg_pooled[:1], what="the empty prompt's pooled embedding")
 
 
 def test_sana_conditioning_is_the_pipelines_with_its_instruction(backbones):
@@ -62,7 +65,7 @@ def test_sana_conditioning_is_the_pipelines_with_its_instruction(backbones):
     cond, empty = bb.encode_prompts(PROMPTS), bb.empty_cond()
     torch.testing.assert_close(cond.embeds, embeds, rtol=0, atol=0)
     assert torch.equal(cond.mask, mask) and torch.equal(empty.mask, neg_mask[:1])
-    torch.testing.assert_close(empty.embeds, neg[:1], rtol=0, atol=0)
+    assert_close_ulps(empty.embeds, neg[:1], what="the empty prompt's states")  # encoded in a batch of 2 there
     plain = stock(bb).encode_prompt(PROMPTS, do_classifier_free_guidance=False, max_sequence_length=bb.max_length)[0]
     assert not torch.allclose(cond.embeds, plain)  # the instruction changes the states
 
@@ -88,7 +91,7 @@ def moved_run(tiny_run, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["sd3", "sana"])
 def test_lora_export_loads_in_the_stock_pipeline_exactly(moved_run, tmp_path, kind):
     run = moved_run(kind)
-    assert main(["export", str(run), "--format", "lora", "--rank", "64", "--out", str(tmp_path / "lora")]) == 0
+    assert main(["export", str(run), "--format", "lora", "--rank", "16", "--out", str(tmp_path / "lora")]) == 0
     report = json.loads((tmp_path / "lora" / "lora_report.json").read_text())
     assert report["energy_min"] > 1 - 1e-9 and report["layers"] > 0
     teacher, student = load_teacher(run), load_student(run)

@@ -153,6 +153,20 @@ def _check_metadata(path: Path, meta: dict[str, str]) -> None:
         raise CorruptFile(f"{path}: its adapter metadata is damaged (base_sample is not a list of numbers)")
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A wadi adapter file's metadata alone (no tensor is read), checked as `read` checks it."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CorruptFile(f"{path} is not a readable safetensors file ({describe(e)})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a wadi adapter file (metadata format {meta.get('format')!r})")
+    _check_metadata(path, meta)
+    return meta
+
+
 def is_adapter_file(path: Path) -> bool:
     """Whether `path` is a wadi adapter file, by its metadata alone (no tensor is read)."""
     if path.suffix != ".safetensors":

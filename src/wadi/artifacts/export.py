@@ -20,12 +20,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wadi.artifacts.manifest import write_manifest
+from wadi.artifacts.manifest import MANIFEST, write_manifest
 from wadi.artifacts.model_card import (adapter_usage, lora_usage, one_liner, pipeline_usage, single_file_usage,
                                        ui_settings, write_card)
 from wadi.engine.config import run_config
-from wadi.engine.run_folder import RunFolder
-from wadi.files.atomic import atomic_path, check_new_file, check_out
+from wadi.files.atomic import atomic_path, check_new_file, check_out, write_into
+from wadi.files.run_folder import RunFolder
 from wadi.models.backbones import BackboneSpec
 from wadi.models.registry import EXPORTS, Kind
 
@@ -73,12 +73,13 @@ def build_pipeline(loaded: "Loaded"):
 
 def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> Path:
     """Write the student as a complete pipeline folder with its card; returns it."""
-    out = check_out(out, force)
+    out = check_out(out, force, inputs=[loaded.source])
     bb = loaded.backbone
     check_format(bb.kind, "pipeline")
-    base = (loaded.base or BackboneSpec(kind=bb.kind.name)).filled(resolution=bb.resolution, max_length=bb.max_length)
+    base = (loaded.base or BackboneSpec(kind=bb.kind.name)).filled(
+        resolution=bb.resolution, max_length=bb.max_length, student_steps=bb.student_steps)
     base.one_step_abar = bb.process.recorded_abar()  # the value the exported scheduler encodes (VP)
-    with atomic_path(out) as tmp:
+    with write_into(out, last=MANIFEST) as tmp:
         if bb.kind.pipeline is None:
             loaded.net.save_pretrained(tmp / bb.kind.subfolder)
             for name, component in bb.text.items():
@@ -87,10 +88,11 @@ def export_pipeline(loaded: "Loaded", out: str | Path, force: bool = False) -> P
         else:
             build_pipeline(loaded).save_pretrained(tmp, safe_serialization=True)
         call = bb.pipeline_call() if bb.kind.pipeline else None
-        write_manifest(tmp, base, loaded.source, one_liner(bb.kind, out.resolve(), call), bb.kind.pipeline, call)
+        write_manifest(tmp, base, loaded.source, one_liner(bb.kind, out.resolve(), call), loaded.process,
+                       bb.kind.pipeline, call)
         write_card(tmp, "a complete diffusers pipeline folder", base, loaded.source,
                    pipeline_usage(bb.kind, out.resolve(), call), bb.student_steps)
-    return out  # with --force the new folder replaced the old one whole
+    return out
 
 
 def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int, kohya: bool = False,
@@ -103,15 +105,14 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
 
     from wadi.artifacts.lora_export import delta_lora, save_lora
 
-    out = check_out(out, force)
+    out = check_out(out, force, inputs=[student.source])
     bb = student.backbone
     check_format(bb.kind, "lora-kohya" if kohya else "lora")
     pipeline = getattr(diffusers, bb.kind.pipeline)
     tensors, report = delta_lora(student.net, teacher.net, rank)
     tensors = {k: v.to(dtype or torch.float32) for k, v in tensors.items()}
     base = teacher.backbone.spec
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    with write_into(out) as tmp:
         path = save_lora(tensors, tmp, pipeline, bb.kind.subfolder, kohya)
         bb.student_scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
@@ -125,19 +126,19 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
     return out / path.name, report.to_dict()
 
 
-def single_file_paths(out: str | Path, force: bool = False) -> tuple[Path, Path, Path]:
+def single_file_paths(out: str | Path, force: bool = False, inputs=()) -> tuple[Path, Path, Path]:
     """(checkpoint, scheduler folder, card) of a single-file export, checked for writing:
     inside the folder `out`, or, for `out` = NAME.safetensors, that file with NAME.scheduler/
     and NAME.md beside it (a checkpoint file is what A1111 and ComfyUI users keep)."""
     out = Path(out)
     if out.suffix != ".safetensors":
-        check_out(out, force)
+        check_out(out, force, inputs=inputs)
         return out / SINGLE_FILE, out / "scheduler", out / "README.md"
     file, scheduler, card = out, out.with_suffix(".scheduler"), out.with_suffix(".md")
     _remove_killed_export(file, scheduler, card)
-    check_new_file(file, force)
-    check_new_file(card, force)
-    check_out(scheduler, force)
+    check_new_file(file, force, inputs=inputs)
+    check_new_file(card, force, inputs=inputs)
+    check_out(scheduler, force, inputs=inputs)
     return file, scheduler, card
 
 
@@ -166,7 +167,7 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
     from wadi.artifacts.single_file import student_checkpoint, template_metadata
     from wadi.files.weights import read_file
 
-    file, scheduler, card = single_file_paths(out, force)
+    file, scheduler, card = single_file_paths(out, force, [student.source, template])
     bb = student.backbone
     check_format(bb.kind, "single-file")
     state = student_checkpoint(read_file(Path(template)), student.net, teacher.backbone)
@@ -190,8 +191,7 @@ def export_single_file(student: "Loaded", teacher: "Loaded", template: str | Pat
         with atomic_path(file) as f, atomic_path(scheduler) as s, atomic_path(card) as c:
             write(f, s, c)
     else:
-        with atomic_path(out) as tmp:
-            tmp.mkdir()
+        with write_into(out) as tmp:
             write(tmp / file.name, tmp / scheduler.name, tmp / card.name)
     return file
 
@@ -208,9 +208,8 @@ def export_adapter(run: str | Path, out: str | Path, force: bool = False, fake: 
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"run {run} has no {missing[0].name} (the run has not finished)")
-    out = check_out(out, force)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    out = check_out(out, force, inputs=[run])
+    with write_into(out) as tmp:
         for f in files:
             shutil.copy2(f, tmp / f.name)
         base = run_config(folder).model

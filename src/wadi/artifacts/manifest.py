@@ -1,7 +1,7 @@
 """`wadi.json`, the manifest every exported folder carries: the base model's BackboneSpec
-(with the student's steps, resolution and text length), where the student came from, how
-to run it, and for a stock pipeline its class and the exact call that reproduces `wadi
-sample`. Reading it tells an export from any other folder."""
+(with the student's steps, resolution and text length), the noise process it was distilled
+under, where the student came from, how to run it, and for a stock pipeline its class and
+the exact call that reproduces `wadi sample`. Reading it tells an export from any other folder."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def write_manifest(folder: Path, base: BackboneSpec, source: str, usage: str, pipeline: str | None = None,
-                   call: dict | None = None) -> Path:
-    """`pipeline` and `call`: the stock pipeline class and the arguments of its call (besides
+def write_manifest(folder: Path, base: BackboneSpec, source: str, usage: str, process: dict | None = None,
+                   pipeline: str | None = None, call: dict | None = None) -> Path:
+    """`process`: the noise process the student was distilled under (wadi.engine.provenance);
+    `pipeline` and `call`: the stock pipeline class and the arguments of its call (besides
     the prompt and a generator) that sample the student as `wadi sample` does."""
     path = folder / MANIFEST
-    info = {"format": FORMAT, "base": base.to_dict(), "source": source, "usage": usage}
+    info = {"format": FORMAT, "base": base.to_dict(), "source": source, "usage": usage, "process": process}
     if pipeline:
         info.update(pipeline=pipeline, call=call)
     path.write_text(json.dumps(info, indent=1) + "\n")

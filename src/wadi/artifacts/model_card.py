@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wadi.engine.run_folder import RunFolder
+from wadi.files.run_folder import RunFolder
 from wadi.errors import CorruptFile
 from wadi.files.atomic import read_json_object
 from wadi.models.backbones import BackboneSpec, Kind, get_kind

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from wadi.evaluation.analysis import DEFAULT_ENERGY, HYBRIDS, analyze, check_threshold, make_hybrid
 from wadi.evaluation.analysis_report import dtype_note, format_summary, plot_changes, plot_energy, write_csv, write_json
-from wadi.files.atomic import check_out
+from wadi.files.atomic import FORCE_HELP, check_out
 from wadi.files.weights import load_weights, save_weights
 from wadi.models.backbones import DENOISER_SUBFOLDERS
 
@@ -23,7 +23,7 @@ def register(sub) -> None:
                                    "or weights file (.safetensors; .bin/.pth read without running code)")
     p.add_argument("student", help="the same, for the student (same architecture)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--energy", type=float, default=DEFAULT_ENERGY,
                    help="share of the direction-residual energy the rank fraction keeps (default 0.93)")
     p.add_argument("--hybrids", action="store_true",
@@ -35,7 +35,7 @@ def register(sub) -> None:
 def run(args) -> int:
     # Cheap checks first: loading and analyzing a real UNet takes minutes.
     check_threshold(args.energy)
-    check_out(args.out, args.force)
+    check_out(args.out, args.force, inputs=[args.teacher, args.student])
     teacher, student = (load_weights(p, subfolders=DENOISER_SUBFOLDERS) for p in (args.teacher, args.student))
     result = analyze(teacher.state_dict, student.state_dict, args.energy, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)

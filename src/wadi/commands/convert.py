@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wadi.files.atomic import FORCE_HELP, check_new_file, check_out
 from wadi.adapters.lorad import merge_angles
-from wadi.files.atomic import check_new_file, check_out
 from wadi.files.weights import Weights, load_weights, read_file, save_weights
 from wadi.models.backbones import DENOISER_SUBFOLDERS
 
@@ -23,16 +23,16 @@ def register(sub) -> None:
                                                "the angles inside WEIGHTS")
     p.add_argument("--out", type=Path, required=True,
                    help="a diffusers model folder to write, or FILE.safetensors (the authors' released layout)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP + "; a FILE.safetensors --out is replaced")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     flat = args.out.suffix == ".safetensors"
     if flat:
-        check_new_file(args.out, args.force)
+        check_new_file(args.out, args.force, inputs=[args.weights, args.angles])
     else:
-        check_out(args.out, args.force)
+        check_out(args.out, args.force, inputs=[args.weights, args.angles])
     base = load_weights(args.weights, subfolders=DENOISER_SUBFOLDERS)
     angles = read_file(args.angles) if args.angles else base.state_dict
     merged = merge_angles(base.state_dict, angles)

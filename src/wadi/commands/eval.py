@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wadi.artifacts.students import load_student, load_teacher, teacher_for
-from wadi.commands.model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, check_seed,
-                                      finite, positive, student_options)
 from wadi.evaluation.evaluate import (INCEPTION, METRICS, Entry, default_cache_dir, evaluate, metric_settings,
-                                      world_metric_settings)
-from wadi.evaluation.metrics import DEFAULT_CLIP
+                        world_metric_settings)
+from wadi.files.atomic import FORCE_HELP
 from wadi.files.prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
+from wadi.evaluation.metrics import DEFAULT_CLIP
 from wadi.models.sampling import Sampling
+from wadi.artifacts.students import load_student, load_teacher, teacher_for
 from wadi.worlds import get_world, worlds
+from wadi.commands.model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, check_seed, finite,
+                         positive, student_options)
 
 
 def register(sub) -> None:
@@ -55,7 +56,8 @@ def register(sub) -> None:
                    help="the teacher's sampler (default: its process's: ddim for VP, euler for a flow)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
     p.add_argument("--out", type=Path, required=True, help="output folder (images, prompts.jsonl, results.json)")
-    p.add_argument("--force", action="store_true", help="start over where --out holds images of other settings")
+    p.add_argument("--force", action="store_true",
+                   help=FORCE_HELP + "; a model's images of other settings there are made again")
     p.add_argument("--no-progress", action="store_true")
     add_base_args(p)
     add_device_args(p)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from wadi.artifacts.export import (FORMATS, check_format, export_adapter, export_lora, export_pipeline,
-                                   export_single_file, single_file_paths)
+from wadi.artifacts.export import (FORMATS, check_format, export_adapter, export_lora, export_pipeline, export_single_file,
+                       single_file_paths)
+from wadi.files.atomic import FORCE_HELP, check_out
+from wadi.files.hub import push, resolve
 from wadi.artifacts.model_card import one_liner
 from wadi.artifacts.students import load_student, teacher_for
 from wadi.commands.model_args import DTYPES, add_base_args, base_spec, student_options
-from wadi.files.atomic import check_out
-from wadi.files.hub import push, resolve
 
 
 def register(sub) -> None:
@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, help="with --format lora / lora-kohya: the LoRA's rank (exact once it reaches "
                                              "the widest adapted layer's; the energy each layer keeps is reported)")
     p.add_argument("--fake", action="store_true", help="with --format adapter: the fake score model's adapter too")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default fp32; with --format "
                                                    "single-file the template's)")
     p.add_argument("--push-to-hub", metavar="OWNER/REPO", help="also upload the export (with its card) to the hub")
@@ -71,10 +71,11 @@ def export(args) -> int:
             print(f"wrote {path}")
         return 0
     # Before minutes of loading.
+    inputs = [args.model, args.base, args.text_encoder, args.template]
     if args.format == "single-file":
-        single_file_paths(args.out, args.force)
+        single_file_paths(args.out, args.force, inputs)
     else:
-        check_out(args.out, args.force)
+        check_out(args.out, args.force, inputs=inputs)
     dtype = DTYPES[args.dtype] if args.dtype else None
     # A LoRA (a difference) and a checkpoint built on a template are computed in float32 and
     # written in --dtype; a pipeline is loaded in it.

@@ -3,16 +3,15 @@ file) or, with --teacher, from the multi-step teacher, so both are compared by o
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
+from wadi.files.atomic import FORCE_HELP, check_out, write_into
 from wadi.artifacts.students import load_student, load_teacher
-from wadi.commands.model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, finite,
-                                      parse_seeds, positive, student_options)
-from wadi.files.atomic import atomic_path, check_out
 from wadi.files.prompts import FORMATS, check_prompts, read_prompts
 from wadi.models.sampling import Sampling, sample_to_folder
+from wadi.commands.model_args import (DTYPES, add_base_args, add_device_args, base_spec, check_device, finite, parse_seeds,
+                         positive, student_options)
 
 
 def register(sub) -> None:
@@ -26,12 +25,12 @@ def register(sub) -> None:
     p.add_argument("--seeds", default="0", help="seeds for every prompt, e.g. 0-3,7 (default 0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, required=True, help="output folder of PNGs")
-    p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--no-grid", action="store_true", help="no grid.png")
     t = p.add_argument_group("teacher")
     t.add_argument("--teacher", action="store_true", help="sample the multi-step teacher instead of the student")
-    t.add_argument("--steps", type=int, default=25, help="teacher steps (default 25)")
-    t.add_argument("--guidance", type=float, default=3.0, help="teacher guidance scale (default 3.0)")
+    t.add_argument("--steps", type=int, help="teacher steps (default 25); a student samples its own")
+    t.add_argument("--guidance", type=float, help="teacher guidance scale (default 3.0); a student samples unguided")
     t.add_argument("--scheduler", choices=["ddim", "dpm", "euler"],
                    help="teacher scheduler (default: ddim for VP models, euler for flow-matching ones)")
     add_base_args(p)
@@ -42,13 +41,20 @@ def register(sub) -> None:
 def run(args) -> int:
     seeds = parse_seeds(args.seeds)
     positive(args.batch_size, "--batch-size")
-    positive(args.steps, "--steps")
-    finite(args.guidance, "--guidance")
+    if not args.teacher:
+        given = [option for option in ("steps", "guidance", "scheduler") if getattr(args, option) is not None]
+        if given:
+            raise ValueError(f"--{given[0]} is the teacher's (with --teacher); a student samples with its own "
+                             "steps, unguided")
+    if args.steps is not None:
+        positive(args.steps, "--steps")
+    if args.guidance is not None:
+        finite(args.guidance, "--guidance")
     check_device(args.device)
     prompts = check_prompts(args.prompt, "--prompt") if args.prompt else read_prompts(args.prompts, args.format)
     if any(not p.strip() for p in prompts):
         raise ValueError("--prompt must not be empty")
-    check_out(args.out, args.force)
+    check_out(args.out, args.force, inputs=[args.model, args.base, args.text_encoder, args.prompts])
     dtype = DTYPES[args.dtype]
     if args.teacher:
         model = load_teacher(args.model, base_spec(args), dtype, args.allow_bin)
@@ -61,7 +67,7 @@ def run(args) -> int:
     sampling.check(model.backbone)
     text = {"model": model.source, "role": "teacher" if args.teacher else "student"}
     # A new folder appears whole (a failure leaves none); --force writes into an existing one.
-    with contextlib.nullcontext(args.out) if args.out.exists() else atomic_path(args.out) as out:
+    with write_into(args.out) as out:
         paths = sample_to_folder(model.backbone, model.net, sampling, prompts, seeds, out, args.batch_size,
                                  text, with_grid=not args.no_grid)
         (out / "samples.json").write_text(json.dumps(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from wadi.adapters.config import ADAPTERS
 from wadi.commands.model_args import check_seed, parse_seeds
+from wadi.files.atomic import FORCE_HELP
 
 
 def register(sub) -> None:
@@ -38,8 +39,8 @@ def _register_demo(sub) -> None:
                    help="distill once per seed and report each, their median and the worst, e.g. 0-4 (default 0)")
     p.add_argument("--per-class", type=int, default=50, help="evaluation images per digit (default 50)")
     p.add_argument("--root", default="runs", help="where the numbered demo folder goes (default runs)")
-    p.add_argument("--out", help="the demo folder instead (new or empty; with --force, any)")
-    p.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    p.add_argument("--out", help="the demo folder instead (new or empty; with --force, an existing one)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--threads", type=int,
                    help="CPU threads (default: the cores, at most 4; models this small gain nothing from more)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -26,7 +26,7 @@ from wadi.artifacts.students import load_student, load_teacher
 from wadi.digits import paths, plugin, report, world
 from wadi.engine.config import DistillConfig, resolve
 from wadi.engine.presets import preset_values
-from wadi.engine.run_folder import RunFolder
+from wadi.files.run_folder import RunFolder
 from wadi.evaluation.evaluate import (Entry, MetricSettings, Scorer, default_cache_dir, evaluate, image_path,
                                       world_metric_settings)
 from wadi.files import locks

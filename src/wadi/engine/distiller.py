@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from wadi.adapters.core import Adapter, adapter_class, attach
 from wadi.engine import checkpoint as ckpt
+from wadi.adapters.core import Adapter, adapter_class, attach
+from wadi.models.backbones import Backbone, Cond, dtype_of
 from wadi.engine.config import DistillConfig
 from wadi.engine.losses import vsd_loss
-from wadi.models.backbones import Backbone, Cond, dtype_of
 from wadi.models.process import run_student
+from wadi.engine.provenance import TRAINED_WITH, record_of
 from wadi.models.sampling import sample_student
 
 # A step whose scores are non-finite beyond this share of their elements is skipped; below
@@ -297,6 +298,10 @@ class Distiller:
         local = torch.stack([sum(p.double().sum() for p in params), sum(p.double().pow(2).sum() for p in params)])
         return self.acc.gather(local.to(self.acc.device).unsqueeze(0)).tolist()
 
+    def student_metadata(self) -> dict:
+        """What the student's adapter files record: the step and what it samples with (wadi.engine.provenance)."""
+        return {"step": self.step, TRAINED_WITH: record_of(self.bb).to_json()}
+
     def state_pieces(self, checksums: list | None = None) -> list[ckpt.Piece]:
         """Every piece of training state, named once for saving and loading."""
         def loop_state() -> dict:
@@ -312,7 +317,7 @@ class Distiller:
             self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
 
         pieces = [ckpt.json_piece("state", loop_state, set_loop_state),
-                  ckpt.Piece("student.safetensors", lambda p: self.student.save(p, {"step": self.step}),
+                  ckpt.Piece("student.safetensors", lambda p: self.student.save(p, self.student_metadata()),
                              self.student.load),
                   ckpt.Piece("fake.safetensors", lambda p: self.fake.save(p, {"step": self.step}), self.fake.load),
                   ckpt.stateful("optim-student", self.opt_s), ckpt.stateful("optim-fake", self.opt_f),

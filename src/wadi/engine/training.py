@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import time
@@ -26,10 +27,11 @@ from wadi.errors import install_hint
 from wadi.models.backbones import Backbone, check_model_path
 from wadi.engine.config import DistillConfig, absolute_paths, resolve, resume_config
 from wadi.engine.distiller import Distiller
-from wadi.files.atomic import atomic_path, write_text
+from wadi.files.atomic import atomic_path, read_json_object, write_text
 from wadi.files.images import save_grid
 from wadi.files.prompts import read_prompts
-from wadi.engine.run_folder import RunFolder
+from wadi.engine.provenance import STUDENT_RECORD, check_teacher, record_of, teacher_fingerprint
+from wadi.files.run_folder import RunFolder
 from wadi.engine.tracking import Progress, Tracker, trackers_for
 from wadi.models.conditioning import masks_on_request
 
@@ -108,10 +110,11 @@ def export(distiller: Distiller, run: RunFolder) -> None:
         # student.safetensors appears last (the run is finished), after the merged model; the
         # adapter is saved first because merging spends it.
         with atomic_path(run.student_adapter) as adapter:
-            distiller.student.save(adapter, {"step": distiller.step})
+            distiller.student.save(adapter, distiller.student_metadata())
             model = distiller.student.merged_model()
             with atomic_path(run.student_model) as tmp:
                 model.save_pretrained(tmp)
+                (tmp / STUDENT_RECORD).write_text(record_of(distiller.bb).to_json() + "\n", encoding="utf-8")
 
 
 def sample_grid(distiller: Distiller, run: RunFolder, tracker: Tracker) -> None:
@@ -166,13 +169,18 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
                                  "would record fewer")
             cfg.check()
             prompts, backbone = prepare(cfg)
+            if run.teacher.is_file():
+                check_teacher(read_json_object(run.teacher, "; it records the run's teacher"), backbone, run.path)
+            elif _process_state().is_main_process:  # a run from before teachers were recorded: from now on
+                write_text(run.teacher, json.dumps(teacher_fingerprint(backbone)) + "\n")
             return _train(cfg, prompts, backbone, run, True, progress)
     cfg = settings(config, overrides)
     prompts, backbone = prepare(cfg)
     if not _process_state().is_main_process:
         return _train(cfg, prompts, backbone, None, False, progress)
     root_made = not Path(cfg.run.root).exists()
-    run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+                                  {RunFolder.TEACHER: json.dumps(teacher_fingerprint(backbone)) + "\n"})
     try:
         return _train(cfg, prompts, backbone, run, False, progress)
     except Exception:

@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wadi.artifacts.students import Loaded
 from wadi.errors import CorruptFile, describe
-from wadi.files.atomic import atomic_path, check_out, read_json_object, write_text
+from wadi.files.atomic import atomic_path, check_forced, check_out, read_json_object, write_text
 from wadi.files.images import read_images, save_png, to_uint8
 from wadi.files.prompts import PromptSet
 from wadi.models.sampling import Sampling
+from wadi.artifacts.students import Loaded
 from wadi.worlds import WorldEval
 
 METRICS = ("fid", "clip", "pr", "alignment")
@@ -325,9 +325,12 @@ def generation_settings(entries: list[Entry], prompts: PromptSet, seed: int) -> 
 def check_resume(out: Path, settings: dict, force: bool) -> None:
     """Refuse to add images to an output made with other settings (unless `force` clears it)."""
     saved = out / "settings.json"
+    inputs = [model["source"] for model in settings["models"].values()]
     if not saved.is_file():
-        check_out(out, force)
+        check_out(out, force, inputs=inputs)
         return
+    if force:
+        check_forced(out, inputs=inputs)
     old = read_json_object(saved, "; use another --out")
     if not isinstance(old.get("models", {}), dict):
         raise CorruptFile(f"{saved}: models is not a mapping; use another --out")

@@ -1,5 +1,6 @@
 """Prompt files: plain text, JSON lines (JourneyDB annotations included), COCO captions, or
-a Hugging Face dataset (wadi.files.prompt_datasets); and the prompt sets of evaluation (the zero-shot COCO protocols, any prompt file).
+a Hugging Face dataset (wadi.files.prompt_datasets); and the prompt sets of evaluation (the
+zero-shot COCO protocols, any prompt file).
 
 WaDi trains on text alone. Every reader returns a list of non-empty prompts, and every
 problem with the file is a one-line error raised before any model is loaded.

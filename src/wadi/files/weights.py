@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from wadi.errors import CorruptFile, describe
-from wadi.files.atomic import atomic_path, read_json_object
+from wadi.files.atomic import atomic_path, read_json_object, write_into
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 TORCH_SUFFIXES = (".bin", ".pth", ".pt")
@@ -170,6 +170,6 @@ def save_weights(state_dict: StateDict, out: Path, like: Weights) -> Path:
             save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata={"format": "pt"})
         return target
     model = model_like(like.model_dir, state_dict)
-    with atomic_path(out) as tmp:
+    with write_into(out) as tmp:
         model.save_pretrained(tmp)
     return out

@@ -94,8 +94,9 @@ class StudentStepsError(ValueError):
 
 
 def check_student_steps(spec: BackboneSpec, num_train_timesteps: int) -> None:
-    """The student's steps within the schedule's training timesteps (more would never end,
-    or fail at the first step), its timesteps indices of that schedule starting at the last."""
+    """What the model's schedule bounds (the settings check the rest: timesteps strictly
+    decreasing, one per step): at most as many steps as it has training timesteps (more
+    would never end, or fail at the first step), timesteps starting at its last."""
     steps, last = spec.student_steps or 1, num_train_timesteps - 1
     if steps > num_train_timesteps:
         raise StudentStepsError(f"setting model.student_steps must be at most {num_train_timesteps} (the model's "
@@ -104,9 +105,6 @@ def check_student_steps(spec: BackboneSpec, num_train_timesteps: int) -> None:
     if ts and ts[0] != last:
         raise StudentStepsError(f"setting model.student_timesteps must start at {last} (the student starts from pure "
                                 f"noise, the schedule's last timestep), got {ts}")
-    if ts and not (len(ts) == steps and min(ts) >= 0 and all(b < a for a, b in zip(ts, ts[1:]))):
-        raise StudentStepsError(f"setting model.student_timesteps must be {steps} strictly decreasing timestep "
-                                f"indices in 0..{last}, got {ts}")
 
 
 class Backbone:
@@ -274,7 +272,9 @@ def _load(library: str, class_name: str, path: str, what: str, dtype: torch.dtyp
         loaded = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load the {what} from {path!r}: {describe(e)}") from None
-    except (KeyError, EOFError, pickle.UnpicklingError) as e:  # transformers' torch.load of a damaged .bin
+    except (KeyError, EOFError, pickle.UnpicklingError) as e:
+        if kwargs.get("use_safetensors"):  # not what a damaged .bin raises in transformers' torch.load
+            raise
         raise CorruptFile(f"could not load the {what} from {path!r}: its weights file is unreadable "
                           f"({type(e).__name__} {describe(e)[:100]})") from None
     if not model:

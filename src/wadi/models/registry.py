@@ -111,7 +111,8 @@ KINDS: dict[str, Kind] = {
     "pixart": Kind("pixart", "PixArtTransformer2DModel", "transformer", "T5EncoderModel", "AutoTokenizer",
                    masked=True, vae="AutoencoderKL", targets=("dit-student", "dit-fake"), max_length=120,
                    call=call_pixart, pipeline="PixArtAlphaPipeline",
-                   pipeline_call=_with(cfg_off_call, clean_caption=False, max_sequence_length=True),
+                   pipeline_call=_with(cfg_off_call, clean_caption=False, use_resolution_binning=False,
+                                       max_sequence_length=True),
                    pipeline_classes=("PixArtAlphaPipeline",), hub_words=("pixart",)),
     # A pixel-space UNet with any transformers encoder and no VAE (the embedded worlds).
     "pixel": Kind("pixel", "UNet2DConditionModel", "unet", "AutoModel", "AutoTokenizer", masked=True, vae=None,

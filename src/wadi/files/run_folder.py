@@ -2,12 +2,13 @@
 
     runs/00003-sd15-wadi/
         config.yaml           the resolved settings (what --resume reads back)
+        teacher.json          what identifies the teacher (--resume refuses another; wadi.engine.provenance)
         log.jsonl             one JSON object per logged step
         tb/                   TensorBoard events (and wandb/ when that tracker is on)
         samples/step-NNNNNNN.png
         checkpoints/step-NNNNNNN/   complete checkpoints (see wadi.engine.checkpoint)
         student.safetensors, fake.safetensors   the final adapters
-        student/              the final student merged into a plain diffusers model
+        student/              the final student merged into a plain diffusers model (with wadi_student.json)
 
 A run folder appears whole with its config.yaml (written in a hidden folder, then renamed
 to its number), so no kill leaves a numbered folder that cannot be resumed (a hidden one
@@ -49,6 +50,8 @@ def _remove_stale_reservations(root: Path) -> None:
 
 
 class RunFolder:
+    TEACHER = "teacher.json"
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
@@ -63,6 +66,10 @@ class RunFolder:
     @property
     def config(self) -> Path:
         return self.path / "config.yaml"
+
+    @property
+    def teacher(self) -> Path:
+        return self.path / self.TEACHER
 
     @property
     def log(self) -> Path:
@@ -118,10 +125,11 @@ class RunFolder:
 
     # --- numbering ------------------------------------------------------------------------
     @classmethod
-    def reserve(cls, root: str | Path, name: str, config: str | None = None) -> tuple["RunFolder", FileLock]:
-        """Create root/NNNNN-name holding `config` as its config.yaml, NNNNN one past the
-        highest number there (the next when another process takes it first), and take
-        its lock."""
+    def reserve(cls, root: str | Path, name: str, config: str | None = None,
+                more: dict[str, str] | None = None) -> tuple["RunFolder", FileLock]:
+        """Create root/NNNNN-name holding `config` as its config.yaml and the files `more`
+        names ({file name: text}), NNNNN one past the highest number there (the next when
+        another process takes it first), and take its lock."""
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_reservations(root)
@@ -129,6 +137,8 @@ class RunFolder:
         try:
             if config is not None:
                 (tmp / "config.yaml").write_text(config, encoding="utf-8")
+            for file, text in (more or {}).items():
+                (tmp / file).write_text(text, encoding="utf-8")
             number = max((int(m.group(1)) for p in root.iterdir() if (m := _RUN_DIR.match(p.name))), default=-1) + 1
             while True:
                 path = root / f"{number:05d}-{name}"
