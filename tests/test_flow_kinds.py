@@ -129,6 +129,6 @@ def test_what_does_not_fit_a_flow_model_is_refused_in_one_line(tiny_run, tmp_pat
     (tmp_path / "p.txt").write_text("a cat\n")
     refused(capsys, ["distill", "--config", "sd3-wadi", f"model.path={sd}", f"data.prompts={tmp_path / 'p.txt'}",
                      "train.mixed_precision=no", f"run.root={tmp_path / 'runs'}"], "is a sd pipeline folder, not sd3")
-    refused(capsys, ["distill", "--config", "sd3-wadi", "model.kind=flux"], "unknown backbone kind 'flux'")
+    refused(capsys, ["distill", "--config", "sd3-wadi", "model.kind=hunyuan"], "unknown backbone kind 'hunyuan'")
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "o").exists()

@@ -46,6 +46,10 @@ PRESETS: dict[str, TargetRule] = {
     # Fake MMDiT: the blocks' attention and feed-forward, without the modulations (the
     # counterpart of the UNet fake's time_emb_proj).
     "mmdit-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1",)),
+    # Fake FLUX: the same for its double-stream blocks, and its single-stream blocks'
+    # attention and MLP projections without their modulation (`norm.linear`). (Its student
+    # takes mmdit-student: the time, guidance and pooled-text embedders stay the teacher's.)
+    "flux-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1", "norm.linear")),
     # Fake Qwen-Image MMDiT: the same, its modulations named img_mod / txt_mod (its student
     # is mmdit-student: every Linear but the timestep embedder).
     "qwen-fake": TargetRule(include=("transformer_blocks",), exclude=("img_mod", "txt_mod")),

@@ -116,7 +116,8 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
         path = save_lora(tensors, tmp, pipeline, bb.kind.subfolder, kohya)
         bb.student_scheduler().save_pretrained(tmp / "scheduler")
         (tmp / "lora_report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-        note = ui_settings(bb, f"the base model `{base.path}` with {path.name} at weight 1") if kohya else ""
+        note = (ui_settings(bb, f"the base model `{base.path}` with {path.name} at weight 1") if kohya else
+                f"{bb.kind.lora_note}. In diffusers" if bb.kind.lora_note else "")
         layout = "kohya's layout (A1111, ComfyUI)" if kohya else "diffusers' layout"
         fmt = (f"a LoRA of rank {rank} in {layout} (the student's weight change, {report.layers} layers; "
                f"energy kept: median {report.to_dict()['energy_median']:.4f})")

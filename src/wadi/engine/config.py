@@ -379,6 +379,8 @@ def _check_model(m: BackboneSpec) -> None:
                  "model.student_timesteps", "timestep indices >= 0, strictly decreasing", ts)
         _require(len(ts) == (m.student_steps or 1), "model.student_timesteps",
                  f"one timestep per student step (model.student_steps={m.student_steps or 1})", ts)
+    _require(m.guidance is None or (math.isfinite(m.guidance) and m.guidance > 0), "model.guidance",
+             "a positive number", m.guidance)
     abar = m.one_step_abar
     _require(abar in (None, SCHEDULER) or (not isinstance(abar, str) and 0 < abar < 1), "model.one_step_abar",
              f"a number in (0, 1) or {SCHEDULER!r}", abar)

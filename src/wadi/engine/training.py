@@ -58,9 +58,13 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
     backbone = cfg.model.load()
     cfg.model.kind = backbone.kind.name
     backbone.empty_cond()  # the kind's encoder runs once here, so text settings it refuses fail before the run
-    if backbone.kind.guidance == "none" and cfg.train.guidance != 1:
+    if backbone.guidance_mode == "none" and cfg.train.guidance != 1:
         raise ValueError(f"setting train.guidance={cfg.train.guidance:g}: the {backbone.kind.name} model has no "
                          "guidance; use train.guidance=1")
+    if backbone.guidance_mode == "embedded" and cfg.train.guidance != 1:
+        raise ValueError(f"setting train.guidance={cfg.train.guidance:g}: the {backbone.kind.name} model takes its "
+                         "guidance as an input, which teacher, fake model and student share; set model.guidance "
+                         "instead and leave train.guidance=1")
     if cfg.data.mask_prompts and not masks_on_request(backbone.kind):
         raise ValueError(f"setting data.mask_prompts masks the padding of a single CLIP encoder (the sd kind); the "
                          f"{backbone.kind.name} kind encodes prompts as its stock pipeline does: unset it")

@@ -1,9 +1,9 @@
 """Built-in architecture configs of the paper's backbones, buildable without weights.
 
 The configs are those of the public SD 1.5 / SD 2.1 / SDXL UNets, the PixArt-alpha transformer,
-the SD3.5 medium / large MMDiTs, the Sana 0.6B / 1.6B (1024 px) transformers and Qwen-Image's
-20B MMDiT. Built on the meta device they cost no memory, so adapter parameter counts
-need no download.
+the SD3.5 medium / large MMDiTs, the Sana 0.6B / 1.6B (1024 px) transformers, the FLUX.1
+[dev] / [schnell] transformers and Qwen-Image's 20B MMDiT. Built on the meta device they cost no
+memory, so adapter parameter counts need no download.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ _SD15_UNET = dict(
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
     block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
 )
+
+_FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+             axes_dims_rope=(16, 56, 56))
 
 ARCHS: dict[str, Arch] = {
     "sd15": Arch("sd15", "sd", _SD15_UNET),
@@ -74,6 +78,11 @@ ARCHS: dict[str, Arch] = {
                            num_attention_heads=70, attention_head_dim=32, num_cross_attention_heads=20,
                            cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
                            mlp_ratio=2.5, norm_elementwise_affine=False, norm_eps=1e-6)),
+    # FLUX.1 [dev] (12B): 19 double-stream and 38 single-stream blocks of width 3072 on
+    # 2x2-packed 16-channel latents, T5-XXL states and CLIP-L's pooled output, the guidance
+    # embedder; [schnell] is the same without it.
+    "flux-dev": Arch("flux-dev", "flux", _FLUX),
+    "flux-schnell": Arch("flux-schnell", "flux", dict(_FLUX, guidance_embeds=False)),
     # Qwen-Image (20B): 60 double-stream blocks of width 3072 (24 heads of 128) on Qwen2.5-VL
     # 7B's 3584-wide states, 16-channel latents packed 2x2 (its released transformer config).
     "qwen-image": Arch("qwen-image", "qwen-image",

@@ -49,6 +49,7 @@ class BackboneSpec:
     one_step_abar: float | str | None = None  # VP only: the generator's abar_T; None: 0.0047; "scheduler": abar at T-1
     student_steps: int | None = None  # the student's sampling steps; None: 1
     student_timesteps: list[int] | None = None  # their time indices, first T-1; None: evenly spaced
+    guidance: float | None = None  # embedded-guidance kinds: the input teacher, fake and student share; None: default
     revision: str | None = None  # hub: a branch, tag or commit of `path`; None: main
     variant: str | None = None  # the weight files' variant (e.g. "fp16": model.fp16.safetensors); None: the plain ones
 
@@ -117,6 +118,9 @@ class Backbone:
         self.text = {"text_encoder": text_encoder, "tokenizer": tokenizer, **(more_text or {})}
         self.vae = vae
         self.max_length = spec.max_length or self.kind.max_length or tokenizer.model_max_length
+        if spec.guidance is not None and self.guidance_mode != "embedded":
+            raise ValueError(f"setting model.guidance={spec.guidance:g} is the guidance input of a guidance-distilled "
+                             f"model; this {self.kind.name} model has none (leave it unset)")
         # The encoder whose token length max_length is (SD3's T5; T5's positions are relative: none).
         positions = getattr(self.text[self.kind.long_encoder].config, "max_position_embeddings", None)
         if positions and self.max_length > positions:
@@ -136,6 +140,12 @@ class Backbone:
         check_student_steps(spec, self.process.num_train_timesteps)
         self._empty: Cond | None = None
         self._times: list | None = None
+
+    @property
+    def guidance_mode(self) -> str:
+        """This model's guidance mode (wadi.models.guidance): its kind's, or its own where the
+        kind's checkpoints differ (FLUX.1-dev takes guidance as an input, schnell has none)."""
+        return self.kind.guidance_of(self) if self.kind.guidance_of else self.kind.guidance
 
     @property
     def resolution(self) -> int:

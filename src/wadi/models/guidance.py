@@ -4,7 +4,8 @@ mode (wadi.models.registry.Kind.guidance) and the function that applies it (`Kin
 - "cfg": classifier-free guidance from one batched [uncond; cond] pass, e_u + s (e_c - e_u);
   at s = 1 the conditional pass alone;
 - "embedded": the network takes the guidance scale as an input (FLUX.1-dev, distilled to
-  imitate CFG): one pass with that input set to s, no negative prompt;
+  imitate CFG): one pass with that input set to s, no negative prompt; at s = 1 the input
+  the conditioning carries (the model's own, which teacher, fake model and student share);
 - "none": the model has no guidance (a guidance-distilled student); only s = 1.
 
 Guidance is affine, so guiding eps or the velocity is the same."""
@@ -39,7 +40,11 @@ def guided_cfg(backbone: "Backbone", net: torch.nn.Module, x: torch.Tensor, t: t
 
 def guided_embedded(backbone: "Backbone", net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: "Cond",
                     scale: float) -> torch.Tensor:
-    """One pass with the network's guidance input (Cond.extra["guidance"]) set to `scale`."""
+    """One pass with the network's guidance input (Cond.extra["guidance"]) set to `scale`; at
+    1 the conditional prediction as encoded, with the model's own guidance input (what its
+    student was distilled at and samples with)."""
+    if scale == 1:
+        return backbone.predict(net, x, t, cond).float()
     extra = {**cond.extra, "guidance": cond.extra["guidance"].new_full((len(x),), float(scale))}
     return backbone.predict(net, x, t, type(cond)(cond.embeds, cond.mask, extra)).float()
 

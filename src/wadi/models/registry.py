@@ -22,7 +22,7 @@ from wadi.models.conditioning import (call_mmdit, call_pixart, call_sana, call_s
                                       empty_sdxl, encode_sana, encode_sd3, encode_sdxl, encode_states,
                                       encode_states_pooled)
 from wadi.models.guidance import MODES, guided_cfg
-from wadi.models.kinds import qwen_image
+from wadi.models.kinds import flux, qwen_image
 from wadi.models.latents import decode_scaled, image_noise_shape, patch_multiple, vae_scale
 
 if TYPE_CHECKING:
@@ -80,12 +80,14 @@ class Kind:
     # --- guidance
     guidance: str = "cfg"  # one of guidance.MODES
     guide: Callable = guided_cfg  # (backbone, net, x, t, cond, scale) -> guided prediction, float32
+    guidance_of: Callable | None = None  # (backbone) -> its mode, where the kind's checkpoints differ (FLUX.1)
     # --- the ecosystem
     pipeline: str | None = None  # stock diffusers pipeline; None: loaded by wadi only
     pipeline_extras: dict = field(default_factory=dict)  # components the stock pipeline wants besides ours
     pipeline_call: Callable | None = cfg_off_call  # (backbone, steps) -> the call's arguments besides the prompt
     sigmas: Callable | None = None  # (steps) -> the sigmas the pipeline passes its scheduler; None: none
     exports: tuple[str, ...] = ("pipeline", "adapter")  # what its ecosystem reads (EXPORTS)
+    lora_note: str = ""  # for its LoRA card: the tools besides diffusers that read the diffusers file as it is
     hub_words: tuple[str, ...] = ()  # words that mark its hub ids, lower case
     pipeline_classes: tuple[str, ...] = ()  # model_index.json classes of its pipelines
 
@@ -147,6 +149,24 @@ KINDS: dict[str, Kind] = {
                  encode=encode_sana, empty=empty_sana, pipeline="SanaPipeline",
                  pipeline_call=_with(cfg_off_call, use_resolution_binning=False, max_sequence_length=True),
                  exports=("pipeline", "adapter", "lora"), pipeline_classes=("SanaPipeline",), hub_words=("sana",)),
+    # FLUX.1 dev / schnell: a double- and single-stream transformer on T5's states (length
+    # 512) and CLIP's pooled output, 16-channel latents packed 2x2 with position ids, a
+    # resolution-dependent shift (dev); dev takes its guidance as an input, schnell has none.
+    # ComfyUI's LoRA loader maps diffusers' transformer.* keys of FLUX onto its own layout
+    # (comfy/lora.py, model_lora_keys_unet): the diffusers LoRA serves both, no kohya file.
+    "flux": Kind("flux", "FluxTransformer2DModel", "transformer", "CLIPTextModel", "CLIPTokenizer", masked=False,
+                 vae="AutoencoderKL", targets=("mmdit-student", "flux-fake"), max_length=512,
+                 text=(("text_encoder_2", "T5EncoderModel"), ("tokenizer_2", "AutoTokenizer")),
+                 long_encoder="text_encoder_2", call=flux.call, encode=flux.encode, noise_shape=flux.noise_shape,
+                 image_tokens=flux.image_tokens, resolution_multiple=flux.resolution_multiple, guidance="embedded",
+                 guidance_of=flux.guidance_mode, guide=flux.guide, pipeline="FluxPipeline",
+                 pipeline_call=flux.pipeline_call, sigmas=flux.sigmas,
+                 exports=("pipeline", "adapter", "lora"), pipeline_classes=("FluxPipeline",),
+                 hub_words=("flux.1", "flux1", "flux-1"),
+                 lora_note="ComfyUI loads this file as it is (its LoRA loader reads diffusers' keys for FLUX): the "
+                           "base model, this LoRA at strength 1, FluxGuidance at the guidance_scale below, CFG 1, "
+                           "sampler euler, scheduler simple, the steps below (with its own noise; several steps are "
+                           "spaced its own way, expect small differences)"),
     # Qwen-Image: an MMDiT on Qwen2.5-VL's states of the prompt in the pipeline's template
     # (512 tokens, under their mask), 2x2-packed latents, true CFG with a norm rescale, a
     # 3-D causal VAE with latent statistics; rectified flow with a resolution-dependent shift.

@@ -116,7 +116,11 @@ class Sampling:
 
     def check(self, backbone: Backbone) -> None:
         """Name the teacher's scheduler (None: the process's default), refusing, before
-        anything is written, one the backbone's process has not."""
+        anything is written, one the backbone's process has not, and guidance where the
+        model has none."""
+        if self.scale != 1 and backbone.guidance_mode == "none":
+            raise ValueError(f"this {backbone.kind.name} model has no guidance (guidance {self.scale:g} asked); "
+                             "use guidance 1")
         if not self.student:
             self.scheduler = backbone.process.sampler_name(self.scheduler)
 
