@@ -50,6 +50,9 @@ PRESETS: dict[str, TargetRule] = {
     # attention and MLP projections without their modulation (`norm.linear`). (Its student
     # takes mmdit-student: the time, guidance and pooled-text embedders stay the teacher's.)
     "flux-fake": TargetRule(include=("transformer_blocks",), exclude=("norm1", "norm.linear")),
+    # Fake Qwen-Image MMDiT: the same, its modulations named img_mod / txt_mod (its student
+    # is mmdit-student: every Linear but the timestep embedder).
+    "qwen-fake": TargetRule(include=("transformer_blocks",), exclude=("img_mod", "txt_mod")),
     # Student Sana: every Linear of the blocks' linear self-attention and cross-attention,
     # the caption projection and the output, but the adaLN-single timestep path (as
     # PixArt's); its feed-forward is convolutional (GLUMBConv), which LoRaD's linear

@@ -59,6 +59,13 @@ PRESETS: dict[str, dict] = {
                                       "resolution": 1024},
                             "student": {"rank": 384},
                             "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True}},
+    # Qwen-Image (20B) at its pipeline's default 1024 px: r=128 (946M of 20430M, 4.6%; wadi
+    # params), half the 10% rule's r=256, whose adapter states alone would take the frozen
+    # parts' 58 GB past 77 GB (docs/backbones.md); 16 prompts per process as 2 x 8.
+    "qwen-image-wadi": {"model": {"kind": "qwen-image", "path": "Qwen/Qwen-Image", "resolution": 1024},
+                        "student": {"rank": 128},
+                        "train": {"mixed_precision": "bf16", "gradient_checkpointing": True, "adam_8bit": True,
+                                  "batch_size": 2, "grad_accum": 8}},
 }
 # The paper's rank ablation (student r) and adapter ablation (same targets, matched budget).
 for _r in (64, 128, 512):

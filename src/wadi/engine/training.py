@@ -57,6 +57,7 @@ def prepare(cfg: DistillConfig) -> tuple[list[str], Backbone]:
         raise ValueError(f"run.report_to={cfg.run.report_to} needs wandb: {install_hint('wandb')}")
     backbone = cfg.model.load()
     cfg.model.kind = backbone.kind.name
+    backbone.empty_cond()  # the kind's encoder runs once here, so text settings it refuses fail before the run
     if backbone.guidance_mode == "none" and cfg.train.guidance != 1:
         raise ValueError(f"setting train.guidance={cfg.train.guidance:g}: the {backbone.kind.name} model has no "
                          "guidance; use train.guidance=1")

@@ -2,8 +2,8 @@
 
 The configs are those of the public SD 1.5 / SD 2.1 / SDXL UNets, the PixArt-alpha transformer,
 the SD3.5 medium / large MMDiTs, the Sana 0.6B / 1.6B (1024 px) transformers, the FLUX.1
-[dev] / [schnell] transformers, Z-Image 6B and FLUX.2 klein 4B / 9B. Built on the meta device
-they cost no memory, so adapter parameter counts need no download.
+[dev] / [schnell] transformers, Qwen-Image's 20B MMDiT, Z-Image 6B and FLUX.2 klein 4B / 9B.
+Built on the meta device they cost no memory, so adapter parameter counts need no download.
 """
 
 from __future__ import annotations
@@ -102,6 +102,12 @@ ARCHS: dict[str, Arch] = {
                                 attention_head_dim=128, num_attention_heads=32, joint_attention_dim=12288,
                                 timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32),
                                 rope_theta=2000, eps=1e-6, guidance_embeds=False)),
+    # Qwen-Image (20B): 60 double-stream blocks of width 3072 (24 heads of 128) on Qwen2.5-VL
+    # 7B's 3584-wide states, 16-channel latents packed 2x2 (its released transformer config).
+    "qwen-image": Arch("qwen-image", "qwen-image",
+                       dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                            axes_dims_rope=(16, 56, 56))),
 }
 
 

@@ -22,7 +22,7 @@ from wadi.models.conditioning import (call_mmdit, call_pixart, call_sana, call_s
                                       empty_sdxl, encode_sana, encode_sd3, encode_sdxl, encode_states,
                                       encode_states_pooled)
 from wadi.models.guidance import MODES, guided_cfg
-from wadi.models.kinds import flux, flux2_klein, z_image
+from wadi.models.kinds import flux, flux2_klein, qwen_image, z_image
 from wadi.models.latents import decode_scaled, image_noise_shape, patch_multiple, pipeline_patch_multiple, vae_scale
 
 if TYPE_CHECKING:
@@ -192,6 +192,18 @@ KINDS: dict[str, Kind] = {
                         pipeline_extras=dict(is_distilled=True), pipeline_call=flux2_klein.pipeline_call,
                         sigmas=flux2_klein.sigmas, steps_mu=flux2_klein.mu, exports=("pipeline", "adapter", "lora"),
                         hub_words=("flux.2-klein", "flux2-klein"), pipeline_classes=("Flux2KleinPipeline",)),
+    # Qwen-Image: an MMDiT on Qwen2.5-VL's states of the prompt in the pipeline's template
+    # (512 tokens, under their mask), 2x2-packed latents, true CFG with a norm rescale, a
+    # 3-D causal VAE with latent statistics; rectified flow with a resolution-dependent shift.
+    # Its LoRAs load in diffusers; kohya's layout is a UNet's.
+    "qwen-image": Kind("qwen-image", "QwenImageTransformer2DModel", "transformer", "Qwen2_5_VLForConditionalGeneration",
+                       "Qwen2Tokenizer", masked=True, vae="AutoencoderKLQwenImage",
+                       targets=("mmdit-student", "qwen-fake"), max_length=512, call=qwen_image.call,
+                       encode=qwen_image.encode, noise_shape=qwen_image.noise_shape,
+                       image_tokens=qwen_image.image_tokens, decode=qwen_image.decode, vae_scale=qwen_image.vae_scale,
+                       guide=qwen_image.guide, pipeline="QwenImagePipeline", pipeline_call=qwen_image.pipeline_call,
+                       sigmas=qwen_image.sigmas, exports=("pipeline", "adapter", "lora"),
+                       pipeline_classes=("QwenImagePipeline",), hub_words=("qwen-image",)),
 }
 
 # Where a pipeline folder keeps its denoiser, for readers of weights that take any kind's.
