@@ -91,7 +91,7 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
                 f"{bb.student_steps} sampling step(s), CFG scale 1, a DDIM sampler whose first step starts at the "
                 "last timestep (trailing spacing). In diffusers" if kohya else "")
         layout = "kohya's layout (A1111, ComfyUI)" if kohya else "diffusers' layout"
-        fmt = (f"a LoRA of rank {rank} in {layout} (the student's weight change, {report.layers} layers; "
+        fmt = (f"a LoRA of rank {report.rank} in {layout} (the student's weight change, {report.layers} layers; "
                f"energy kept: median {report.to_dict()['energy_median']:.4f})")
         usage = lora_usage(bb.kind, base.path, out.resolve(), path.name, type(bb.student_scheduler()).__name__,
                            bb.student_steps)
