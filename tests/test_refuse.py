@@ -134,19 +134,24 @@ def test_a_crafted_manifest_with_impossible_timesteps_is_refused(tiny_run, tmp_p
 
 # --- exports that cannot be written right -----------------------------------------------------
 
-def test_a_lora_rank_beyond_the_widest_layer_is_refused(tiny_run, tmp_path, capsys):
-    import re
+def test_a_lora_rank_beyond_the_widest_layer_is_capped_there(tiny_run, tmp_path, capsys):
+    import torch
 
     from wadi.cli import main
+    from wadi.students import load_student, teacher_for
 
     _, run = tiny_run("sd")
-    err = refused(capsys, ["export", run, "--format", "lora", "--rank", "3000", "--out", tmp_path / "lora"],
-                  "beyond the full rank of the widest layer", run)
-    assert not (tmp_path / "lora").exists()
-    widest = int(re.search(r"at --rank (\d+) ", err).group(1))
-    assert main(["export", str(run), "--format", "lora", "--rank", str(widest), "--out", str(tmp_path / "lora")]) == 0
+    student = load_student(run)
+    teacher = teacher_for(student)
+    widest = max(min(m.weight.shape) for n, m in student.net.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not torch.equal(m.weight, teacher.net.get_submodule(n).weight))
+    assert main(["export", str(run), "--format", "lora", "--rank", "3000", "--out", str(tmp_path / "lora")]) == 0
+    assert f'"rank": {widest},' in capsys.readouterr().out
+    report = json.loads((tmp_path / "lora" / "lora_report.json").read_text())
+    assert report["rank"] == widest and report["energy_min"] > 1 - 1e-9  # exact, without padding past it
     lora = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
-    assert max(t.shape[0] for k, t in lora.items() if "lora_A" in k) == widest
+    assert {t.shape[0] for k, t in lora.items() if "lora_A" in k} == {widest}
+    assert f"rank {widest} " in (tmp_path / "lora" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("template", ["sd", "junk"])

@@ -119,7 +119,7 @@ def export_lora(student: "Loaded", teacher: "Loaded", out: str | Path, rank: int
         note = (ui_settings(bb, f"the base model `{base.path}` with {path.name} at weight 1") if kohya else
                 f"{bb.kind.lora_note}. In diffusers" if bb.kind.lora_note else "")
         layout = "kohya's layout (A1111, ComfyUI)" if kohya else "diffusers' layout"
-        fmt = (f"a LoRA of rank {rank} in {layout} (the student's weight change, {report.layers} layers; "
+        fmt = (f"a LoRA of rank {report.rank} in {layout} (the student's weight change, {report.layers} layers; "
                f"energy kept: median {report.to_dict()['energy_median']:.4f})")
         usage = lora_usage(bb.kind, base.path, out.resolve(), path.name, type(bb.student_scheduler()).__name__,
                            bb.pipeline_call())

@@ -5,8 +5,8 @@ D ~ U_r S_r V_r^T, into lora_B = U_r sqrt(S_r) and lora_A = sqrt(S_r) V_r^T (sca
 exact at full rank, and at a lower rank the share of each layer's squared singular values
 kept says what was lost. Every layer carries the same rank, layers narrower than it padded
 with zeros: a file of one rank, without alphas, is what every loader reads at scale 1
-(diffusers' loaders take one alpha for a file that records none). A rank beyond the widest
-changed layer's full rank would only add zeros, and is refused. Written with diffusers' own
+(diffusers' loaders take one alpha for a file that records none). The rank is capped at the
+widest changed layer's full rank, where every layer is exact: beyond it, only zeros. Written with diffusers' own
 writers: `save_lora_weights` (what `load_lora_weights` reads) or
 `convert_state_dict_to_kohya` (A1111, ComfyUI).
 """
@@ -40,17 +40,14 @@ class LoraReport:
 @torch.no_grad()
 def delta_lora(student: nn.Module, teacher: nn.Module, rank: int) -> tuple[dict[str, torch.Tensor], LoraReport]:
     """peft-style tensors (`<layer>.lora_A.weight`, `.lora_B.weight`) of every linear layer
-    whose weight the student changed, and what the rank keeps."""
+    whose weight the student changed, and what the rank keeps (its `rank`: the one written)."""
     if rank < 1:
         raise ValueError(f"--rank must be at least 1, got {rank}")
     base = dict(teacher.named_parameters())
-    tensors, report = {}, LoraReport(rank)
     linear = {f"{name}.weight": module for name, module in student.named_modules() if isinstance(module, nn.Linear)}
     changed = {name: m for name, m in linear.items() if not torch.equal(m.weight, base[name])}
-    widest = max((min(m.weight.shape) for m in changed.values()), default=0)
-    if changed and rank > widest:
-        raise ValueError(f"--rank {rank} is beyond the full rank of the widest layer the student changed ({widest}); "
-                         f"at --rank {widest} the LoRA is already exact, a higher one only adds zeros")
+    rank = min(rank, max((min(m.weight.shape) for m in changed.values()), default=rank))
+    tensors, report = {}, LoraReport(rank)
     for weight, module in changed.items():
         name = weight.removesuffix(".weight")
         delta = module.weight.double() - base[weight].double()

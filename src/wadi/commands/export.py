@@ -31,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--template", help="with --format single-file: the base model's own single-file checkpoint "
                                       "(e.g. v1-5-pruned-emaonly.safetensors; a path or hub:OWNER/REPO/FILE)")
     p.add_argument("--rank", type=int, help="with --format lora / lora-kohya: the LoRA's rank (exact once it reaches "
-                                             "the widest adapted layer's; the energy each layer keeps is reported)")
+                                             "the widest changed layer's, where it is capped; the energy each layer "
+                                             "keeps is reported)")
     p.add_argument("--fake", action="store_true", help="with --format adapter: the fake score model's adapter too")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--dtype", choices=DTYPES, help="dtype of the saved weights (default fp32; with --format "
