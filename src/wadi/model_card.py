@@ -127,6 +127,7 @@ def run_settings(source: str) -> tuple[list[str], list[str]]:
     if not RunFolder.is_run(source):
         return [f"source: `{source}`"], []
     from .config import run_config
+    from .metrics.registry import result_keys
 
     cfg = run_config(RunFolder(source))
     s, t = cfg.student, cfg.train
@@ -147,8 +148,7 @@ def run_settings(source: str) -> tuple[list[str], list[str]]:
         for name, r in models.items() if isinstance(models, dict) else ():
             if not isinstance(r, dict):
                 continue
-            scores = ", ".join(f"{k} {r[k]:.4g}" for k in ("fid", "clip_score", "precision", "recall", "alignment")
-                               if isinstance(r.get(k), (int, float)))
+            scores = ", ".join(f"{k} {r[k]:.4g}" for k in result_keys() if isinstance(r.get(k), (int, float)))
             metrics.append(f"{name}: {scores} ({r.get('num_images')} images)")
     return settings, metrics
 

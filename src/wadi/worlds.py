@@ -38,13 +38,13 @@ class WorldEval:
     teacher: BackboneSpec
 
     def metric_settings(self, cache_dir: Path, metrics: str | None = None, reference: Path | None = None,
-                        features: str | None = None, alignment: str | None = None, clip_model: str | None = None,
-                        pr_k: int = 3, batch_size: int = 50):
-        """The world's metrics (evaluate.MetricSettings), each setting given here replacing the world's own."""
+                        features: str | None = None, alignment: str | None = None, **options):
+        """The world's metrics (evaluate.MetricSettings), each setting given here replacing the world's
+        own; `options` are further MetricSettings fields."""
         from .evaluate import metric_settings
 
-        return metric_settings(metrics or self.metrics, reference or self.reference, cache_dir, clip_model, pr_k,
-                               alignment or self.alignment, batch_size, features or self.features)
+        return metric_settings(metrics or self.metrics, reference or self.reference, cache_dir,
+                               features or self.features, alignment=alignment or self.alignment, **options)
 
 
 @functools.lru_cache(maxsize=None)

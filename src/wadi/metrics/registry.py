@@ -1,0 +1,169 @@
+"""Every metric `wadi eval` can report, in one table: what each needs, the keys it writes to
+results.json, how it is computed and the protocol recorded beside its numbers. The
+evaluation (wadi.evaluate), the command's options and printout, the digits reports and the
+model cards read this table; a new metric is one entry here (and its tests).
+
+A metric's `compute(job)` gets a `Job` (wadi.evaluate.Job): the images of one model, their
+prompts, the settings, and cached access to features, reference, teacher images and
+scoring models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# What a metric needs beyond the generated images.
+REFERENCE = "reference"  # reference images, or for FID alone a stats file
+REFERENCE_IMAGES = "reference images"  # a folder of reference images
+TEACHER = "teacher"  # the teacher's images of the same prompts and seeds (`--teacher`)
+REPEATS = "repeats"  # prompts with several seeds each (`--repeats`)
+# Feature spaces: the one `--features` names (TF-Inception unless a world's) and DINOv2's.
+MAIN, DINOV2 = "main", "dinov2"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # as --metrics names it
+    keys: tuple[str, ...]  # what it writes into a model's results, in table order
+    summary: str  # one line: --help and docs
+    compute: Callable  # (Job) -> {key: value}
+    needs: tuple[str, ...] = ()
+    features: str | None = None  # MAIN or DINOV2: the feature space it reads
+    model: str | None = None  # the MetricSettings field naming its scoring model (loaded, checked early)
+    protocol: Callable[[object], dict] = lambda s: {}  # (MetricSettings) -> what defines the number
+
+
+def _fid(job) -> dict:
+    from . import frechet_distance, gaussian_stats
+
+    return {"fid": frechet_distance(*gaussian_stats(job.features(MAIN)), *job.reference_stats(MAIN))}
+
+
+def _kid(job) -> dict:
+    from .kid import kernel_distance
+
+    s = job.settings
+    k = kernel_distance(job.reference_features(MAIN), job.features(MAIN), s.kid_subsets, s.kid_subset_size)
+    return {"kid": k.mean, "kid_std": k.std, "kid_subset_size": k.subset_size}
+
+
+def _pr(job) -> dict:
+    from . import precision_recall
+
+    return precision_recall(job.reference_features(MAIN), job.features(MAIN), k=job.settings.pr_k,
+                            device=job.device)._asdict()
+
+
+def _fid_teacher(job) -> dict:
+    from . import frechet_distance_features
+
+    teacher = job.teacher_features(MAIN)
+    return {} if teacher is None else {"fid_teacher": frechet_distance_features(job.features(MAIN), teacher)}
+
+
+def _fd_dinov2(job) -> dict:
+    from . import frechet_distance_features
+
+    return {"fd_dinov2": frechet_distance_features(job.features(DINOV2), job.reference_features(DINOV2))}
+
+
+def _diversity(job) -> dict:
+    from .diversity import seed_diversity
+
+    return {"diversity": seed_diversity(job.features(DINOV2), job.prompts)}
+
+
+def _clip(job) -> dict:
+    prompts = [job.settings.clip_prefix + p for p in job.prompts]
+    return {"clip_score": float(job.clip("clip_model").scores(job.images, prompts, progress=job.progress).mean())}
+
+
+def _pickscore(job) -> dict:
+    scorer = job.clip("pickscore_model", "pickscore_processor")
+    return {"pickscore": scorer.logit_scale * float(scorer.cosines(job.images, job.prompts,
+                                                                    progress=job.progress).mean())}
+
+
+def _hpsv2(job) -> dict:
+    return {"hpsv2": float(job.clip("hps_model").cosines(job.images, job.prompts, progress=job.progress).mean())}
+
+
+def _imagereward(job) -> dict:
+    from .image_reward import ImageReward
+
+    model = job.model("imagereward", lambda: ImageReward(job.settings.imagereward_model, job.device))
+    return {"imagereward": float(model.rewards(job.images, job.prompts, progress=job.progress).mean())}
+
+
+def _alignment(job) -> dict:
+    from ..images import read_images
+
+    return {"alignment": float(job.function("alignment")(read_images(job.paths), job.prompts))}
+
+
+def _features(s) -> dict:
+    return {"features": s.features.spec, "reference": s.reference_name, "resize": s.resize}
+
+
+CLIP_PROTOCOL = "mean over image-prompt pairs of max(cos(image, text), 0) in the model's projected embeddings"
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("fid", ("fid",), "Frechet distance to the reference images (FID in Inception features)", _fid,
+           (REFERENCE,), MAIN, protocol=lambda s: {**_features(s), "estimate": "Gaussians fitted to all images"}),
+    Metric("kid", ("kid", "kid_std", "kid_subset_size"),
+           "kernel distance to the reference (unbiased MMD^2, polynomial kernel), with its spread over subsets",
+           _kid, (REFERENCE_IMAGES,), MAIN,
+           protocol=lambda s: {**_features(s), "kernel": "(x.y / d + 1)^3", "subsets": s.kid_subsets,
+                               "subset_size": s.kid_subset_size, "spread": "std over subsets (ddof 0)"}),
+    Metric("pr", ("precision", "recall"), "improved precision and recall against the reference", _pr,
+           (REFERENCE_IMAGES,), MAIN, protocol=lambda s: {**_features(s), "k": s.pr_k}),
+    Metric("fid_teacher", ("fid_teacher",), "Frechet distance to the teacher's images of the same prompts and seeds",
+           _fid_teacher, (TEACHER,), MAIN, protocol=lambda s: {"features": s.features.spec, "against": "teacher"}),
+    Metric("fd_dinov2", ("fd_dinov2",), "Frechet distance to the reference in DINOv2 features", _fd_dinov2,
+           (REFERENCE_IMAGES,), DINOV2, "dinov2_model",
+           protocol=lambda s: {"model": s.dinov2_model, "reference": s.reference_name,
+                               "input": "224 px, clean bicubic resize, ImageNet normalisation",
+                               "feature": "class token after the final layer norm"}),
+    Metric("diversity", ("diversity",), "mean pairwise cosine distance in DINOv2 features over the seeds of a prompt",
+           _diversity, (REPEATS,), DINOV2, "dinov2_model",
+           protocol=lambda s: {"model": s.dinov2_model, "distance": "1 - cos", "repeats": s.repeats}),
+    Metric("clip", ("clip_score",), "CLIP score: image-prompt cosine in a CLIP model (not x100)", _clip,
+           model="clip_model", protocol=lambda s: {"model": s.clip_model, "score": CLIP_PROTOCOL,
+                                                   "prompt_prefix": s.clip_prefix, "resize": s.resize}),
+    Metric("pickscore", ("pickscore",), "PickScore: exp(logit scale) x cosine in the PickScore CLIP", _pickscore,
+           model="pickscore_model",
+           protocol=lambda s: {"model": s.pickscore_model, "processor": s.pickscore_processor,
+                               "score": "mean of exp(logit_scale) * cos(image, text)"}),
+    Metric("hpsv2", ("hpsv2",), "HPSv2: cosine in the HPS-tuned CLIP ViT-H-14", _hpsv2, model="hps_model",
+           protocol=lambda s: {"model": s.hps_model, "score": "mean of cos(image, text)"}),
+    Metric("imagereward", ("imagereward",), "ImageReward: BLIP with the reward MLP, standardised", _imagereward,
+           model="imagereward_model",
+           protocol=lambda s: {"model": s.imagereward_model, "score": "mean of (mlp(text-on-image CLS) - mean) / std",
+                               "max_tokens": 35}),
+    Metric("alignment", ("alignment",), "a plug-in alignment function (images, prompts) -> fraction", _alignment,
+           protocol=lambda s: {"function": s.alignment}),
+)}
+
+# Column titles of tables (the digits reports, the eval printout's order).
+LABELS = {"fid": "FID", "kid": "KID", "kid_std": "KID spread", "precision": "precision", "recall": "recall",
+          "fid_teacher": "FID to teacher", "fd_dinov2": "FD-DINOv2", "diversity": "diversity",
+          "clip_score": "CLIP score", "pickscore": "PickScore", "hpsv2": "HPSv2", "imagereward": "ImageReward",
+          "alignment": "alignment"}
+
+
+def result_keys(names=None) -> list[str]:
+    """The results.json keys of the named metrics (default: all), in the table's order; the
+    bookkeeping key `kid_subset_size` is not a score."""
+    return [k for m in METRICS.values() if names is None or m.name in names for k in m.keys
+            if k != "kid_subset_size"]
+
+
+def parse(names: str) -> list[str]:
+    """Comma-separated metric names, checked."""
+    chosen = [m.strip() for m in names.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    if not chosen:
+        raise ValueError("--metrics names no metric")
+    return chosen
