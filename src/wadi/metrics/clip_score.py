@@ -48,7 +48,7 @@ class ClipScorer:
     @property
     def logit_scale(self) -> float:
         """exp of the model's learned temperature (100 for OpenAI's CLIP)."""
-        return float(self.model.logit_scale.exp())
+        return float(self.model.logit_scale.detach().exp())
 
     @torch.inference_mode()
     def batch_cosines(self, images: Sequence[ImageLike], prompts: Sequence[str]) -> np.ndarray:
