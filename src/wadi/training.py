@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -128,9 +129,11 @@ def _process_state():
 
 
 def distill(config: str | DistillConfig | None = None, overrides: list[str] = (), resume: str | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, after_step: Callable[[Distiller], None] | None = None) -> Path:
     """Run (or continue) a distillation; returns the run folder. The run's lock
-    (wadi.locks) is held throughout: a second command on the same run refuses."""
+    (wadi.locks) is held throughout: a second command on the same run refuses.
+    `after_step(distiller)` runs after every step, with the global random state saved and
+    put back around it (periodic evaluations must not change the run)."""
     if resume:
         if config and resume != "latest":
             raise ValueError(f"--config goes with a new run or --resume latest (where it names run.root); --resume "
@@ -147,15 +150,15 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
                                  "would record fewer")
             cfg.check()
             prompts, backbone = prepare(cfg)
-            return _train(cfg, prompts, backbone, run, True, progress)
+            return _train(cfg, prompts, backbone, run, True, progress, after_step)
     cfg = config if isinstance(config, DistillConfig) else resolve(config, overrides)
     cfg.check()
     prompts, backbone = prepare(cfg)
     if not _process_state().is_main_process:
-        return _train(cfg, prompts, backbone, None, False, progress)
+        return _train(cfg, prompts, backbone, None, False, progress, after_step)
     run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     try:
-        return _train(cfg, prompts, backbone, run, False, progress)
+        return _train(cfg, prompts, backbone, run, False, progress, after_step)
     except Exception:
         if not run.complete_checkpoints() and not (run.log.is_file() and run.log.stat().st_size):
             shutil.rmtree(run.path, ignore_errors=True)  # failed before anything was trained: no run to keep
@@ -165,7 +168,7 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
 
 
 def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunFolder | None, resume: bool,
-           progress: bool) -> Path:
+           progress: bool, after_step: Callable[[Distiller], None] | None = None) -> Path:
     """The run itself: `run` is None on the processes other than the main one of a new run."""
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
@@ -212,6 +215,9 @@ def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunF
             sample_grid(distiller, run, tracker)
         if rc.checkpoint_every and step % rc.checkpoint_every == 0:
             save_checkpoint(distiller, run)
+        if after_step is not None:
+            with torch.random.fork_rng(devices=[]):
+                after_step(distiller)
     bar.close()
     if acc.is_main_process and rc.export:
         export(distiller, run)
