@@ -237,6 +237,7 @@ def test_eval_reports_every_metric_each_as_computed_directly(tiny_run, tmp_path,
 
 def test_metrics_needing_the_teacher_or_repeats_or_a_model_refuse_early(tiny_run, tmp_path, capsys):
     run = str(tiny_run("sd")[1])
+    capsys.readouterr()  # what making the tiny run printed
     (tmp_path / "p.txt").write_text("a cat\na dog\n")
     base = ["eval", run, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--no-progress"]
     assert main(base + ["--metrics", "fid_teacher", "--features", "test_metric_registry:pixel_features"]) == 2
@@ -245,7 +246,7 @@ def test_metrics_needing_the_teacher_or_repeats_or_a_model_refuse_early(tiny_run
     assert main(base + ["--metrics", "kid"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 4
-    assert "--teacher" in errors[0] and "cannot load the model" in errors[1]
+    assert "--teacher" in errors[0] and "cannot load the diversity model" in errors[1]
     assert "--pickscore-model" in errors[2] and "kid need reference images" in errors[3]
     assert not (tmp_path / "o").exists()
 

@@ -249,7 +249,7 @@ class MetricSettings:
     clip_prefix: str = ""  # put before each prompt for the CLIP score ("A photo depicts " in DMD2's)
 
     def __post_init__(self):
-        from .metrics.registry import METRICS, REFERENCE, REFERENCE_IMAGES
+        from .metrics.registry import LABELS, METRICS, REFERENCE, REFERENCE_IMAGES
 
         chosen = [METRICS[m] for m in parse_metrics(self.metrics)]
         needs = {n for m in chosen for n in m.needs}
@@ -262,7 +262,7 @@ class MetricSettings:
             load_function(self.alignment, "--alignment")  # fail before any image is generated
         for m in chosen:
             if m.model:
-                self._check_model(m.model, m.name)
+                self._check_model(m.model, m.name, LABELS[m.keys[0]])
         if any(m.features == "main" for m in chosen):
             self.features.check()
         if self.reference is not None and needs & {REFERENCE, REFERENCE_IMAGES}:
@@ -271,7 +271,7 @@ class MetricSettings:
             if value < 1 or (what == "--kid-subset-size" and value < 2):
                 raise ValueError(f"{what} must be at least {1 if what == '--kid-subsets' else 2}, got {value}")
 
-    def _check_model(self, name: str, metric: str) -> None:
+    def _check_model(self, name: str, metric: str, label: str) -> None:
         """Its config only: a model that cannot load fails before any image is made."""
         from transformers import AutoConfig
 
@@ -282,7 +282,7 @@ class MetricSettings:
         try:
             AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load the model {path!r} of {option} ({describe(e)})") from None
+            raise ValueError(f"cannot load the {label} model {path!r} ({option}: {describe(e)})") from None
 
     def extractor(self, space: str) -> Extractor:
         """The extractor of a registry feature space: "main" (--features) or "dinov2"."""
