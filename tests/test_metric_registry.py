@@ -275,3 +275,20 @@ def test_dmd2_protocol_resizes_and_prefixes_the_clip_prompts(tiny_run, tmp_path,
     assert results["models"]["student"]["clip_score"] == pytest.approx(float(cos.mean()), abs=1e-6)
     assert main(["eval", run, "--protocol", "coco2014-30k", "--prompts", str(tmp_path / "captions.txt"),
                  "--out", str(tmp_path / "o2"), "--metrics", "clip", "--clip-model", str(tiny_clip)]) == 2
+
+
+def test_model_card_lists_every_registry_score_beside_the_run(tiny_run, tmp_path):
+    """model_card.run_settings reads the registry's keys from the run's eval/results.json."""
+    import shutil
+
+    from wadi.model_card import run_settings
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run("sd")[1], run)
+    (run / "eval").mkdir(exist_ok=True)
+    scores = {"fid": 12.5, "kid": 0.0123, "kid_std": 0.001, "kid_subset_size": 8, "hpsv2": 0.271,
+              "imagereward": -0.5, "precision": 0.5}
+    (run / "eval" / "results.json").write_text(json.dumps({"models": {"student": {**scores, "num_images": 8}}}))
+    _, metrics = run_settings(str(run))
+    assert metrics == ["student: fid 12.5, kid 0.0123, kid_std 0.001, precision 0.5, hpsv2 0.271, "
+                       "imagereward -0.5 (8 images)"]

@@ -43,16 +43,16 @@ def _fid(job) -> dict:
 def _kid(job) -> dict:
     from .kid import kernel_distance
 
-    s = job.settings
-    k = kernel_distance(job.reference_features(MAIN), job.features(MAIN), s.kid_subsets, s.kid_subset_size)
+    s, fake = job.settings, job.features(MAIN)  # the images' features first, then the reference's (once)
+    k = kernel_distance(job.reference_features(MAIN), fake, s.kid_subsets, s.kid_subset_size)
     return {"kid": k.mean, "kid_std": k.std, "kid_subset_size": k.subset_size}
 
 
 def _pr(job) -> dict:
     from . import precision_recall
 
-    return precision_recall(job.reference_features(MAIN), job.features(MAIN), k=job.settings.pr_k,
-                            device=job.device)._asdict()
+    fake = job.features(MAIN)
+    return precision_recall(job.reference_features(MAIN), fake, k=job.settings.pr_k, device=job.device)._asdict()
 
 
 def _fid_teacher(job) -> dict:
