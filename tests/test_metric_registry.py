@@ -292,3 +292,17 @@ def test_model_card_lists_every_registry_score_beside_the_run(tiny_run, tmp_path
     _, metrics = run_settings(str(run))
     assert metrics == ["student: fid 12.5, kid 0.0123, kid_std 0.001, precision 0.5, hpsv2 0.271, "
                        "imagereward -0.5 (8 images)"]
+
+
+def test_scorer_folders_missing_a_part_refuse_before_any_image(tiny_run, tiny_clip, tmp_path, capsys):
+    """An ImageReward folder without its reward head, a PickScore processor that does not load."""
+    run = str(tiny_run("sd")[1])
+    capsys.readouterr()
+    (tmp_path / "p.txt").write_text("a cat\n")
+    base = ["eval", run, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main(base + ["--metrics", "imagereward", "--imagereward-model", str(tiny_clip)]) == 2
+    assert main(base + ["--metrics", "pickscore", "--pickscore-model", str(tiny_clip), "--pickscore-processor",
+                        str(tmp_path)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "reward_head.safetensors" in errors[0] and "PickScore processor" in errors[1]
+    assert not (tmp_path / "o").exists()

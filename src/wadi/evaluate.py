@@ -249,9 +249,9 @@ class MetricSettings:
     clip_prefix: str = ""  # put before each prompt for the CLIP score ("A photo depicts " in DMD2's)
 
     def __post_init__(self):
-        from .metrics.registry import LABELS, METRICS, REFERENCE, REFERENCE_IMAGES
+        from .metrics.registry import LABELS, METRICS, REFERENCE, REFERENCE_IMAGES, parse
 
-        chosen = [METRICS[m] for m in parse_metrics(self.metrics)]
+        chosen = [METRICS[m] for m in parse(",".join(self.metrics))]
         needs = {n for m in chosen for n in m.needs}
         if needs & {REFERENCE, REFERENCE_IMAGES} and self.reference is None:
             names = [m.name for m in chosen if {REFERENCE, REFERENCE_IMAGES} & set(m.needs)]
@@ -263,6 +263,8 @@ class MetricSettings:
         for m in chosen:
             if m.model:
                 self._check_model(m.model, m.name, LABELS[m.keys[0]])
+            if m.check:
+                m.check(self)
         if any(m.features == "main" for m in chosen):
             self.features.check()
         if self.reference is not None and needs & {REFERENCE, REFERENCE_IMAGES}:
@@ -300,12 +302,6 @@ class MetricSettings:
         d["features"] = self.features.spec
         d["protocols"] = {m: METRICS[m].protocol(self) for m in self.metrics}
         return d
-
-
-def parse_metrics(metrics: list[str]) -> list[str]:
-    from .metrics.registry import parse
-
-    return parse(",".join(metrics))
 
 
 def metric_settings(names: str, reference: Path | None, cache_dir: Path, features: str = INCEPTION,

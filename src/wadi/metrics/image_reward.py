@@ -38,7 +38,8 @@ def load_head(path: Path) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], floa
     from safetensors import safe_open
 
     if not path.is_file():
-        raise FileNotFoundError(f"ImageReward's MLP {path} not found (see docs/evaluation.md)")
+        raise FileNotFoundError(f"ImageReward's MLP {path} not found: --imagereward-model is a folder with the "
+                                f"BLIP model and {HEAD} (docs/evaluation.md)")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         missing = [f"{n}.weight" for n in HEAD_LAYERS if f"{n}.weight" not in f.keys()]

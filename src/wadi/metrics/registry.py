@@ -32,6 +32,7 @@ class Metric:
     features: str | None = None  # MAIN or DINOV2: the feature space it reads
     model: str | None = None  # the MetricSettings field naming its scoring model (loaded, checked early)
     protocol: Callable[[object], dict] = lambda s: {}  # (MetricSettings) -> what defines the number
+    check: Callable[[object], None] | None = None  # (MetricSettings): more to refuse before any image is made
 
 
 def _fid(job) -> dict:
@@ -96,6 +97,24 @@ def _imagereward(job) -> dict:
     return {"imagereward": float(model.rewards(job.images, job.prompts, progress=job.progress).mean())}
 
 
+def _check_pickscore(s) -> None:
+    from transformers import CLIPProcessor
+
+    processor = s.pickscore_processor or s.pickscore_model
+    try:
+        CLIPProcessor.from_pretrained(processor)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"cannot load the PickScore processor {processor!r} (--pickscore-processor: {e})") from None
+
+
+def _check_imagereward(s) -> None:
+    from pathlib import Path
+
+    from .image_reward import HEAD, load_head
+
+    load_head(Path(s.imagereward_model) / HEAD)
+
+
 def _alignment(job) -> dict:
     from ..images import read_images
 
@@ -133,13 +152,13 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("pickscore", ("pickscore",), "PickScore: exp(logit scale) x cosine in the PickScore CLIP", _pickscore,
            model="pickscore_model",
            protocol=lambda s: {"model": s.pickscore_model, "processor": s.pickscore_processor,
-                               "score": "mean of exp(logit_scale) * cos(image, text)"}),
+                               "score": "mean of exp(logit_scale) * cos(image, text)"}, check=_check_pickscore),
     Metric("hpsv2", ("hpsv2",), "HPSv2: cosine in the HPS-tuned CLIP ViT-H-14", _hpsv2, model="hps_model",
            protocol=lambda s: {"model": s.hps_model, "score": "mean of cos(image, text)"}),
     Metric("imagereward", ("imagereward",), "ImageReward: BLIP with the reward MLP, standardised", _imagereward,
            model="imagereward_model",
            protocol=lambda s: {"model": s.imagereward_model, "score": "mean of (mlp(text-on-image CLS) - mean) / std",
-                               "max_tokens": 35}),
+                               "max_tokens": 35}, check=_check_imagereward),
     Metric("alignment", ("alignment",), "a plug-in alignment function (images, prompts) -> fraction", _alignment,
            protocol=lambda s: {"function": s.alignment}),
 )}
