@@ -306,3 +306,44 @@ def test_scorer_folders_missing_a_part_refuse_before_any_image(tiny_run, tiny_cl
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 2 and "reward_head.safetensors" in errors[0] and "PickScore processor" in errors[1]
     assert not (tmp_path / "o").exists()
+
+
+def open_clip_names(hf: dict) -> dict:
+    """transformers' CLIP weights under OpenCLIP's names, written out from OpenCLIP's model code:
+    q/k/v stacked as `in_proj`, the output projections as (width, embed) matrices."""
+    out = {"visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
+           "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
+           "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
+           "visual.proj": hf["visual_projection.weight"].t(), "text_projection": hf["text_projection.weight"].t(),
+           "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+           "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+           "logit_scale": hf["logit_scale"], "attn_mask": torch.zeros(16, 16)}
+    for leaf in ("weight", "bias"):
+        out[f"visual.ln_pre.{leaf}"] = hf[f"vision_model.pre_layrnorm.{leaf}"]
+        out[f"visual.ln_post.{leaf}"] = hf[f"vision_model.post_layernorm.{leaf}"]
+        out[f"ln_final.{leaf}"] = hf[f"text_model.final_layer_norm.{leaf}"]
+        for ours, tower in (("visual.transformer", "vision_model"), ("transformer", "text_model")):
+            theirs = f"{tower}.encoder.layers.0"
+            out[f"{ours}.resblocks.0.attn.in_proj_{leaf}"] = torch.cat(
+                [hf[f"{theirs}.self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+            for a, b in (("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"), ("attn.out_proj", "self_attn.out_proj"),
+                         ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                out[f"{ours}.resblocks.0.{a}.{leaf}"] = hf[f"{theirs}.{b}.{leaf}"]
+    return out
+
+
+def test_open_clip_checkpoint_becomes_the_same_transformers_clip(tiny_clip, tmp_path):
+    """HPSv2's weights come as an OpenCLIP state dict: converted, they give the model back."""
+    from transformers import CLIPModel
+
+    from wadi.metrics.open_clip_layout import clip_state_dict, save_clip_folder
+
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    hf = {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in open_clip_names(hf).items()}}, tmp_path / "hps.pt")
+    assert clip_state_dict(open_clip_names(hf)).keys() == hf.keys()
+    save_clip_folder(tmp_path / "hps.pt", tmp_path / "hps", tiny_clip)
+    back = CLIPModel.from_pretrained(tmp_path / "hps").state_dict()
+    assert all(torch.equal(back[k], v) for k, v in hf.items())
+    with pytest.raises(ValueError, match="not an OpenCLIP CLIP weight: visual.extra"):
+        clip_state_dict({"visual.extra": torch.zeros(1)})
