@@ -244,10 +244,13 @@ def test_metrics_needing_the_teacher_or_repeats_or_a_model_refuse_early(tiny_run
     assert main(base + ["--metrics", "diversity", "--dinov2-model", str(tmp_path)]) == 2
     assert main(base + ["--metrics", "pickscore"]) == 2
     assert main(base + ["--metrics", "kid"]) == 2
+    assert main(base + ["--metrics", "fid_teacher", "--features", "test_metric_registry:pixel_features",
+                        "--kid-subsets", "0"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 4
+    assert len(errors) == 5
     assert "--teacher" in errors[0] and "cannot load the diversity model" in errors[1]
     assert "--pickscore-model" in errors[2] and "kid need reference images" in errors[3]
+    assert "--kid-subsets must be at least 1" in errors[4]
     assert not (tmp_path / "o").exists()
 
 

@@ -249,29 +249,26 @@ class MetricSettings:
     clip_prefix: str = ""  # put before each prompt for the CLIP score ("A photo depicts " in DMD2's)
 
     def __post_init__(self):
-        from .metrics.registry import LABELS, METRICS, REFERENCE, REFERENCE_IMAGES, parse
+        from .metrics.registry import LABELS, MAIN, METRICS, REFERENCE, REFERENCE_IMAGES, parse
 
         chosen = [METRICS[m] for m in parse(",".join(self.metrics))]
         needs = {n for m in chosen for n in m.needs}
         if needs & {REFERENCE, REFERENCE_IMAGES} and self.reference is None:
             names = [m.name for m in chosen if {REFERENCE, REFERENCE_IMAGES} & set(m.needs)]
             raise ValueError(f"{', '.join(names)} need reference images: pass --ref FOLDER")
-        if "alignment" in self.metrics:
-            if not self.alignment:
-                raise ValueError("the alignment metric needs --alignment MODULE:FUNCTION")
-            load_function(self.alignment, "--alignment")  # fail before any image is generated
         for m in chosen:
             if m.model:
                 self._check_model(m.model, m.name, LABELS[m.keys[0]])
             if m.check:
                 m.check(self)
-        if any(m.features == "main" for m in chosen):
+        if any(m.features == MAIN for m in chosen):
             self.features.check()
         if self.reference is not None and needs & {REFERENCE, REFERENCE_IMAGES}:
             self.reference.check(REFERENCE_IMAGES in needs)
-        for value, what in ((self.kid_subsets, "--kid-subsets"), (self.kid_subset_size, "--kid-subset-size")):
-            if value < 1 or (what == "--kid-subset-size" and value < 2):
-                raise ValueError(f"{what} must be at least {1 if what == '--kid-subsets' else 2}, got {value}")
+        if self.kid_subsets < 1:
+            raise ValueError(f"--kid-subsets must be at least 1, got {self.kid_subsets}")
+        if self.kid_subset_size < 2:
+            raise ValueError(f"--kid-subset-size must be at least 2, got {self.kid_subset_size}")
 
     def _check_model(self, name: str, metric: str, label: str) -> None:
         """Its config only: a model that cannot load fails before any image is made."""
@@ -287,8 +284,10 @@ class MetricSettings:
             raise ValueError(f"cannot load the {label} model {path!r} ({option}: {describe(e)})") from None
 
     def extractor(self, space: str) -> Extractor:
-        """The extractor of a registry feature space: "main" (--features) or "dinov2"."""
-        return replace(self.features if space == "main" else Extractor(DINOV2, self.dinov2_model), resize=self.resize)
+        """The extractor of a registry feature space: the main one (--features) or DINOv2's."""
+        from .metrics.registry import MAIN
+
+        return replace(self.features if space == MAIN else Extractor(DINOV2, self.dinov2_model), resize=self.resize)
 
     @property
     def reference_name(self) -> str | None:

@@ -115,6 +115,14 @@ def _check_imagereward(s) -> None:
     load_head(Path(s.imagereward_model) / HEAD)
 
 
+def _check_alignment(s) -> None:
+    from ..evaluate import load_function
+
+    if not s.alignment:
+        raise ValueError("the alignment metric needs --alignment MODULE:FUNCTION")
+    load_function(s.alignment, "--alignment")
+
+
 def _alignment(job) -> dict:
     from ..images import read_images
 
@@ -160,7 +168,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            protocol=lambda s: {"model": s.imagereward_model, "score": "mean of (mlp(text-on-image CLS) - mean) / std",
                                "max_tokens": 35}, check=_check_imagereward),
     Metric("alignment", ("alignment",), "a plug-in alignment function (images, prompts) -> fraction", _alignment,
-           protocol=lambda s: {"function": s.alignment}),
+           protocol=lambda s: {"function": s.alignment}, check=_check_alignment),
 )}
 
 # Column titles of tables (the digits reports, the eval printout's order).
