@@ -249,7 +249,7 @@ class MetricSettings:
     clip_prefix: str = ""  # put before each prompt for the CLIP score ("A photo depicts " in DMD2's)
 
     def __post_init__(self):
-        from .metrics.registry import LABELS, MAIN, METRICS, REFERENCE, REFERENCE_IMAGES, parse
+        from .metrics.registry import MAIN, METRICS, REFERENCE, REFERENCE_IMAGES, parse
 
         chosen = [METRICS[m] for m in parse(",".join(self.metrics))]
         needs = {n for m in chosen for n in m.needs}
@@ -258,7 +258,7 @@ class MetricSettings:
             raise ValueError(f"{', '.join(names)} need reference images: pass --ref FOLDER")
         for m in chosen:
             if m.model:
-                self._check_model(m.model, m.name, LABELS[m.keys[0]])
+                self._check_model(m.model, m.name, next(iter(m.keys.values())))
             if m.check:
                 m.check(self)
         if any(m.features == MAIN for m in chosen):

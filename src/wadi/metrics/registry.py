@@ -25,7 +25,8 @@ MAIN, DINOV2 = "main", "dinov2"
 @dataclass(frozen=True)
 class Metric:
     name: str  # as --metrics names it
-    keys: tuple[str, ...]  # what it writes into a model's results, in table order
+    keys: dict[str, str | None]  # what it writes into a model's results, in table order: key -> column
+    # title (None: bookkeeping beside the score, not a score)
     summary: str  # one line: --help and docs
     compute: Callable  # (Job) -> {key: value}
     needs: tuple[str, ...] = ()
@@ -135,54 +136,50 @@ def _features(s) -> dict:
 
 CLIP_PROTOCOL = "mean over image-prompt pairs of max(cos(image, text), 0) in the model's projected embeddings"
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("fid", ("fid",), "Frechet distance to the reference images (FID in Inception features)", _fid,
+    Metric("fid", {"fid": "FID"}, "Frechet distance to the reference images (FID in Inception features)", _fid,
            (REFERENCE,), MAIN, protocol=lambda s: {**_features(s), "estimate": "Gaussians fitted to all images"}),
-    Metric("kid", ("kid", "kid_std", "kid_subset_size"),
+    Metric("kid", {"kid": "KID", "kid_std": "KID spread", "kid_subset_size": None},
            "kernel distance to the reference (unbiased MMD^2, polynomial kernel), with its spread over subsets",
            _kid, (REFERENCE_IMAGES,), MAIN,
            protocol=lambda s: {**_features(s), "kernel": "(x.y / d + 1)^3", "subsets": s.kid_subsets,
                                "subset_size": s.kid_subset_size, "spread": "std over subsets (ddof 0)"}),
-    Metric("pr", ("precision", "recall"), "improved precision and recall against the reference", _pr,
+    Metric("pr", {"precision": "precision", "recall": "recall"}, "improved precision and recall against the reference", _pr,
            (REFERENCE_IMAGES,), MAIN, protocol=lambda s: {**_features(s), "k": s.pr_k}),
-    Metric("fid_teacher", ("fid_teacher",), "Frechet distance to the teacher's images of the same prompts and seeds",
+    Metric("fid_teacher", {"fid_teacher": "FID to teacher"}, "Frechet distance to the teacher's images of the same prompts and seeds",
            _fid_teacher, (TEACHER,), MAIN, protocol=lambda s: {"features": s.features.spec, "against": "teacher"}),
-    Metric("fd_dinov2", ("fd_dinov2",), "Frechet distance to the reference in DINOv2 features", _fd_dinov2,
+    Metric("fd_dinov2", {"fd_dinov2": "FD-DINOv2"}, "Frechet distance to the reference in DINOv2 features", _fd_dinov2,
            (REFERENCE_IMAGES,), DINOV2, "dinov2_model",
            protocol=lambda s: {"model": s.dinov2_model, "reference": s.reference_name,
                                "input": "224 px, clean bicubic resize, ImageNet normalisation",
                                "feature": "class token after the final layer norm"}),
-    Metric("diversity", ("diversity",), "mean pairwise cosine distance in DINOv2 features over the seeds of a prompt",
+    Metric("diversity", {"diversity": "diversity"}, "mean pairwise cosine distance in DINOv2 features over the seeds of a prompt",
            _diversity, (REPEATS,), DINOV2, "dinov2_model",
            protocol=lambda s: {"model": s.dinov2_model, "distance": "1 - cos", "repeats": s.repeats}),
-    Metric("clip", ("clip_score",), "CLIP score: image-prompt cosine in a CLIP model (not x100)", _clip,
+    Metric("clip", {"clip_score": "CLIP score"}, "CLIP score: image-prompt cosine in a CLIP model (not x100)", _clip,
            model="clip_model", protocol=lambda s: {"model": s.clip_model, "score": CLIP_PROTOCOL,
                                                    "prompt_prefix": s.clip_prefix, "resize": s.resize}),
-    Metric("pickscore", ("pickscore",), "PickScore: exp(logit scale) x cosine in the PickScore CLIP", _pickscore,
+    Metric("pickscore", {"pickscore": "PickScore"}, "PickScore: exp(logit scale) x cosine in the PickScore CLIP", _pickscore,
            model="pickscore_model",
            protocol=lambda s: {"model": s.pickscore_model, "processor": s.pickscore_processor,
                                "score": "mean of exp(logit_scale) * cos(image, text)"}, check=_check_pickscore),
-    Metric("hpsv2", ("hpsv2",), "HPSv2: cosine in the HPS-tuned CLIP ViT-H-14", _hpsv2, model="hps_model",
+    Metric("hpsv2", {"hpsv2": "HPSv2"}, "HPSv2: cosine in the HPS-tuned CLIP ViT-H-14", _hpsv2, model="hps_model",
            protocol=lambda s: {"model": s.hps_model, "score": "mean of cos(image, text)"}),
-    Metric("imagereward", ("imagereward",), "ImageReward: BLIP with the reward MLP, standardised", _imagereward,
+    Metric("imagereward", {"imagereward": "ImageReward"}, "ImageReward: BLIP with the reward MLP, standardised", _imagereward,
            model="imagereward_model",
            protocol=lambda s: {"model": s.imagereward_model, "score": "mean of (mlp(text-on-image CLS) - mean) / std",
                                "max_tokens": 35}, check=_check_imagereward),
-    Metric("alignment", ("alignment",), "a plug-in alignment function (images, prompts) -> fraction", _alignment,
+    Metric("alignment", {"alignment": "alignment"}, "a plug-in alignment function (images, prompts) -> fraction", _alignment,
            protocol=lambda s: {"function": s.alignment}, check=_check_alignment),
 )}
 
-# Column titles of tables (the digits reports, the eval printout's order).
-LABELS = {"fid": "FID", "kid": "KID", "kid_std": "KID spread", "precision": "precision", "recall": "recall",
-          "fid_teacher": "FID to teacher", "fd_dinov2": "FD-DINOv2", "diversity": "diversity",
-          "clip_score": "CLIP score", "pickscore": "PickScore", "hpsv2": "HPSv2", "imagereward": "ImageReward",
-          "alignment": "alignment"}
+# Column titles of tables (the digits reports), by result key.
+LABELS = {k: title for m in METRICS.values() for k, title in m.keys.items() if title}
 
 
 def result_keys(names=None) -> list[str]:
-    """The results.json keys of the named metrics (default: all), in the table's order; the
-    bookkeeping key `kid_subset_size` is not a score."""
-    return [k for m in METRICS.values() if names is None or m.name in names for k in m.keys
-            if k != "kid_subset_size"]
+    """The score keys of the named metrics (default: all) in the table's order: what the
+    printout, the reports and the cards show."""
+    return [k for m in METRICS.values() if names is None or m.name in names for k, title in m.keys.items() if title]
 
 
 def parse(names: str) -> list[str]:
