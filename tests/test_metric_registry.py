@@ -350,3 +350,40 @@ def test_open_clip_checkpoint_becomes_the_same_transformers_clip(tiny_clip, tmp_
     assert all(torch.equal(back[k], v) for k, v in hf.items())
     with pytest.raises(ValueError, match="not an OpenCLIP CLIP weight: visual.extra"):
         clip_state_dict({"visual.extra": torch.zeros(1)})
+
+
+def test_image_reward_checkpoint_becomes_the_same_scorer(tiny_image_reward, tmp_path):
+    """The released ImageReward.pt's names (LAVIS' BLIP under `blip.`, the MLP under `mlp.`),
+    written out here from the tiny folder's weights, give the same rewards once converted."""
+    from safetensors.torch import load_file
+    from transformers import BlipForImageTextRetrieval
+
+    from wadi.metrics.image_reward import MEAN, STD, ImageReward, save_folder
+
+    hf = BlipForImageTextRetrieval.from_pretrained(tiny_image_reward).state_dict()
+    released = {f"blip.text_encoder.{k.removeprefix('text_encoder.')}": v for k, v in hf.items()
+                if k.startswith("text_encoder.")}
+    vision = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+              "patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+              "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+              "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
+    for ours, theirs in (("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("attn.qkv", "self_attn.qkv"),
+                         ("attn.proj", "self_attn.projection"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+        for leaf in ("weight", "bias"):
+            vision[f"blocks.0.{ours}.{leaf}"] = f"encoder.layers.0.{theirs}.{leaf}"
+    released.update({f"blip.visual_encoder.{k}": hf[f"vision_model.{v}"] for k, v in vision.items()})
+    released["blip.vision_proj.weight"] = hf["vision_proj.weight"]  # not part of the reward
+    head = load_file(tiny_image_reward / "reward_head.safetensors")
+    released.update({f"mlp.{k}": v for k, v in head.items()})
+    torch.save(released, tmp_path / "ImageReward.pt")
+    save_folder(tmp_path / "ImageReward.pt", tmp_path / "ir", tiny_image_reward, image_size=32)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    prompts = ["a cat", "a dog", "a red car"]
+    ours = ImageReward(tmp_path / "ir").rewards(images, prompts)
+    original = ImageReward(tiny_image_reward).rewards(images, prompts)
+    # The released standardisation replaces the tiny head's own mean 0.25 and deviation 2.
+    np.testing.assert_allclose(ours * STD + MEAN, original * 2 + 0.25, rtol=1e-5, atol=1e-6)
+    torch.save({"blip.visual_encoder.extra.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="not an ImageReward BLIP weight"):
+        save_folder(tmp_path / "bad.pt", tmp_path / "bad", tiny_image_reward)

@@ -1,5 +1,7 @@
-"""`wadi eval` as the papers do it: seeded prompts, images on disk, FID / CLIP score /
-precision-recall / a pluggable alignment metric, one results JSON.
+"""`wadi eval` as the papers do it: seeded prompts, images on disk, the metrics of
+wadi.metrics.registry (FID, KID, precision/recall, FID to the teacher, FD-DINOv2, diversity,
+CLIP score, PickScore, HPSv2, ImageReward, a pluggable alignment), one results JSON with each
+metric's protocol.
 
 Prompts (wadi.prompts): the zero-shot COCO protocols (2014: 30k, 2017: 5k), drawn
 reproducibly from the user's COCO caption annotation file (one caption per image, images

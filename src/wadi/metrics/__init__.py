@@ -1,5 +1,7 @@
 """Evaluation metrics: FID maths and stats files, improved precision/recall, the TF-Inception
-feature extractor with clean-fid resizing, and CLIP score."""
+feature extractor with clean-fid resizing, and CLIP score; beside them KID (kid), DINOv2
+features (dinov2), diversity over seeds, ImageReward, OpenCLIP checkpoints in transformers'
+layout, the published protocols, and the registry of every metric `wadi eval` reports."""
 
 from .clip_score import DEFAULT_CLIP, ClipScorer, clip_score
 from .frechet import frechet_distance, frechet_distance_features, gaussian_stats, load_stats, save_stats

@@ -9,13 +9,14 @@ as transformers' `BlipForImageTextRetrieval` (its vision model and its cross-att
 encoder: ImageReward's `blip.visual_encoder` and `blip.text_encoder`) from a local folder,
 with the MLP beside it in `reward_head.safetensors` (ImageReward's `mlp.layers.{0,2,4,6,7}`:
 five linear layers with no activation between them, dropout only in training; the mean and
-deviation in the file's metadata). How the released `ImageReward.pt` maps onto this folder:
-docs/evaluation.md.
+deviation in the file's metadata). `save_folder` writes that folder from the released
+`ImageReward.pt` (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -82,3 +83,64 @@ class ImageReward:
         starts = range(0, len(images), batch_size)
         return np.concatenate([self.batch_rewards(images[i:i + batch_size], prompts[i:i + batch_size])
                                for i in tqdm(starts, desc="imagereward", unit="batch", disable=not progress)])
+
+
+# ImageReward.pt's BLIP vision names (LAVIS' ViT) -> transformers' BlipVisionModel's.
+_VISION = {"cls_token": "embeddings.class_embedding", "pos_embed": "embeddings.position_embedding",
+           "patch_embed.proj": "embeddings.patch_embedding", "norm": "post_layernorm"}
+_VISION_LAYER = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
+                 "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def converted(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ImageReward.pt's weights as (BlipForImageTextRetrieval's vision model and text encoder,
+    the reward head); BLIP's other parts (its projections) do not enter the reward and are left out."""
+    model, head = {}, {}
+    for key, value in state.items():
+        if key.startswith("mlp.layers."):
+            head[key.removeprefix("mlp.")] = value
+        elif key.startswith("blip.text_encoder."):  # the same BERT names in transformers' BLIP text model
+            if not key.endswith("position_ids"):
+                model["text_encoder." + key.removeprefix("blip.text_encoder.")] = value
+        elif key.startswith("blip.visual_encoder."):
+            name = key.removeprefix("blip.visual_encoder.")
+            stem, _, leaf = name.rpartition(".")
+            block = _BLOCK.match(name)
+            if name in _VISION:
+                model[f"vision_model.{_VISION[name]}"] = value
+            elif stem in _VISION:
+                model[f"vision_model.{_VISION[stem]}.{leaf}"] = value
+            elif block and block[2] in _VISION_LAYER:
+                model[f"vision_model.encoder.layers.{block[1]}.{_VISION_LAYER[block[2]]}.{block[3]}"] = value
+            else:
+                raise ValueError(f"not an ImageReward BLIP weight: {key}")
+    return model, head
+
+
+def save_folder(checkpoint: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike,
+                processor: str | os.PathLike | None = None, image_size: int = 224) -> None:
+    """The folder `--imagereward-model` reads, from the released ImageReward.pt (read without
+    running code), the BlipConfig and BlipProcessor of a BLIP of its shape (`config`, `processor`:
+    folders or hub ids, the processor by default `config`'s), both set to ImageReward's
+    `image_size`; every weight of the vision model and text encoder must be in the checkpoint."""
+    from safetensors.torch import save_file
+    from transformers import BlipConfig, BlipForImageTextRetrieval, BlipProcessor
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    weights, head = converted(state.get("state_dict", state))
+    cfg = BlipConfig.from_pretrained(config)
+    cfg.vision_config.image_size = image_size
+    model = BlipForImageTextRetrieval(cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k.startswith(("vision_model.", "text_encoder.")) and not k.endswith("position_ids")]
+    absent = [f"{n}.{p}" for n in HEAD_LAYERS for p in ("weight", "bias") if f"{n}.{p}" not in head]
+    if missing or unexpected or absent:
+        raise ValueError(f"{checkpoint} does not fit {config}'s BLIP and ImageReward's MLP: missing "
+                         f"{(missing + absent)[:3]}, unexpected {unexpected[:3]}")
+    model.save_pretrained(out)
+    blip_processor = BlipProcessor.from_pretrained(processor or config)
+    blip_processor.image_processor.size = {"height": image_size, "width": image_size}
+    blip_processor.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in head.items()}, str(Path(out) / HEAD),
+              metadata={"mean": repr(MEAN), "std": repr(STD)})
