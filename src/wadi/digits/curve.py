@@ -6,6 +6,8 @@ numbers the evaluation then reports for the exported student."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -26,11 +28,13 @@ class QualityCurve:
         self.reference, self.stats = reference, gaussian_stats(reference)
         self.kid_subsets, self.kid_subset_size = kid_subsets, kid_subset_size
         self.points: list[dict] = []
+        self.seconds = 0.0  # spent here, not distilling
 
     def __call__(self, distiller) -> None:
         step = distiller.step
         if step % self.every and step != distiller.cfg.train.steps:
             return
+        start = time.perf_counter()
         from ..metrics import frechet_distance, gaussian_stats
         from ..metrics.kid import kernel_distance
 
@@ -43,6 +47,7 @@ class QualityCurve:
         kid = kernel_distance(self.reference, feats, self.kid_subsets, self.kid_subset_size)
         self.points.append({"step": step, "fid": frechet_distance(*gaussian_stats(feats), *self.stats),
                             "kid": kid.mean, "kid_std": kid.std})
+        self.seconds += time.perf_counter() - start
 
 
 def first_at_or_below(points: list[dict], key: str, bar: float) -> int | None:

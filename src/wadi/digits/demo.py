@@ -217,14 +217,14 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     configs = check(s)  # bad settings fail before any folder
     metrics, ev = _metric_settings(s)
     folder = _folder(s, out, force, f"{s.world}-demo")
-    runs, seconds, curves = [], [], {}
+    runs, seconds, curves, curve_seconds = [], [], {}, 0.0
     for seed in s.seeds:
-        start = time.perf_counter()
         curve = _curve(s, metrics, ev)
+        start = time.perf_counter()
         runs.append(distill(distill_config(s, folder / "runs", seed), progress=progress, after_step=curve))
-        seconds.append(time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start - (curve.seconds if curve else 0))
         if curve is not None:
-            curves[seed] = curve.points
+            curves[seed], curve_seconds = curve.points, curve_seconds + curve.seconds
     cfg = configs[0]
     t_eval = time.perf_counter()
     teacher = load_teacher(None, _one_step(cfg.model))
@@ -249,7 +249,8 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
                            "student_steps": cfg.model.student_steps or 1},
                "teacher_sampling": {"steps": TEACHER_STEPS, "guidance": cfg.train.guidance,
                                     "scheduler": teacher.backbone.process.default_sampler},
-               "seconds": {"distill": [round(x, 1) for x in seconds], "evaluate": round(eval_s, 1),
+               "seconds": {"distill": [round(x, 1) for x in seconds], "quality_curve": round(curve_seconds, 1),
+                           "evaluate": round(eval_s, 1),
                            "total": round(time.perf_counter() - t0, 1)},
                "rows": rows + real, "eval_every": s.eval_every, "curves": curves,
                "criteria": criteria(rows[0], rows[2], student_rows, real[-1])}

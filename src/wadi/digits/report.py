@@ -172,8 +172,8 @@ def demo_markdown(s: dict) -> str:
         f"- student adapter: {adapter}, **{_millions(n['student'])} trainable parameters** "
         f"({100 * n['student'] / n['teacher']:.1f}% of the teacher); fake model: LoRaD r={d['fake_rank']}, "
         f"{_millions(n['fake'])} trainable",
-        f"- wall time: distillation {' + '.join(f'{x:.0f}' for x in sec['distill'])} s, evaluation "
-        f"{sec['evaluate']:.0f} s, total {sec['total']:.0f} s",
+        f"- wall time: distillation {' + '.join(f'{x:.0f}' for x in sec['distill'])} s, scoring while training "
+        f"{sec.get('quality_curve', 0):.0f} s, evaluation {sec['evaluate']:.0f} s, total {sec['total']:.0f} s",
         f"- evaluation (`eval/`, as `wadi eval --world {s['world']}` writes it): {teacher['n']} images per model, "
         f"{teacher['n'] // 10} per digit, the same prompts and seeds for every model; the teacher samples with "
         f"{SAMPLERS[s['teacher_sampling']['scheduler']]} "
