@@ -21,7 +21,6 @@ import numpy as np
 
 SUBSETS = 100
 SUBSET_SIZE = 1000
-DEGREE = 3
 COEF = 1.0
 
 
@@ -32,8 +31,9 @@ class KID(NamedTuple):
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """(x.y / d + 1)^3 for every pair of rows."""
-    return (x @ y.T / x.shape[1] + COEF) ** DEGREE
+    """(x.y / d + 1)^3 for every pair of rows (cubed by products: a float power is several times slower)."""
+    k = x @ y.T / x.shape[1] + COEF
+    return k * k * k
 
 
 def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
