@@ -226,7 +226,7 @@ def test_eval_checks_everything_before_generating(world, tmp_path, capsys):
     refused(capsys, base + ["--metrics", "fid", "--ref", tmp_path / "nothing"], "does not exist", tmp_path)
     refused(capsys, base + ["--metrics", "pr", "--ref", empty, "--features", "test_eval:pixel_features"],
             "no images", tmp_path)
-    refused(capsys, base + ["--metrics", "clip", "--clip-model", tmp_path / "no-clip"], "cannot load the CLIP model",
+    refused(capsys, base + ["--metrics", "clip", "--clip-model", tmp_path / "no-clip"], "cannot load the CLIP score model",
             tmp_path)
     refused(capsys, base + ["--batch-size", "0"], "--batch-size must be at least 1", tmp_path)
     refused(capsys, base + ["--pr-k", "0"], "--pr-k must be at least 1", tmp_path)

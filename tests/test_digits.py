@@ -4,6 +4,7 @@ known inputs, and shortened demo runs end to end."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,8 @@ from wadi.digits.demo import STUDENT_LR, DemoSettings, criteria, run_compare, ru
 from wadi.digits.teacher import load_teacher, train_teacher
 from wadi.engine.config import resolve
 from wadi.models.process import Flow
+from wadi.files.images import to_uint8
+from wadi.files.run_folder import RunFolder
 from wadi.worlds import get_world
 
 
@@ -191,10 +194,18 @@ def test_shortened_demo_over_two_seeds_writes_one_report(tmp_path):
     summary = json.loads((out / "metrics.json").read_text())
     names = [r["name"] for r in summary["rows"]]
     assert names == ["teacher, 25 steps", "teacher, 1 step", "teacher, 1 step, no guidance", "student-seed0",
-                     "student-seed3", "real digits (held-out)"]
-    # the numbers are wadi eval's: the same results file, the same Frechet
+                     "student-seed3", "real digits (held-out, 359 images)", "real digits at 10 images (the floor)"]
+    # the numbers are wadi eval's: the same results file, the same Frechet and KID
     results = json.loads((out / "eval" / "results.json").read_text())
-    assert summary["rows"][3]["fid"] == results["models"]["student-seed0"]["fid"]
+    for key in ("fid", "kid"):
+        assert summary["rows"][3][key] == results["models"]["student-seed0"][key]
+    # The quality curve's last point scores the final student (adapter, not merged: float round-off apart).
+    for seed, name in ((0, "student-seed0"), (3, "student-seed3")):
+        (point,) = summary["curves"][str(seed)]
+        assert point["step"] == 2
+        assert point["fid"] == pytest.approx(results["models"][name]["fid"], rel=1e-4)
+        assert point["kid"] == pytest.approx(results["models"][name]["kid"], rel=1e-4, abs=1e-3)
+    assert (out / "quality.png").is_file()
     assert [r["seed"] for r in summary["rows"][3:5]] == [0, 3]
     runs = sorted((out / "runs").iterdir())
     assert [r.name for r in runs] == ["00000-digits-wadi-lorad-seed0", "00001-digits-wadi-lorad-seed3"]
@@ -202,6 +213,7 @@ def test_shortened_demo_over_two_seeds_writes_one_report(tmp_path):
     assert c["worst_fid"] == max(summary["rows"][3]["fid"], summary["rows"][4]["fid"])
     report = (out / "report.md").read_text()
     assert "| teacher, 25 steps | 50 |" in report and "| student-seed3 | 1 |" in report and "median" in report
+    assert "KID (classifier)" in report and "## Time to quality" in report and "real-digits floor" in report
     assert summary["world"] == "digits" and "world `digits`" in report and "preset `digits-wadi`" in report
 
 
@@ -294,3 +306,36 @@ def test_the_worlds_tools_come_from_its_plugin(monkeypatch):
     monkeypatch.setattr(wadi.worlds, "worlds", lambda: {})
     with pytest.raises(SystemExit):  # argparse: no such command without the world
         main(["digits-teacher", "--out", "x"])
+
+
+def test_floor_reads_a_size_biased_metric_at_the_evaluations_size():
+    """A metric that is exactly a + b / k on every balanced subset is read back at n."""
+    from wadi.digits.floor import at_size, balanced_subset
+
+    labels = np.repeat(np.arange(10), 36)
+    features = np.zeros((360, 2))
+    floor = at_size(lambda f: 2.0 + 700.0 / len(f), features, labels, 500)
+    assert floor["measured"] == pytest.approx(2.0 + 700 / 360) and floor["at_n"] == pytest.approx(2.0 + 700 / 500)
+    assert floor["slope"] == pytest.approx(700) and floor["spread"] == pytest.approx(0, abs=1e-12)
+    idx = balanced_subset(labels, 0.5, np.random.default_rng(0))
+    assert np.bincount(labels[idx]).tolist() == [18] * 10 and len(set(idx)) == 180
+
+
+def test_quality_curve_does_not_change_the_run(tmp_path):
+    """Scoring the student while it trains leaves the run's weights bit for bit as without."""
+    from safetensors.torch import load_file
+
+    from wadi.digits.curve import QualityCurve
+    from wadi.digits.metrics import features
+    from wadi.engine.training import distill
+
+    cfg = lambda root: resolve("digits-wadi", [f"run.root={root}", "train.steps=3", "train.batch_size=4",  # noqa: E731
+                                               "run.sample_every=0", "run.checkpoint_every=0"])
+    prompts = world.eval_prompts(1)[0]
+    reference = features(to_uint8(world.load("train")[0][:40]))
+    curve = QualityCurve(2, prompts, list(range(10)), features, reference, 5, 10)
+    with_curve = distill(cfg(tmp_path / "a"), progress=False, after_step=curve)
+    without = distill(cfg(tmp_path / "b"), progress=False)
+    assert [p["step"] for p in curve.points] == [2, 3]  # every 2 steps, and the last
+    a, b = load_file(RunFolder(with_curve).student_adapter), load_file(RunFolder(without).student_adapter)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

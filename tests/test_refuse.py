@@ -138,7 +138,7 @@ def test_a_lora_rank_beyond_the_widest_layer_is_capped_there(tiny_run, tmp_path,
     import torch
 
     from wadi.cli import main
-    from wadi.students import load_student, teacher_for
+    from wadi.artifacts.students import load_student, teacher_for
 
     _, run = tiny_run("sd")
     student = load_student(run)

@@ -15,12 +15,8 @@ def save_tiny_flux2_klein(folder: Path, seed: int = 0, is_distilled: bool = Fals
     channels (4 VAE channels patchified 2x2), a VAE with a 2x reduction whose batch-norm
     statistics are not the identity's (16 px is a 4x4 patchified latent, 16 tokens), and
     FLUX.2's scheduler: an exponential shift over the token count."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)

@@ -162,8 +162,8 @@ def run_settings(source: str) -> tuple[list[str], list[str]]:
         for name, r in models.items() if isinstance(models, dict) else ():
             if not isinstance(r, dict):
                 continue
-            scores = ", ".join(f"{k} {r[k]:.4g}" for k in ("fid", "clip_score", "precision", "recall", "alignment")
-                               if isinstance(r.get(k), (int, float)))
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in r.items() if k != "num_images"  # every score results.json holds
+                               and isinstance(v, (int, float)) and not isinstance(v, bool))
             metrics.append(f"{name}: {scores} ({r.get('num_images')} images)")
     return settings, metrics
 

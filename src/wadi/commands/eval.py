@@ -1,6 +1,7 @@
-"""`wadi eval`: FID, CLIP score, precision/recall and a pluggable alignment metric for
-one-step students and their multi-step teacher, on the COCO protocols or any prompt file,
-into one results JSON. Run under `accelerate launch` to spread generation over processes;
+"""`wadi eval`: the metrics of wadi.evaluation.metrics.registry (FID, KID, precision/recall, FID to the
+teacher, FD-DINOv2, diversity, CLIP score, PickScore, HPSv2, ImageReward, a pluggable
+alignment) for one-step students and their multi-step teacher, on the COCO protocols or
+any prompt file, into one results JSON. Run under `accelerate launch` to spread generation over processes;
 run again to resume."""
 
 from __future__ import annotations
@@ -8,11 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from wadi.evaluation.evaluate import (INCEPTION, METRICS, Entry, default_cache_dir, evaluate, metric_settings,
-                        world_metric_settings)
+from wadi.evaluation.evaluate import (INCEPTION, Entry, default_cache_dir, evaluate, metric_settings,
+                                      world_metric_settings)
 from wadi.files.atomic import FORCE_HELP
-from wadi.files.prompts import FORMATS, PROTOCOLS, coco_prompts, file_prompts
+from wadi.files.prompts import FORMATS, PROTOCOLS, PromptSet, coco_prompts, file_prompts
 from wadi.evaluation.metrics import DEFAULT_CLIP
+from wadi.evaluation.metrics.dinov2 import DEFAULT_DINOV2
+from wadi.evaluation.metrics.protocols import PROTOCOLS as EVAL_PROTOCOLS
+from wadi.evaluation.metrics.registry import METRICS, result_keys
 from wadi.models.sampling import Sampling
 from wadi.artifacts.students import load_student, load_teacher, teacher_for
 from wadi.worlds import get_world, worlds
@@ -21,7 +25,8 @@ from wadi.commands.model_args import (DTYPES, add_base_args, add_device_args, ba
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="FID, CLIP score, precision/recall (and alignment) of students and teacher")
+    p = sub.add_parser("eval", help="FID, KID, FD-DINOv2, CLIP score, human-preference scores ... of students and "
+                                    "teacher")
     p.add_argument("models", nargs="*", metavar="[NAME=]MODEL",
                    help="students: run folder, exported folder, adapter or released .safetensors file")
     p.add_argument("--teacher", action="store_true", help="also evaluate the multi-step teacher (the base model)")
@@ -30,21 +35,35 @@ def register(sub) -> None:
                         "(each still overridable by its own option)")
     src = p.add_argument_group("prompts (one of)")
     src.add_argument("--coco", type=Path, help="COCO caption annotation file, e.g. captions_val2014.json")
-    src.add_argument("--protocol", choices=PROTOCOLS, help="with --coco: coco2014-30k or coco2017-5k")
+    src.add_argument("--protocol", choices=[*PROTOCOLS, *EVAL_PROTOCOLS],
+                     help="with --coco: coco2014-30k or coco2017-5k (the number of captions); dmd2-coco10k / "
+                          "dmd2-coco30k: DMD2's protocol (prompts from --prompts in file order or --coco, 256 px "
+                          "Lanczos before the metrics, FID and CLIP ViT-g-14; docs/evaluation.md)")
     src.add_argument("--prompts", type=Path, help="any prompt file (.txt, .jsonl, COCO .json), in file order")
     src.add_argument("--format", choices=FORMATS, default="auto", help="format of --prompts")
     src.add_argument("--num", type=int,
                      help="number of prompts (default: the protocol's, the whole file, or 200 for --world digits)")
     src.add_argument("--seed", type=int, default=0, help="draws the COCO captions; image i uses seed + i")
+    src.add_argument("--repeats", type=int, default=1,
+                     help="images per prompt, each with its own seed (the diversity metric needs 2 or more)")
     m = p.add_argument_group("metrics")
-    m.add_argument("--metrics", help=f"comma-separated from {', '.join(METRICS)} (default fid,clip,pr; "
-                                     "a world's: fid,pr,alignment)")
+    m.add_argument("--metrics", help="comma-separated, default fid,clip,pr (a world's: its own; a protocol's: "
+                                     "fid,clip): " + "; ".join(f"{k}: {v.summary}" for k, v in METRICS.items()))
     m.add_argument("--features", help=f"feature space of FID and precision/recall: {INCEPTION} (default) "
                                       "or MODULE:FUNCTION of (N, H, W, C) uint8 images")
     m.add_argument("--ref", type=Path, help="reference image folder (or a stats .npz for FID alone)")
     m.add_argument("--ref-cache", type=Path, default=None,
                    help="folder for cached reference features (default ~/.cache/wadi/reference, or $WADI_CACHE)")
-    m.add_argument("--clip-model", default=DEFAULT_CLIP, help=f"CLIP hub id or folder (default {DEFAULT_CLIP})")
+    m.add_argument("--clip-model", help=f"CLIP hub id or folder, transformers layout (default {DEFAULT_CLIP}, "
+                                        "ViT-g/14; openai/clip-vit-large-patch14 is ViT-L/14)")
+    m.add_argument("--dinov2-model", help=f"DINOv2 hub id or folder for fd_dinov2 and diversity (e.g. {DEFAULT_DINOV2})")
+    m.add_argument("--pickscore-model", help="PickScore CLIP folder or hub id (yuvalkirstain/PickScore_v1)")
+    m.add_argument("--pickscore-processor",
+                   help="its processor (default: the model's folder; PickScore's is laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    m.add_argument("--hps-model", help="HPSv2 as a transformers CLIP folder (docs/evaluation.md)")
+    m.add_argument("--imagereward-model", help="ImageReward folder: BLIP and reward_head.safetensors (docs/evaluation.md)")
+    m.add_argument("--kid-subsets", type=int, help="KID: number of random subsets (default 100)")
+    m.add_argument("--kid-subset-size", type=int, help="KID: images per subset (default 1000, or fewer when a set is)")
     m.add_argument("--pr-k", type=int, default=3, help="k of the k-NN manifolds of precision/recall (default 3)")
     m.add_argument("--alignment", metavar="MODULE:FUNCTION",
                    help="alignment metric: a function (images N x H x W x C uint8, prompts) -> fraction")
@@ -64,16 +83,45 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def prompt_set(args, world):
+def prompt_set(args, world) -> PromptSet:
+    """The prompts, each `--repeats` times in a row (image i still uses seed + i)."""
+    prompts = _prompts(args, world)
+    if args.repeats == 1:
+        return prompts
+    return PromptSet([p for p in prompts.prompts for _ in range(args.repeats)], f"{prompts.source}, x{args.repeats}",
+                     None if prompts.image_files is None else
+                     [f for f in prompts.image_files for _ in range(args.repeats)])
+
+
+def _prompts(args, world) -> PromptSet:
     if world is not None and not args.coco and not args.prompts:
         return world.prompts
     if bool(args.coco) == bool(args.prompts):
         raise ValueError("give the prompts: --coco ANNOTATIONS --protocol NAME, or --prompts FILE")
+    num = args.num or (EVAL_PROTOCOLS[args.protocol].num if args.protocol in EVAL_PROTOCOLS else None)
     if args.coco:
         if not args.protocol and not args.num:
-            raise ValueError(f"--coco needs --protocol ({', '.join(PROTOCOLS)}) or --num")
-        return coco_prompts(args.coco, args.num or PROTOCOLS[args.protocol], args.seed)
-    return file_prompts(args.prompts, args.format, args.num)
+            raise ValueError(f"--coco needs --protocol ({', '.join([*PROTOCOLS, *EVAL_PROTOCOLS])}) or --num")
+        return coco_prompts(args.coco, num or PROTOCOLS[args.protocol], args.seed)
+    if args.protocol in PROTOCOLS:
+        raise ValueError(f"--protocol {args.protocol} draws COCO captions: it goes with --coco, not --prompts")
+    return file_prompts(args.prompts, args.format, num)
+
+
+def _metrics(args, world, cache_dir):
+    """The metric settings: the options given, else the protocol's, else the world's, else the defaults."""
+    protocol = EVAL_PROTOCOLS.get(args.protocol)
+    options = dict(clip_model=args.clip_model or (protocol.clip_model if protocol else DEFAULT_CLIP),
+                   pr_k=args.pr_k, batch_size=args.metric_batch_size, dinov2_model=args.dinov2_model,
+                   pickscore_model=args.pickscore_model, pickscore_processor=args.pickscore_processor,
+                   hps_model=args.hps_model, imagereward_model=args.imagereward_model, kid_subsets=args.kid_subsets,
+                   kid_subset_size=args.kid_subset_size, repeats=args.repeats)
+    if protocol:
+        options.update(resize=protocol.resize, clip_prefix=protocol.clip_prefix)
+    if world is not None:
+        return world_metric_settings(world, cache_dir, args.metrics, args.ref, args.features, args.alignment, **options)
+    return metric_settings(args.metrics or (protocol.metrics if protocol else "fid,clip,pr"), args.ref, cache_dir,
+                           args.features or INCEPTION, alignment=args.alignment, **options)
 
 
 def named_sources(models: list[str]) -> list[tuple[str, str]]:
@@ -92,7 +140,7 @@ def named_sources(models: list[str]) -> list[tuple[str, str]]:
 
 def run(args) -> int:
     for value, option in ((args.batch_size, "--batch-size"), (args.metric_batch_size, "--metric-batch-size"),
-                          (args.pr_k, "--pr-k"), (args.teacher_steps, "--teacher-steps")):
+                          (args.pr_k, "--pr-k"), (args.teacher_steps, "--teacher-steps"), (args.repeats, "--repeats")):
         positive(value, option)
     if args.num is not None:
         positive(args.num, "--num")
@@ -100,12 +148,7 @@ def run(args) -> int:
     check_device(args.device)
     cache_dir = args.ref_cache or default_cache_dir()
     world = get_world(args.world).evaluation(args.num or 200, cache_dir) if args.world else None
-    if world is not None:
-        metrics = world_metric_settings(world, cache_dir, args.metrics, args.ref, args.features, args.alignment,
-                                        args.clip_model, args.pr_k, args.metric_batch_size)
-    else:
-        metrics = metric_settings(args.metrics or "fid,clip,pr", args.ref, cache_dir, args.clip_model, args.pr_k,
-                                  args.alignment, args.metric_batch_size, args.features or INCEPTION)
+    metrics = _metrics(args, world, cache_dir)
     prompts = prompt_set(args, world)
     check_seed(args.seed, "--seed", len(prompts.prompts))  # image i uses seed + i
     sources = named_sources(args.models)
@@ -125,7 +168,7 @@ def run(args) -> int:
     results = evaluate(entries, prompts, args.seed, args.out, metrics, args.batch_size, args.force,
                        not args.no_progress, args.device)
     if results:
-        keys = ("fid", "clip_score", "precision", "recall", "alignment")
+        keys = result_keys()
         for name, r in results["models"].items():
             print(json.dumps({"model": name, **{k: round(r[k], 4) for k in keys if k in r}}))
         print(f"wrote {Path(args.out) / 'results.json'}")

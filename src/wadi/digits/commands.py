@@ -38,6 +38,9 @@ def _register_demo(sub) -> None:
     p.add_argument("--seeds", default="0",
                    help="distill once per seed and report each, their median and the worst, e.g. 0-4 (default 0)")
     p.add_argument("--per-class", type=int, default=50, help="evaluation images per digit (default 50)")
+    p.add_argument("--eval-every", type=int, default=250,
+                   help="score each student every this many steps while it trains, for the report's quality "
+                        "curve (default 250; 0: none)")
     p.add_argument("--root", default="runs", help="where the numbered demo folder goes (default runs)")
     p.add_argument("--out", help="the demo folder instead (new or empty; with --force, an existing one)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
@@ -57,7 +60,8 @@ def _demo_command(args) -> int:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     overrides = args.overrides + ([f"model.student_steps={args.student_steps}"] if args.student_steps is not None else [])
     settings = DemoSettings(world=args.world, adapter=args.adapter, rank=args.rank, fake_rank=args.fake_rank,
-                            steps=args.steps, seeds=parse_seeds(args.seeds), per_class=args.per_class, root=args.root,
+                            steps=args.steps, seeds=parse_seeds(args.seeds), per_class=args.per_class,
+                            eval_every=args.eval_every, root=args.root,
                             overrides=overrides)
     check(settings, args.compare)
     # Process-wide, so only once every setting is known to be good.

@@ -6,7 +6,9 @@ One demo folder holds everything: the distillation runs (`runs/`), the evaluatio
 (`eval/`, written by wadi.evaluation.evaluate exactly as `wadi eval --world WORLD` writes it: the
 teacher at 25 steps with the distilled guidance, at one step with and without it, every
 student), and the report (`report.md`, `metrics.json`, `grid.png`, `loss.png`).
-`--compare` runs the paper's adapter ablation in the same way.
+`--compare` runs the paper's adapter ablation in the same way. Every `eval_every` steps
+the demo scores each student on the same prompts and seeds while it trains (wadi.digits.curve),
+and the report plots those numbers against the step (`quality.png`).
 """
 
 from __future__ import annotations
@@ -21,18 +23,22 @@ from pathlib import Path
 
 import torch
 
-from wadi.adapters.core import ADAPTERS, adapter_class, attach
-from wadi.artifacts.students import load_student, load_teacher
-from wadi.digits import paths, plugin, report, world
+from wadi.adapters.config import ADAPTERS
+from wadi.adapters.core import adapter_class, attach
 from wadi.engine.config import DistillConfig, resolve
 from wadi.engine.presets import preset_values
-from wadi.files.run_folder import RunFolder
-from wadi.evaluation.evaluate import (Entry, MetricSettings, Scorer, default_cache_dir, evaluate, image_path,
-                                      world_metric_settings)
 from wadi.files import locks
+from wadi.evaluation.evaluate import (Entry, Job, MetricSettings, Scorer, default_cache_dir, evaluate, image_path,
+                                      load_function, world_metric_settings)
 from wadi.files.atomic import check_out, write_text
 from wadi.files.images import read_images, save_png, to_uint8
+from wadi.files.run_folder import RunFolder
 from wadi.models.sampling import Sampling
+from wadi.artifacts.students import load_student, load_teacher
+from wadi.evaluation.metrics.registry import MAIN, result_keys
+from wadi.digits import paths, plugin, report, world
+from wadi.digits.curve import QualityCurve
+from wadi.digits.floor import real_floor
 
 WORLDS = {w.name: w for w in (plugin.WORLD, plugin.FLOW_WORLD)}
 TEACHER_STEPS = 25
@@ -58,6 +64,7 @@ class DemoSettings:
     steps: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     per_class: int = 50  # evaluation images per digit
+    eval_every: int = 250  # steps between the evaluations of the quality curve; 0: none
     root: str = "runs"  # where the numbered demo folder goes
     overrides: list[str] = field(default_factory=list)
 
@@ -72,6 +79,8 @@ class DemoSettings:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         if self.per_class < 1:
             raise ValueError(f"--per-class must be at least 1, got {self.per_class}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be 0 (none) or a number of steps, got {self.eval_every}")
         if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds must be distinct seeds >= 0, got {self.seeds}")
         if any(o.startswith(("train.seed=", "run.root=")) for o in self.overrides):
@@ -115,6 +124,16 @@ def _metric_settings(s: DemoSettings) -> tuple[MetricSettings, object]:
     return world_metric_settings(ev, default_cache_dir()), ev
 
 
+def _curve(s: DemoSettings, metrics: MetricSettings, ev) -> QualityCurve | None:
+    """The periodic evaluation of one run: the evaluation's prompts and seeds, its features and reference."""
+    if not s.eval_every:
+        return None
+    n = len(ev.prompts.prompts)
+    reference = Job(Scorer(metrics, "cpu", False), [], []).reference_features(MAIN)
+    return QualityCurve(s.eval_every, ev.prompts.prompts, list(range(n)), load_function(metrics.features.spec,
+                        "--features"), reference, metrics.kid_subsets, metrics.kid_subset_size)
+
+
 def _one_step(spec):
     """The teacher's spec for its one-step rows, whatever steps the students take."""
     return replace(spec, student_steps=None, student_timesteps=None)
@@ -130,26 +149,34 @@ TITLES = {"teacher-25": f"teacher, {TEACHER_STEPS} steps", "teacher-1": "teacher
           "teacher-1-unguided": "teacher, 1 step, no guidance"}
 
 
-def _real_row(out: Path, scorer: Scorer) -> dict:
-    """The floor: real held-out digits, written and scored like generated ones."""
+def _real_rows(out: Path, scorer: Scorer, n: int) -> list[dict]:
+    """Real held-out digits, written and scored like generated ones, and the floor: their
+    Frechet distance and KID read at the evaluation's n images (wadi.digits.floor)."""
     images, labels = world.load("heldout")
     folder = out / "real-heldout"
     folder.mkdir(parents=True, exist_ok=True)
     prompts = [world.class_prompts(int(label))[0] for label in labels]
     for i, img in enumerate(to_uint8(images)):
         save_png(img, image_path(folder, i))
-    scores = scorer.score([image_path(folder, i) for i in range(len(images))], prompts)
-    return {"name": "real digits (held-out)", "nfe": None, "n": len(images), "images_per_s": None, **scores}
+    paths_ = [image_path(folder, i) for i in range(len(images))]
+    scores = scorer.score(paths_, prompts)
+    job = Job(scorer, paths_, prompts)
+    floor = real_floor(job.features(MAIN), labels.numpy(), job.reference_features(MAIN), n, scores)
+    measured = {"name": f"real digits (held-out, {len(images)} images)", "nfe": None, "n": len(images),
+                "images_per_s": None, **scores}
+    return [measured, {"name": f"real digits at {n} images (the floor)", "nfe": None, "n": n, "images_per_s": None,
+                       "fid": floor["fid"]["at_n"], "kid": floor["kid"]["at_n"], "floor": floor}]
 
 
-def _rows(results: dict, names: list[str]) -> list[dict]:
+def _rows(results: dict, names: list[str], metrics: MetricSettings) -> list[dict]:
+    keys = result_keys(metrics.metrics)
     rows = []
     for name in names:
         r = results["models"][name]
         nfe = Sampling(**{k: v for k, v in r["sampling"].items() if k in ("student", "steps", "guidance")}).nfe
         rows.append({"name": TITLES.get(name, name), "entry": name, "nfe": nfe, "n": r["num_images"],
                      "images_per_s": round(r["num_images"] / max(r["generation"]["sampling_seconds"], 1e-9), 1),
-                     **{k: r[k] for k in ("alignment", "fid", "precision", "recall")}})
+                     **{k: r[k] for k in keys}})
     return rows
 
 
@@ -165,7 +192,10 @@ def criteria(teacher: dict, unguided: dict, students: list[dict], real: dict) ->
             "median_ok": median <= BAR["median"] * teacher["fid"],
             "worst_fid": worst, "worst_ratio": worst / teacher["fid"], "worst_ok": worst <= BAR["worst"] * teacher["fid"],
             "from_start_ratios": [f / unguided["fid"] for f in fids],
-            "from_start_ok": all(f <= BAR["from_start"] * unguided["fid"] for f in fids)}
+            "from_start_ok": all(f <= BAR["from_start"] * unguided["fid"] for f in fids),
+            # The floor holds when no student is closer to the reference than real digits of its set size.
+            "below_floor": [r["name"] for r in students if any(k in r and k in real and r[k] < real[k]
+                                                               for k in ("fid", "kid"))]}
 
 
 def _images(out: Path, name: str, n: int):
@@ -202,12 +232,15 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     paths.minilm_dir()  # a missing text encoder fails here, before any work
     configs = check(s)  # bad settings fail before any folder
     metrics, ev = _metric_settings(s)
-    runs, seconds = [], []
+    runs, seconds, curves, curve_seconds = [], [], {}, 0.0
     with _folder(s, out, force, f"{s.world}-demo") as folder:
         for seed in s.seeds:
+            curve = _curve(s, metrics, ev)
             start = time.perf_counter()
-            runs.append(distill(distill_config(s, folder / "runs", seed), progress=progress))
-            seconds.append(time.perf_counter() - start)
+            runs.append(distill(distill_config(s, folder / "runs", seed), progress=progress, after_step=curve))
+            seconds.append(time.perf_counter() - start - (curve.seconds if curve else 0))
+            if curve is not None:
+                curves[seed], curve_seconds = curve.points, curve_seconds + curve.seconds
     cfg = configs[0]
     t_eval = time.perf_counter()
     teacher = load_teacher(None, _one_step(cfg.model))
@@ -215,9 +248,10 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
     entries = _teacher_entries(teacher, cfg.train.guidance) + [Entry(n, m, Sampling.for_student(m.backbone)) for n, m in students.items()]
     results = evaluate(entries, ev.prompts, 0, folder / "eval", metrics, batch_size=100, progress=progress,
                        device="cpu")
-    real = _real_row(folder / "eval", Scorer(metrics, "cpu", progress))
+    n = len(ev.prompts.prompts)
+    real = _real_rows(folder / "eval", Scorer(metrics, "cpu", progress), n)
     eval_s = time.perf_counter() - t_eval
-    rows = _rows(results, [e.name for e in entries])
+    rows = _rows(results, [e.name for e in entries], metrics)
     student_rows = rows[3:]
     for row, seed, run, secs in zip(student_rows, s.seeds, runs, seconds):
         row.update(seed=seed, run_dir=str(run), distill_seconds=round(secs, 1))
@@ -231,11 +265,11 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
                            "student_steps": cfg.model.student_steps or 1},
                "teacher_sampling": {"steps": TEACHER_STEPS, "guidance": cfg.train.guidance,
                                     "scheduler": teacher.backbone.process.default_sampler},
-               "seconds": {"distill": [round(x, 1) for x in seconds], "evaluate": round(eval_s, 1),
+               "seconds": {"distill": [round(x, 1) for x in seconds], "quality_curve": round(curve_seconds, 1),
+                           "evaluate": round(eval_s, 1),
                            "total": round(time.perf_counter() - t0, 1)},
-               "rows": rows + [real],
-               "criteria": criteria(rows[0], rows[2], student_rows, real)}
-    n = len(ev.prompts.prompts)
+               "rows": rows + real, "eval_every": s.eval_every, "curves": curves,
+               "criteria": criteria(rows[0], rows[2], student_rows, real[-1])}
     panels = {row["name"]: _images(folder / "eval", row["entry"], n) for row in rows[:3]}
     by_fid = sorted(student_rows, key=lambda r: r["fid"])
     shown = [by_fid[0]] if len(by_fid) == 1 else [by_fid[0], by_fid[-1]]
@@ -246,6 +280,8 @@ def run_demo(s: DemoSettings, out: str | Path | None = None, force: bool = False
         report.side_by_side({f"seed {row['seed']}": _images(folder / "eval", row["entry"], n)}).save(
             folder / "eval" / f"grid-seed{row['seed']}.png")
     report.loss_plot({f"seed {seed}": RunFolder(run).log for seed, run in zip(s.seeds, runs)}, folder / "loss.png")
+    if curves:
+        report.quality_plot(summary, folder / "quality.png")
     write_text(folder / "metrics.json", json.dumps(summary, indent=1) + "\n")
     write_text(folder / "report.md", report.demo_markdown(summary))
     return folder
@@ -274,7 +310,7 @@ def run_compare(s: DemoSettings, out: str | Path | None = None, force: bool = Fa
                                    "trainable": trainable(configs[kind], teacher.net)["student"]}
     results = evaluate(entries, ev.prompts, 0, folder / "eval", metrics, batch_size=100, progress=progress,
                        device="cpu")
-    rows = _rows(results, [e.name for e in entries])
+    rows = _rows(results, [e.name for e in entries], metrics)
     adapters = [{"adapter": kind, "rank": configs[kind].student.rank if adapter_class(kind).ranked else None,
                  "lr": configs[kind].train.lr_student, **results_extra[kind], **row}
                 for kind, row in zip(ADAPTERS, rows[1:])]

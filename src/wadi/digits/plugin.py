@@ -72,7 +72,7 @@ class DigitsWorld:
         prompts = world.eval_prompts(num // 10)[0]
         return WorldEval(PromptSet(prompts, f"{self.name} world: {num // 10} per class"),
                          reference_folder(cache_dir / "digits-train"), "wadi.digits.metrics:prompt_alignment",
-                         "wadi.digits.metrics:features", "fid,pr,alignment", self.teacher_spec())
+                         "wadi.digits.metrics:features", "fid,kid,pr,alignment", self.teacher_spec())
 
 
 # `digits-wadi`: the paper's guidance 1.5; measured in this world (docs/digits.md): in 1500

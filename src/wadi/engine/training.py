@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -165,9 +166,11 @@ def settings(config: str | DistillConfig | None = None, overrides: list[str] = (
 
 
 def distill(config: str | DistillConfig | None = None, overrides: list[str] = (), resume: str | None = None,
-            progress: bool = True) -> Path:
+            progress: bool = True, after_step: Callable[[Distiller], None] | None = None) -> Path:
     """Run (or continue) a distillation; returns the run folder. The run's lock
-    (wadi.files.locks) is held throughout: a second command on the same run refuses."""
+    (wadi.files.locks) is held throughout: a second command on the same run refuses.
+    `after_step(distiller)` runs after every step, with the global random state saved and
+    put back around it (periodic evaluations must not change the run)."""
     if resume:
         run = _resumed_run(config, overrides, resume)
         with locks.hold(run.path, "--resume"):
@@ -182,16 +185,16 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
                 check_teacher(read_json_object(run.teacher, "; it records the run's teacher"), backbone, run.path)
             elif _process_state().is_main_process:  # a run from before teachers were recorded: from now on
                 write_text(run.teacher, json.dumps(teacher_fingerprint(backbone)) + "\n")
-            return _train(cfg, prompts, backbone, run, True, progress)
+            return _train(cfg, prompts, backbone, run, True, progress, after_step)
     cfg = settings(config, overrides)
     prompts, backbone = prepare(cfg)
     if not _process_state().is_main_process:
-        return _train(cfg, prompts, backbone, None, False, progress)
+        return _train(cfg, prompts, backbone, None, False, progress, after_step)
     root_made = not Path(cfg.run.root).exists()
     run, lock = RunFolder.reserve(cfg.run.root, _run_name(cfg), yaml.safe_dump(cfg.to_dict(), sort_keys=False),
                                   {RunFolder.TEACHER: json.dumps(teacher_fingerprint(backbone)) + "\n"})
     try:
-        return _train(cfg, prompts, backbone, run, False, progress)
+        return _train(cfg, prompts, backbone, run, False, progress, after_step)
     except Exception:
         if not run.complete_checkpoints() and not (run.log.is_file() and run.log.stat().st_size):
             shutil.rmtree(run.path, ignore_errors=True)  # failed before anything was trained: no run to keep
@@ -204,7 +207,7 @@ def distill(config: str | DistillConfig | None = None, overrides: list[str] = ()
 
 
 def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunFolder | None, resume: bool,
-           progress: bool) -> Path:
+           progress: bool, after_step: Callable[[Distiller], None] | None = None) -> Path:
     """The run itself: `run` is None on the processes other than the main one of a new run."""
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
@@ -251,6 +254,9 @@ def _train(cfg: DistillConfig, prompts: list[str], backbone: Backbone, run: RunF
             sample_grid(distiller, run, tracker)
         if rc.checkpoint_every and step % rc.checkpoint_every == 0:
             save_checkpoint(distiller, run)
+        if after_step is not None:
+            with torch.random.fork_rng(devices=[]):
+                after_step(distiller)
     bar.close()
     if acc.is_main_process and rc.export:
         export(distiller, run)

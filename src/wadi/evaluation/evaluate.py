@@ -1,5 +1,7 @@
-"""`wadi eval` as the papers do it: seeded prompts, images on disk, FID / CLIP score /
-precision-recall / a pluggable alignment metric, one results JSON.
+"""`wadi eval` as the papers do it: seeded prompts, images on disk, the metrics of
+wadi.evaluation.metrics.registry (FID, KID, precision/recall, FID to the teacher, FD-DINOv2, diversity,
+CLIP score, PickScore, HPSv2, ImageReward, a pluggable alignment), one results JSON with each
+metric's protocol.
 
 Prompts (wadi.files.prompts): the zero-shot COCO protocols (2014: 30k, 2017: 5k), drawn
 reproducibly from the user's COCO caption annotation file (one caption per image, images
@@ -19,12 +21,11 @@ array: an alignment function `f(images, prompts) -> fraction`, a feature functio
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,8 @@ from wadi.files.images import read_images, save_png, to_uint8
 from wadi.files.prompts import PromptSet
 from wadi.models.sampling import Sampling
 from wadi.artifacts.students import Loaded
+from wadi.evaluation.metrics.registry import load_function
 from wadi.worlds import WorldEval
-
-METRICS = ("fid", "clip", "pr", "alignment")
-
 
 # --- images ------------------------------------------------------------------------
 
@@ -86,29 +85,23 @@ def generate(model: Loaded, sampling: Sampling, prompts: PromptSet, seed: int, f
 # --- features and the reference set --------------------------------------------------
 
 INCEPTION = "inception"
-
-
-def load_function(spec: str, option: str) -> Callable:
-    """The function that `module:function` names."""
-    module, sep, name = spec.partition(":")
-    if not sep:
-        raise ValueError(f"{option} {spec!r} must look like package.module:function")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{option} {spec!r} cannot be loaded ({e})") from None
+DINOV2 = "dinov2"
 
 
 @dataclass(frozen=True)
 class Extractor:
-    """The feature space of FID and precision/recall: the standard TF-Inception (with
-    clean-fid's resize), or a function `module:function` of (N, H, W, C) uint8 images
-    returning (N, d) features (a world's own classifier, say)."""
+    """A feature space: the standard TF-Inception (with clean-fid's resize), DINOv2 (`model`
+    a transformers Dinov2Model folder or hub id), or a function `module:function` of
+    (N, H, W, C) uint8 images returning (N, d) features (a world's own classifier, say)."""
 
     spec: str = INCEPTION
+    model: str | None = None  # DINOv2's weights
+    resize: int | None = None  # a protocol's square size, made before the extractor's own resize
 
     def check(self) -> None:
         """Fail before any image is generated."""
+        if self.spec == DINOV2:
+            return  # its model is checked with the other scoring models
         if self.spec != INCEPTION:
             load_function(self.spec, "--features")
             return
@@ -120,21 +113,44 @@ class Extractor:
             raise ValueError(str(e)) from None
 
     @property
+    def identity(self) -> str:
+        return "|".join(str(x) for x in (self.spec, self.model, self.resize) if x is not None)
+
+    @property
     def tag(self) -> str:
         """Names cache files: features of different extractors never mix."""
-        return INCEPTION if self.spec == INCEPTION else hashlib.sha256(self.spec.encode()).hexdigest()[:12]
+        return self.spec if self.identity == self.spec else hashlib.sha256(self.identity.encode()).hexdigest()[:12]
 
     def __call__(self, paths: list[Path], batch_size: int, device: str, progress: bool) -> np.ndarray:
+        if self.resize:
+            paths = [protocol_resize(p, self.resize) for p in paths]
         if self.spec == INCEPTION:
             from wadi.evaluation.metrics import extract_features
 
             return extract_features(paths, batch_size, device, progress=progress)
-        return np.asarray(load_function(self.spec, "--features")(read_images(paths)), dtype=np.float64)
+        if self.spec == DINOV2:
+            from wadi.evaluation.metrics.dinov2 import dinov2_features
+
+            return dinov2_features(paths, self.model, batch_size, device, progress)
+        images = np.stack(paths) if self.resize else read_images(paths)
+        return np.asarray(load_function(self.spec, "--features")(images), dtype=np.float64)
+
+
+def protocol_resize(path: Path, size: int) -> np.ndarray:
+    """The published COCO protocols' step before the metrics (GigaGAN's, which DMD2 keeps):
+    the centred square of the image's short side, resized to size x size with Lanczos."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        return np.asarray(im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS))
 
 
 @dataclass
 class Reference:
-    """Reference images for FID and precision/recall: a folder (its features cached in
+    """Reference images for the metrics against real images: a folder (its features cached in
     `cache_dir`, keyed by the files and the extractor) or, for Inception FID alone, a
     stats .npz file written by wadi.evaluation.metrics.save_stats."""
 
@@ -178,9 +194,9 @@ class Reference:
         from wadi.evaluation.metrics.inception import EXTRACTOR, folder_key
 
         if self.path.is_file():
-            raise ValueError(f"precision/recall needs a folder of reference images, not the stats file {self.path}")
+            raise ValueError(f"this metric needs a folder of reference images, not the stats file {self.path}")
         files = list_images(self.path)
-        key = f"{extractor.spec}\n{folder_key(self.path, files)}"
+        key = f"{extractor.identity}\n{folder_key(self.path, files)}"
         cache = self._cache("features", extractor)
         if cache.is_file():
             with np.load(cache, allow_pickle=False) as z:
@@ -204,6 +220,8 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class MetricSettings:
+    """Which metrics (names of wadi.evaluation.metrics.registry.METRICS) and everything they are computed with."""
+
     metrics: list[str]
     reference: Reference | None = None
     clip_model: str | None = None
@@ -211,92 +229,192 @@ class MetricSettings:
     alignment: str | None = None  # "module:function"
     batch_size: int = 50
     features: Extractor = field(default_factory=Extractor)
+    dinov2_model: str | None = None
+    pickscore_model: str | None = None
+    pickscore_processor: str | None = None  # None: the model's own folder
+    hps_model: str | None = None
+    imagereward_model: str | None = None
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    repeats: int = 1  # images per prompt (recorded by the diversity protocol)
+    resize: int | None = None  # a protocol's square size for every metric's input (protocol_resize)
+    clip_prefix: str = ""  # put before each prompt for the CLIP score ("A photo depicts " in DMD2's)
 
     def __post_init__(self):
-        unknown = sorted(set(self.metrics) - set(METRICS))
-        if unknown:
-            raise ValueError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
-        if {"fid", "pr"} & set(self.metrics) and self.reference is None:
-            raise ValueError("FID and precision/recall need reference images: pass --ref FOLDER")
-        if "alignment" in self.metrics and not self.alignment:
-            raise ValueError("the alignment metric needs --alignment MODULE:FUNCTION")
-        if "alignment" in self.metrics:
-            load_function(self.alignment, "--alignment")  # fail before any image is generated
-        if "clip" in self.metrics and not self.clip_model:
-            raise ValueError("the CLIP score needs --clip-model")
-        if "clip" in self.metrics:
-            from transformers import AutoConfig
+        from wadi.evaluation.metrics.registry import MAIN, METRICS, REFERENCE, REFERENCE_IMAGES, parse
 
-            try:  # its config only: a model that cannot load fails before any image is made
-                AutoConfig.from_pretrained(self.clip_model)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot load the CLIP model {self.clip_model!r} ({describe(e)})") from None
-        if {"fid", "pr"} & set(self.metrics):
+        chosen = [METRICS[m] for m in parse(",".join(self.metrics))]
+        needs = {n for m in chosen for n in m.needs}
+        if needs & {REFERENCE, REFERENCE_IMAGES} and self.reference is None:
+            names = [m.name for m in chosen if {REFERENCE, REFERENCE_IMAGES} & set(m.needs)]
+            raise ValueError(f"{', '.join(names)} need reference images: pass --ref FOLDER")
+        for m in chosen:
+            if m.model:
+                self._check_model(m.model, m.name, next(iter(m.keys.values())))
+            if m.check:
+                m.check(self)
+        if any(m.features == MAIN for m in chosen):
             self.features.check()
-            self.reference.check("pr" in self.metrics)
+        if self.reference is not None and needs & {REFERENCE, REFERENCE_IMAGES}:
+            self.reference.check(REFERENCE_IMAGES in needs)
+        if self.kid_subsets < 1:
+            raise ValueError(f"--kid-subsets must be at least 1, got {self.kid_subsets}")
+        if self.kid_subset_size < 2:
+            raise ValueError(f"--kid-subset-size must be at least 2, got {self.kid_subset_size}")
+
+    def _check_model(self, name: str, metric: str, label: str) -> None:
+        """Its config only: a model that cannot load fails before any image is made."""
+        from transformers import AutoConfig
+
+        option = "--" + name.replace("_", "-")
+        path = getattr(self, name)
+        if not path:
+            raise ValueError(f"the metric {metric} needs {option} FOLDER_OR_HUB_ID")
+        try:
+            AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the {label} model {path!r} ({option}: {describe(e)})") from None
+
+    def extractor(self, space: str) -> Extractor:
+        """The extractor of a registry feature space: the main one (--features) or DINOv2's."""
+        from wadi.evaluation.metrics.registry import MAIN
+
+        return replace(self.features if space == MAIN else Extractor(DINOV2, self.dinov2_model), resize=self.resize)
+
+    @property
+    def reference_name(self) -> str | None:
+        return None if self.reference is None else str(self.reference.path)
 
     def to_dict(self) -> dict:
+        from wadi.evaluation.metrics.registry import METRICS
+
         d = asdict(self)
-        d["reference"] = None if self.reference is None else str(self.reference.path)
+        d["reference"] = self.reference_name
         d["features"] = self.features.spec
+        d["protocols"] = {m: METRICS[m].protocol(self) for m in self.metrics}
         return d
 
 
 def world_metric_settings(world: WorldEval, cache_dir: Path, metrics: str | None = None,
                           reference: Path | None = None, features: str | None = None, alignment: str | None = None,
-                          clip_model: str | None = None, pr_k: int = 3, batch_size: int = 50) -> MetricSettings:
-    """A world's metrics, each setting given here replacing the world's own."""
-    return metric_settings(metrics or world.metrics, reference or world.reference, cache_dir, clip_model, pr_k,
-                           alignment or world.alignment, batch_size, features or world.features)
+                          **options) -> MetricSettings:
+    """A world's metrics, each setting given here replacing the world's own; `options` are
+    further MetricSettings fields."""
+    return metric_settings(metrics or world.metrics, reference or world.reference, cache_dir,
+                           features or world.features, alignment=alignment or world.alignment, **options)
 
 
-def metric_settings(names: str, reference: Path | None, cache_dir: Path, clip_model: str | None = None,
-                    pr_k: int = 3, alignment: str | None = None, batch_size: int = 50,
-                    features: str = INCEPTION) -> MetricSettings:
-    """MetricSettings from option values: comma-separated metric names, a reference that must exist."""
+def metric_settings(names: str, reference: Path | None, cache_dir: Path, features: str = INCEPTION,
+                    **options) -> MetricSettings:
+    """MetricSettings from option values: comma-separated metric names, a reference that must
+    exist, and any MetricSettings field by name (None: its default)."""
+    from wadi.evaluation.metrics.registry import parse
+
     if reference is not None and not Path(reference).exists():
         raise FileNotFoundError(f"--ref {reference} does not exist")
-    return MetricSettings([m.strip() for m in names.split(",") if m.strip()],
-                          Reference(Path(reference), cache_dir) if reference is not None else None, clip_model, pr_k,
-                          alignment, batch_size, Extractor(features))
+    return MetricSettings(parse(names), Reference(Path(reference), cache_dir) if reference is not None else None,
+                          features=Extractor(features or INCEPTION),
+                          **{k: v for k, v in options.items() if v is not None})
 
 
 @dataclass
 class Scorer:
-    """The metric models, each loaded once and used for every evaluated model."""
+    """The metric models and the reference's (and teacher's) features, each loaded once and
+    used for every evaluated model."""
 
     settings: MetricSettings
     device: str
     progress: bool = True
+    teacher: list[Path] | None = None  # the teacher's images, for the metrics against them
     _cache: dict = field(default_factory=dict)
 
-    def _get(self, what: str, make):
+    def _get(self, what, make):
         if what not in self._cache:
             self._cache[what] = make()
         return self._cache[what]
 
     def score(self, paths: list[Path], prompts: list[str]) -> dict:
-        s, out = self.settings, {}
-        if {"fid", "pr"} & set(s.metrics):
-            from wadi.evaluation.metrics import frechet_distance, gaussian_stats, precision_recall
+        from wadi.evaluation.metrics.registry import METRICS
 
-            feats = s.features(paths, s.batch_size, self.device, self.progress)
-            if "pr" in s.metrics:  # first: extracting the reference features caches its stats too
-                real = self._get("features", lambda: s.reference.features(s.features, self.device, self.progress))
-                out.update(precision_recall(real, feats, k=s.pr_k, device=self.device)._asdict())
-            if "fid" in s.metrics:
-                ref_mu, ref_sigma = self._get("stats", lambda: s.reference.stats(s.features, self.device,
-                                                                                  self.progress))
-                out["fid"] = frechet_distance(*gaussian_stats(feats), ref_mu, ref_sigma)
-        if "clip" in s.metrics:
-            from wadi.evaluation.metrics import ClipScorer
-
-            scorer = self._get("clip", lambda: ClipScorer(s.clip_model, self.device))
-            out["clip_score"] = float(scorer.scores(paths, prompts, progress=self.progress).mean())
-        if "alignment" in s.metrics:
-            fn = self._get("alignment", lambda: load_function(s.alignment, "--alignment"))
-            out["alignment"] = float(fn(read_images(paths), prompts))
+        job, out = Job(self, paths, prompts), {}
+        for name in self.settings.metrics:
+            out.update(METRICS[name].compute(job))
         return out
+
+
+@dataclass
+class Job:
+    """One model's images under the metrics: what a registry metric's `compute` reads."""
+
+    scorer: Scorer
+    paths: list[Path]
+    prompts: list[str]
+    _features: dict = field(default_factory=dict)
+
+    @property
+    def settings(self) -> MetricSettings:
+        return self.scorer.settings
+
+    @property
+    def device(self) -> str:
+        return self.scorer.device
+
+    @property
+    def progress(self) -> bool:
+        return self.scorer.progress
+
+    @property
+    def images(self) -> list:
+        """What the image-text scorers read: the files, or the protocol's resized arrays."""
+        size = self.settings.resize
+        return self.paths if not size else self.scorer._get(("resized", tuple(self.paths)), lambda: [
+            protocol_resize(p, size) for p in self.paths])
+
+    def features(self, space: str) -> np.ndarray:
+        if space not in self._features:
+            self._features[space] = self.settings.extractor(space)(self.paths, self.settings.batch_size, self.device,
+                                                                   self.progress)
+        return self._features[space]
+
+    def reference_features(self, space: str) -> np.ndarray:
+        s = self.settings
+        return self.scorer._get(("reference", space), lambda: s.reference.features(s.extractor(space), self.device,
+                                                                                   self.progress))
+
+    def reference_stats(self, space: str) -> tuple[np.ndarray, np.ndarray]:
+        """Reused from the reference features when another metric has (or will) read them."""
+        from wadi.evaluation.metrics import gaussian_stats
+        from wadi.evaluation.metrics.registry import METRICS, REFERENCE_IMAGES
+
+        s = self.settings
+        if any(REFERENCE_IMAGES in METRICS[m].needs and METRICS[m].features == space for m in s.metrics):
+            return self.scorer._get(("stats", space), lambda: gaussian_stats(self.reference_features(space)))
+        return self.scorer._get(("stats", space), lambda: s.reference.stats(s.extractor(space), self.device,
+                                                                            self.progress))
+
+    def teacher_features(self, space: str) -> np.ndarray | None:
+        """The teacher's images' features; None when these are the teacher's own images."""
+        teacher = self.scorer.teacher
+        if teacher is None or list(teacher) == list(self.paths):
+            return None
+        s = self.settings
+        return self.scorer._get(("teacher", space), lambda: s.extractor(space)(teacher, s.batch_size, self.device,
+                                                                               self.progress))
+
+    def clip(self, model_field: str, processor_field: str | None = None):
+        from wadi.evaluation.metrics import ClipScorer
+
+        s = self.settings
+        processor = getattr(s, processor_field) if processor_field else None
+        return self.scorer._get(("clip", model_field), lambda: ClipScorer(getattr(s, model_field), self.device,
+                                                                          processor=processor))
+
+    def model(self, what: str, make):
+        return self.scorer._get(("model", what), make)
+
+    def function(self, field_name: str) -> Callable:
+        spec = getattr(self.settings, field_name)
+        return self.scorer._get(("function", field_name), lambda: load_function(spec, f"--{field_name}"))
 
 
 # --- the whole evaluation ------------------------------------------------------------------
@@ -345,6 +463,23 @@ def check_resume(out: Path, settings: dict, force: bool) -> None:
             png.unlink()
 
 
+TEACHER = "teacher"  # the entry the metrics against the teacher's images compare with
+
+
+def check_needs(metrics: MetricSettings, entries: list[Entry], prompts: PromptSet) -> None:
+    """What the metrics need of the evaluation itself, before any image is made."""
+    from wadi.evaluation.metrics.diversity import prompt_groups
+    from wadi.evaluation.metrics.registry import METRICS, REPEATS, TEACHER as NEEDS_TEACHER
+
+    for name in metrics.metrics:
+        needs = METRICS[name].needs
+        if NEEDS_TEACHER in needs and not any(e.name == TEACHER for e in entries):
+            raise ValueError(f"the metric {name} compares with the teacher's images of the same prompts and seeds: "
+                             "pass --teacher")
+        if REPEATS in needs and not prompt_groups(prompts.prompts):
+            raise ValueError(f"the metric {name} needs several seeds of a prompt: pass --repeats K (K >= 2)")
+
+
 def evaluate(entries: list[Entry], prompts: PromptSet, seed: int, out: str | Path, metrics: MetricSettings,
              batch_size: int = 16, force: bool = False, progress: bool = True, device: str | None = None) -> dict:
     """Generate (resumably, across processes) and score every entry; the main process
@@ -359,6 +494,7 @@ def evaluate(entries: list[Entry], prompts: PromptSet, seed: int, out: str | Pat
     out = Path(out)
     for e in entries:  # a scheduler the process has not is refused before anything is written
         e.sampling.check(e.model.backbone)
+    check_needs(metrics, entries, prompts)
     settings = generation_settings(entries, prompts, seed)
     if state.is_main_process:
         check_resume(out, settings, force)
@@ -380,8 +516,9 @@ def evaluate(entries: list[Entry], prompts: PromptSet, seed: int, out: str | Pat
         e.model.to("cpu")  # one model on the device at a time
     if not state.is_main_process:
         return {}
-    scorer = Scorer(metrics, device, progress)
     n = len(prompts.prompts)
+    teacher = [image_path(out / TEACHER, i) for i in range(n)] if any(e.name == TEACHER for e in entries) else None
+    scorer = Scorer(metrics, device, progress, teacher)
     results = {"wadi_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "settings": {**settings, "metrics": metrics.to_dict(), "batch_size": batch_size,
                             "processes": state.num_processes, "device": device},

@@ -1,5 +1,6 @@
 """CLIP score as text-to-image papers report it: the mean over image-prompt pairs of
-max(cos(CLIP image embedding, CLIP text embedding), 0), e.g. 0.31.
+max(cos(CLIP image embedding, CLIP text embedding), 0), e.g. 0.31; and the two
+human-preference scores that are CLIP models with other weights (wadi.evaluation.metrics.preference).
 
 torchmetrics' CLIPScore reports 100x this (31.0); the papers' tables do not.
 
@@ -35,18 +36,23 @@ class ClipScorer:
     """A CLIP model and its processor, loaded once from a hub id or a local folder."""
 
     def __init__(self, model: str | os.PathLike = DEFAULT_CLIP, device: str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, processor: str | os.PathLike | None = None):
         # transformers takes seconds to import and only CLIP needs it.
         from transformers import CLIPModel, CLIPProcessor
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = CLIPModel.from_pretrained(model).to(self.device, dtype).eval()
-        self.processor = CLIPProcessor.from_pretrained(model)
+        self.processor = CLIPProcessor.from_pretrained(processor or model)
         self.max_tokens = self.model.config.text_config.max_position_embeddings
 
+    @property
+    def logit_scale(self) -> float:
+        """exp of the model's learned temperature (100 for OpenAI's CLIP)."""
+        return float(self.model.logit_scale.detach().exp())
+
     @torch.inference_mode()
-    def batch_scores(self, images: Sequence[ImageLike], prompts: Sequence[str]) -> np.ndarray:
-        """max(cos, 0) for each image-prompt pair of one batch."""
+    def batch_cosines(self, images: Sequence[ImageLike], prompts: Sequence[str]) -> np.ndarray:
+        """cos(image embedding, text embedding) for each image-prompt pair of one batch."""
         pil = [Image.fromarray(to_rgb_uint8(im)) for im in images]
         inputs = self.processor(text=list(prompts), images=pil, return_tensors="pt", padding=True,
                                 truncation=True, max_length=self.max_tokens).to(self.device)
@@ -54,16 +60,21 @@ class ClipScorer:
         image = _embedding(self.model.get_image_features(pixel_values=pixels))
         text = _embedding(self.model.get_text_features(input_ids=inputs["input_ids"],
                                                        attention_mask=inputs["attention_mask"]))
-        return F.cosine_similarity(image.float(), text.float(), dim=-1).clamp(min=0).cpu().numpy()
+        return F.cosine_similarity(image.float(), text.float(), dim=-1).cpu().numpy()
 
-    def scores(self, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 64,
-               progress: bool = False) -> np.ndarray:
-        """max(cos, 0) for each image-prompt pair, in batches."""
+    def cosines(self, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 64,
+                progress: bool = False) -> np.ndarray:
+        """cos for each image-prompt pair, in batches."""
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         starts = range(0, len(images), batch_size)
-        return np.concatenate([self.batch_scores(images[i:i + batch_size], prompts[i:i + batch_size])
-                               for i in tqdm(starts, desc="clip score", unit="batch", disable=not progress)])
+        return np.concatenate([self.batch_cosines(images[i:i + batch_size], prompts[i:i + batch_size])
+                               for i in tqdm(starts, desc="clip", unit="batch", disable=not progress)])
+
+    def scores(self, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 64,
+               progress: bool = False) -> np.ndarray:
+        """max(cos, 0) for each image-prompt pair: the CLIP score's terms."""
+        return self.cosines(images, prompts, batch_size, progress).clip(min=0)
 
 
 def clip_score(images: Sequence[ImageLike], prompts: Sequence[str],
