@@ -280,7 +280,7 @@ def test_dmd2_protocol_resizes_and_prefixes_the_clip_prompts(tiny_run, tmp_path,
 
 
 def test_model_card_lists_every_registry_score_beside_the_run(tiny_run, tmp_path):
-    """model_card.run_settings reads the registry's keys from the run's eval/results.json."""
+    """model_card.run_settings lists every score of the run's eval/results.json (the registry wrote them)."""
     import shutil
 
     from wadi.artifacts.model_card import run_settings
@@ -292,8 +292,8 @@ def test_model_card_lists_every_registry_score_beside_the_run(tiny_run, tmp_path
               "imagereward": -0.5, "precision": 0.5}
     (run / "eval" / "results.json").write_text(json.dumps({"models": {"student": {**scores, "num_images": 8}}}))
     _, metrics = run_settings(str(run))
-    assert metrics == ["student: fid 12.5, kid 0.0123, kid_std 0.001, precision 0.5, hpsv2 0.271, "
-                       "imagereward -0.5 (8 images)"]
+    assert metrics == ["student: fid 12.5, kid 0.0123, kid_std 0.001, kid_subset_size 8, hpsv2 0.271, "
+                       "imagereward -0.5, precision 0.5 (8 images)"]
 
 
 def test_scorer_folders_missing_a_part_refuse_before_any_image(tiny_run, tiny_clip, tmp_path, capsys):
