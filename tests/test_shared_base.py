@@ -50,3 +50,14 @@ def test_thirty_steps_train_the_recorded_adapters_bit_for_bit(pipes, tmp_path, k
     assert sorted(ours) == sorted(recorded)  # the same files: names, and below shapes and values
     for k, v in recorded.items():
         assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k
+
+
+def test_checkpointed_blocks_recompute_as_the_role_that_ran_them(pipes, tmp_path):
+    """Gradient checkpointing recomputes a block in the backward pass, after the teacher and
+    the fake model have run: with the role switched wrong it would differ from the record."""
+    cfg = make_cfg(pipes, tmp_path, kind="sd", student="lorad", steps=STEPS, gradient_checkpointing=True)
+    cfg.run.checkpoint_every = 0
+    run = distill(cfg, progress=False)
+    recorded = load_file(str(DATA / "shared-base-sd-lorad.safetensors"))
+    ours = load_file(str(run / "student.safetensors"))
+    assert all(torch.equal(ours[k[len("student/"):]], v) for k, v in recorded.items() if k.startswith("student/"))

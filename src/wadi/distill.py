@@ -7,7 +7,8 @@ fake model learns to denoise the student's x0 (10% empty prompts), `fake_steps` 
 A student of N steps is trained at one of its steps per sample, on the input its own
 earlier steps make; the fake model learns its last step's images, the ones it samples.
 AdamW, clipping at 1.0, gradient accumulation over micro-batches; accelerate spreads it
-over processes. The run around it (folders, logs, checkpoints) is wadi.training.
+over processes. Teacher, student and fake model are one denoiser whose adapters are switched
+per call (wadi.shared_base). The run around it (folders, logs, checkpoints) is wadi.training.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,7 @@ from .config import DistillConfig
 from .losses import vsd_loss
 from .process import run_student
 from .sampling import one_step
+from .shared_base import SharedDenoiser, plain_copy
 
 # A step whose scores are non-finite beyond this share of their elements is skipped; below
 # it, the authors' nan_to_num zeroes the isolated elements (fp16 overflow, say).
@@ -107,10 +109,14 @@ def lr_lambda(warmup: int, schedule: str, total: int):
     return factor
 
 
-def adapted_copy(net: torch.nn.Module, adapter_cfg, checkpointing: bool, backbone: str) -> Adapter:
-    """The teacher's net with an adapter, sharing the teacher's frozen tensors (all but
-    full fine-tuning's); the trainable parameters in float32 whatever the frozen dtype."""
-    adapter = attach(adapter_class(adapter_cfg.kind).base_copy(net), adapter_cfg, backbone)
+def role_adapter(shared: SharedDenoiser, role: str, adapter_cfg, checkpointing: bool, backbone: str) -> Adapter:
+    """The adapter of `role` on the shared denoiser; full fine-tuning, whose weights are
+    all its own, on a copy of the teacher. The trainable parameters in float32 whatever the
+    frozen dtype."""
+    if adapter_cfg.kind == "full":
+        adapter = attach(adapter_class("full").base_copy(plain_copy(shared.net)), adapter_cfg, backbone)
+    else:
+        adapter = shared.attach(role, adapter_cfg, backbone)
     for p in adapter.trainable_parameters().values():
         p.data = p.data.float()
     if checkpointing:
@@ -137,8 +143,9 @@ class Distiller:
         self.weight_dtype = dtype_of(tc.mixed_precision)
         device = accelerator.device
         backbone.to(device, self.weight_dtype)  # the teacher and the frozen encoders, shared below
-        self.student = adapted_copy(backbone.net, cfg.student, tc.gradient_checkpointing, backbone.kind.name)
-        self.fake = adapted_copy(backbone.net, cfg.fake, tc.gradient_checkpointing, backbone.kind.name)
+        self.shared = SharedDenoiser(backbone.net)
+        self.student = role_adapter(self.shared, "student", cfg.student, tc.gradient_checkpointing, backbone.kind.name)
+        self.fake = role_adapter(self.shared, "fake", cfg.fake, tc.gradient_checkpointing, backbone.kind.name)
         adamw = optimizer_class(tc)
         kwargs = dict(betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.opt_s = adamw(list(self.student.trainable_parameters().values()), lr=tc.lr_student, **kwargs)
@@ -146,8 +153,7 @@ class Distiller:
         factor = lr_lambda(tc.warmup_steps, tc.lr_schedule, tc.steps)
         self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, factor)
         self.sched_f = torch.optim.lr_scheduler.LambdaLR(self.opt_f, factor)
-        self.student_net, self.fake_net, self.opt_s, self.opt_f = accelerator.prepare(
-            self.student.model, self.fake.model, self.opt_s, self.opt_f)
+        self.opt_s, self.opt_f = accelerator.prepare(self.opt_s, self.opt_f)
         self.ema = None
         if tc.ema_decay:
             from diffusers.training_utils import EMAModel
@@ -160,6 +166,15 @@ class Distiller:
 
     def _student_params(self) -> list[torch.nn.Parameter]:
         return list(self.student.trainable_parameters().values())
+
+    @contextmanager
+    def _as(self, adapter: Adapter | None):
+        """The denoiser as `adapter`'s role (None: the teacher) within the block."""
+        if adapter is not None and adapter.role is None:  # full fine-tuning: its own model
+            yield adapter.model
+            return
+        with self.shared.use(adapter and adapter.role) as net:
+            yield net
 
     # --- conditioning --------------------------------------------------------------
     def _encode_all(self, prompts: list[str]) -> dict[str, Cond]:
@@ -195,8 +210,8 @@ class Distiller:
                 torch.zeros(len(z), dtype=torch.long, device=z.device))
 
         def predict(x, t):
-            with self.acc.autocast():
-                return bb.predict(self.student_net, x.to(self.weight_dtype), t, cond)
+            with self._as(self.student) as net, self.acc.autocast():
+                return bb.predict(net, x.to(self.weight_dtype), t, cond)
 
         return run_student(bb.process, bb.student_times(self.acc.device), predict, z, stop)
 
@@ -206,8 +221,10 @@ class Distiller:
         t = self._time(noise, tc.t_min, tc.t_max)
         x_t = bb.process.add_noise(x0.detach(), noise.normal(x0.shape[1:]), t).to(self.weight_dtype)
         with torch.no_grad(), self.acc.autocast():
-            real = bb.guided(bb.net, x_t, t, cond, tc.guidance)
-            fake = bb.guided(self.acc.unwrap_model(self.fake_net), x_t, t, cond, tc.guidance)
+            with self._as(None) as net:
+                real = bb.guided(net, x_t, t, cond, tc.guidance)
+            with self._as(self.fake) as net:
+                fake = bb.guided(net, x_t, t, cond, tc.guidance)
         g = bb.process.score_difference(real, fake, t)
         return vsd_loss(x0, g), int((~torch.isfinite(g)).sum())
 
@@ -219,8 +236,8 @@ class Distiller:
         x_t = bb.process.add_noise(x0, eps, t).to(self.weight_dtype)
         keep = noise.uniform() >= tc.fake_uncond_prob
         uncond = bb.empty_cond().to(self.acc.device, self.weight_dtype)
-        with self.acc.autocast():
-            pred = bb.predict(self.fake_net, x_t, t, cond.where(keep, uncond))
+        with self._as(self.fake) as net, self.acc.autocast():
+            pred = bb.predict(net, x_t, t, cond.where(keep, uncond))
         return bb.process.fake_loss(pred, x0, eps, t)
 
     def _agreed_ok(self, loss: torch.Tensor, nonfinite_fraction: float = 0.0) -> bool:
@@ -229,15 +246,26 @@ class Distiller:
         bad = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
         return self.acc.reduce(bad, reduction="sum").item() == 0
 
-    def _sync(self, net, last: bool):
-        """Gradients are all-reduced on the last micro-batch only."""
-        return nullcontext() if last else self.acc.no_sync(net)
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """The processes' mean gradient, after the last micro-batch (what DDP does, for the
+        one role's parameters that a backward pass of the shared denoiser reaches)."""
+        if self.acc.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.acc.num_processes)
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
-    def _apply(self, net, opt, ok: bool) -> float | None:
-        """Clip and step (or drop the gradients of a skipped update); the gradient norm."""
+    def _apply(self, adapter: Adapter, opt, ok: bool) -> float | None:
+        """Average over processes, clip and step (or drop the gradients of a skipped update);
+        the gradient norm."""
+        params = list(adapter.trainable_parameters().values())
+        self._average_gradients(params)
         norm = None
         if ok:
-            norm = float(self.acc.clip_grad_norm_(net.parameters(), self.cfg.train.max_grad_norm))
+            norm = float(self.acc.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
             opt.step()
         opt.zero_grad(set_to_none=True)
         return norm
@@ -254,30 +282,30 @@ class Distiller:
                                  Noise(tc.seed, positions, self.acc.device)))
         # 1. the student: VSD against the teacher and the current fake model
         loss_s, nonfinite = 0.0, 0
-        for i, b in enumerate(batches):
-            with self._sync(self.student_net, last=i == ga - 1):
-                x0, b.x0 = self._generate(b.cond, b.noise)
-                loss, bad = self._student_loss(x0, b.cond, b.noise)
+        for b in batches:
+            x0, b.x0 = self._generate(b.cond, b.noise)
+            loss, bad = self._student_loss(x0, b.cond, b.noise)
+            with self._as(self.student):  # a checkpointed block recomputes as the student
                 self.acc.backward(loss / ga)
             loss_s, nonfinite = loss_s + loss.item() / ga, nonfinite + bad
         numel = sum(b.x0.numel() for b in batches)
         ok_s = self._agreed_ok(torch.tensor(loss_s), nonfinite / numel)
-        norm_s = self._apply(self.student_net, self.opt_s, ok_s)
+        norm_s = self._apply(self.student, self.opt_s, ok_s)
         # 2. the fake model: first on what the student just made, then on fresh samples
         losses_f, norms_f, skipped = [], [], int(not ok_s)
         for k in range(tc.fake_steps):
             loss_f = 0.0
-            for i, b in enumerate(batches):
+            for b in batches:
                 x0 = b.x0
                 if k:
                     with torch.no_grad():
                         x0 = self._generate(b.cond, b.noise)[1]
-                with self._sync(self.fake_net, last=i == ga - 1):
-                    loss = self._fake_loss(x0, b.cond, b.noise)
+                loss = self._fake_loss(x0, b.cond, b.noise)
+                with self._as(self.fake):  # a checkpointed block recomputes as the fake model
                     self.acc.backward(loss / ga)
                 loss_f += loss.item() / ga
             ok = self._agreed_ok(torch.tensor(loss_f))
-            norms_f.append(self._apply(self.fake_net, self.opt_f, ok))
+            norms_f.append(self._apply(self.fake, self.opt_f, ok))
             losses_f, skipped = losses_f + [loss_f], skipped + int(not ok)
         log = {"loss_student": loss_s, "loss_fake": sum(losses_f) / len(losses_f), "skipped": skipped,
                "nonfinite_scores": nonfinite, "grad_norm_student": norm_s, "grad_norm_fake": norms_f[-1],
@@ -340,9 +368,9 @@ class Distiller:
         """One-step images of the sample prompts x seeds (the final weights)."""
         prompts = [p for p in self.cfg.data.sample_prompts for _ in self.cfg.run.sample_seeds]
         seeds = [s for _ in self.cfg.data.sample_prompts for s in self.cfg.run.sample_seeds]
-        net = self.acc.unwrap_model(self.student_net)
-        net.eval()
-        with self.final_weights():
-            images = one_step(self.bb, net, prompts, seeds)
-        net.train()
+        with self._as(self.student) as net:
+            net.eval()
+            with self.final_weights():
+                images = one_step(self.bb, net, prompts, seeds)
+            net.train()
         return images
