@@ -146,6 +146,10 @@ class Distiller:
         self.shared = SharedDenoiser(backbone.net)
         self.student = role_adapter(self.shared, "student", cfg.student, tc.gradient_checkpointing, backbone.kind.name)
         self.fake = role_adapter(self.shared, "fake", cfg.fake, tc.gradient_checkpointing, backbone.kind.name)
+        if tc.parallel == "fsdp2" and accelerator.num_processes > 1:
+            from .parallel import shard
+
+            shard(self.shared.net, self._student_params() + list(self.fake.trainable_parameters().values()), tc)
         adamw = optimizer_class(tc)
         kwargs = dict(betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.opt_s = adamw(list(self.student.trainable_parameters().values()), lr=tc.lr_student, **kwargs)
@@ -363,6 +367,21 @@ class Distiller:
             yield
         finally:
             self.ema.restore(params)
+
+    def merged_student(self, adapter_file) -> torch.nn.Module:
+        """The student (its saved `adapter_file`) merged into a plain model of the base
+        architecture. A sharded base is not whole on any process: the base is read again."""
+        from .parallel import is_sharded
+
+        if not is_sharded(self.shared.net):
+            return self.student.merged_model()
+        from .backbones import load_denoiser
+
+        student = attach(load_denoiser(self.cfg.model, self.weight_dtype), self.student.config, self.bb.kind.name)
+        for p in student.trainable_parameters().values():
+            p.data = p.data.float()
+        student.load(adapter_file)
+        return student.merged_model()
 
     def samples(self) -> torch.Tensor:
         """One-step images of the sample prompts x seeds (the final weights)."""

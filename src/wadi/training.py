@@ -101,10 +101,10 @@ def export(distiller: Distiller, run: RunFolder) -> None:
     with distiller.final_weights():
         distiller.fake.save(run.fake_adapter, {"step": distiller.step})
         # student.safetensors appears last (the run is finished), after the merged model; the
-        # adapter is saved first because merging spends it.
+        # adapter is saved first: a sharded run merges the student from that file.
         with atomic_path(run.student_adapter) as adapter:
             distiller.student.save(adapter, {"step": distiller.step})
-            model = distiller.student.merged_model()
+            model = distiller.merged_student(adapter)
             with atomic_path(run.student_model) as tmp:
                 model.save_pretrained(tmp)
 

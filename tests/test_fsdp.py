@@ -1,0 +1,97 @@
+"""train.parallel=fsdp2 on the CPU (gloo), two processes launched as a user launches them:
+the frozen base sharded, the adapters replicated; the same training as one process."""
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import tiny_pipes
+from tiny_pipes import make_cfg
+from wadi.training import distill
+
+PROMPTS = "a photo of a cat\na red car\nthe digit seven\na dog on the table\n"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    (root / "prompts.txt").write_text(PROMPTS)
+    return {"sd": tiny_pipes.save_tiny_sd(root / "sd"), "sd3": tiny_pipes.save_tiny_sd3(root / "sd3"),
+            "prompts": root / "prompts.txt"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    """`torchrun --nproc_per_node 2 --no-python wadi ...`, the documented launch."""
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "--no-python",
+            str(BIN / "wadi"), *args]
+
+
+def accelerate_launch(*args: str) -> list[str]:
+    """`accelerate launch --multi_gpu --num_processes 2 -m wadi.cli ...`: torchrun underneath;
+    with no CUDA the processes join over gloo on the CPU."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), "-m", "wadi.cli", *args]
+
+
+def env() -> dict:
+    src = str(Path(__file__).parent.parent / "src")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
+def write_cfg(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def adapters(run: Path) -> dict[str, dict]:
+    return {which: load_file(str(run / f"{which}.safetensors")) for which in ("student", "fake")}
+
+
+def assert_adapters_close(ours: dict, ref: dict) -> None:
+    # Two processes average two per-process means where one process takes one mean of the
+    # whole batch: the same numbers up to the order of a sum (float32 rounding, which Adam
+    # turns into at most ~1e-7 relative steps); other data or noise moves them by ~lr = 1e-4.
+    for which in ref:
+        assert sorted(ours[which]) == sorted(ref[which])
+        for k in ref[which]:
+            torch.testing.assert_close(ours[which][k], ref[which][k], rtol=0, atol=1e-5)
+
+
+def run_two(cmd: list[str], cwd: Path):
+    import subprocess
+
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("kind, launch", [("sd3", torchrun), ("sd", accelerate_launch)])
+def test_fsdp2_on_two_processes_trains_what_one_process_trains_with_their_batch(pipes, tmp_path, kind, launch):
+    cfg = make_cfg(pipes, tmp_path, kind=kind, steps=2)
+    result = run_two(launch("distill", "--no-progress", "--config", str(write_cfg(cfg, tmp_path / "c.yaml")),
+                              "train.parallel=fsdp2"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = next((tmp_path / "runs").iterdir())
+    for ckpt in sorted((run / "checkpoints").iterdir()):
+        sums = json.loads((ckpt / "state.json").read_text())["adapter_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1]  # replicated adapters stayed equal
+    single = make_cfg(pipes, tmp_path / "one", kind=kind, steps=2, batch_size=4)
+    one = distill(single, progress=False)
+    assert_adapters_close(adapters(run), adapters(one))
+    # The exported student: the same merged model (merged from a freshly read base here).
+    ours, ref = (load_file(str(next((r / "student").glob("*.safetensors")))) for r in (run, one))
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-5)
