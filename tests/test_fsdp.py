@@ -95,3 +95,57 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains_with_their_batch(
     ours, ref = (load_file(str(next((r / "student").glob("*.safetensors")))) for r in (run, one))
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-5)
+
+
+def worker_of(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the launched process of `rank` (a child of torchrun, RANK in its environment)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process in /proc")
+def test_sigkill_of_rank_1_then_resume_is_the_uninterrupted_run_bit_for_bit(pipes, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    steps = 8
+    straight = write_cfg(make_cfg(pipes, tmp_path / "a", kind="sd3", steps=steps), tmp_path / "a.yaml")
+    result = run_two(torchrun("distill", "--no-progress", "--config", str(straight), "train.parallel=fsdp2"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = next((tmp_path / "a" / "runs").iterdir())
+
+    killed = write_cfg(make_cfg(pipes, tmp_path / "b", kind="sd3", steps=steps), tmp_path / "b.yaml")
+    proc = subprocess.Popen(torchrun("distill", "--no-progress", "--config", str(killed), "train.parallel=fsdp2"),
+                            env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "b" / "runs").glob("*/checkpoints/step-0000002")):
+        time.sleep(0.02)
+    os.kill(worker_of(proc.pid, 1), signal.SIGKILL)
+    assert proc.wait(timeout=60) != 0  # torchrun ends the other rank and fails
+    run = next((tmp_path / "b" / "runs").iterdir())
+    assert not (run / "student.safetensors").exists(), "the run finished before it was killed"
+    shutil.copytree(run, tmp_path / "copy")
+
+    result = run_two(torchrun("distill", "--no-progress", "--resume", str(run)), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours, ref = adapters(run), adapters(reference)
+    for which in ref:  # the same computations in the same order: equal, not close
+        assert all(torch.equal(ours[which][k], ref[which][k]) for k in ref[which]), which
+    assert [r["step"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())] == list(
+        range(1, steps + 1))
+
+    # The same checkpoint on one process with the same global batch: the run continues,
+    # equal to float rounding (one mean of four samples against the mean of two means).
+    with pytest.raises(ValueError, match="global batch of 4 .*train.batch_size=4"):
+        distill(resume=str(tmp_path / "copy"), progress=False)
+    distill(resume=str(tmp_path / "copy"), overrides=["train.batch_size=4"], progress=False)
+    assert_adapters_close(adapters(tmp_path / "copy"), ref)

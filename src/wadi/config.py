@@ -283,7 +283,8 @@ def resolve(config: str, overrides: list[str] = ()) -> DistillConfig:
 # the run (model, adapters, batch, rates, schedule, seed, ...) and must stay as it was.
 RESUMABLE = {"train.steps", "train.max_nonfinite", "run.log_every", "run.checkpoint_every",
              "run.keep_checkpoints", "run.sample_every", "run.sample_seeds", "data.sample_prompts",
-             "run.export", "run.report_to"}
+             "run.export", "run.report_to", "train.batch_size", "train.parallel", "train.fsdp_param_dtype",
+             "train.cpu_offload"}  # a new batch size must keep the global batch (the checkpoint checks)
 
 
 def run_config(run, overrides: list[str] = ()) -> DistillConfig:

@@ -331,16 +331,24 @@ class Distiller:
 
     def state_pieces(self, checksums: list | None = None) -> list[ckpt.Piece]:
         """Every piece of training state, named once for saving and loading."""
+        batch, processes = self.cfg.train.batch_size, self.acc.num_processes
+
         def loop_state() -> dict:
-            return {"step": self.step, "nonfinite_streak": self.nonfinite_streak,
-                    "num_processes": self.acc.num_processes, "adapter_checksums": checksums}
+            return {"step": self.step, "nonfinite_streak": self.nonfinite_streak, "num_processes": processes,
+                    "global_batch": batch * processes, "adapter_checksums": checksums}
 
         def set_loop_state(state: dict) -> None:
             if not all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", "nonfinite_streak")):
                 raise ckpt.CorruptFile("step and nonfinite_streak are not counts")
-            if state["num_processes"] != self.acc.num_processes:
-                raise ValueError(f"written by {state['num_processes']} processes, this run has "
-                                 f"{self.acc.num_processes}; resume with the same number")
+            written, theirs = state["num_processes"], state.get("global_batch")
+            if theirs is None and written != processes:  # written before the global batch was recorded
+                raise ValueError(f"written by {written} processes, this run has {processes}; resume with the "
+                                 "same number")
+            if theirs is not None and theirs != batch * processes:
+                fits = (f"train.batch_size={theirs // processes}" if theirs % processes == 0 else
+                        f"a number of processes that divides {theirs}")
+                raise ValueError(f"written with a global batch of {theirs} ({written} processes), this run's is "
+                                 f"{batch * processes} ({processes} x train.batch_size {batch}); resume with {fits}")
             self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
 
         pieces = [ckpt.json_piece("state", loop_state, set_loop_state),
@@ -352,6 +360,26 @@ class Distiller:
         if self.ema is not None:
             pieces.append(ckpt.stateful("ema", self.ema))
         return pieces
+
+    def rng_piece(self) -> ckpt.Piece:
+        """This process's random generators: nothing the step draws uses them (Noise is a
+        function of the sample's position), but a model's dropout would. A process that
+        a checkpoint has no file for (more processes now) takes the first process's."""
+        def save(path) -> None:
+            ckpt.save_state(path, {"cpu": torch.get_rng_state(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+
+        def load(path) -> None:
+            if not path.is_file():
+                path = path.with_name(ckpt.rng_file(0))
+            if not path.is_file():
+                return  # a checkpoint from before generators were saved
+            state = ckpt.load_state(path)
+            torch.set_rng_state(state["cpu"])
+            if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
+        return ckpt.Piece(ckpt.rng_file(self.acc.process_index), save, load)
 
     # --- outputs ---------------------------------------------------------------------
     @contextmanager

@@ -79,7 +79,7 @@ def _resume(distiller: Distiller, run: RunFolder) -> bool:
     ckpt.remove_partial(run.checkpoints)
     for folder in reversed(run.complete_checkpoints()):
         try:
-            ckpt.read_pieces(folder, distiller.state_pieces())
+            ckpt.read_pieces(folder, [*distiller.state_pieces(), distiller.rng_piece()])
             return True
         except ckpt.CorruptCheckpoint as e:
             warnings.warn(f"checkpoint {folder.name} cannot be read ({e}); trying the one before")
@@ -87,11 +87,19 @@ def _resume(distiller: Distiller, run: RunFolder) -> bool:
 
 
 def save_checkpoint(distiller: Distiller, run: RunFolder) -> None:
+    """Every process writes its piece into one `.tmp` folder; the main process renames it
+    once all have (a kill before that leaves the previous checkpoints as they were)."""
     acc = distiller.acc
     checksums = distiller.adapter_checksums()  # a collective: every process takes part
-    if acc.is_main_process:  # the processes hold the same state (DDP): one writes it
-        tmp = ckpt.begin(run.checkpoint(distiller.step).with_suffix(".tmp"))
+    tmp = run.checkpoint(distiller.step).with_suffix(".tmp")
+    if acc.is_main_process:
+        ckpt.begin(tmp)
+    acc.wait_for_everyone()
+    ckpt.write_pieces(tmp, [distiller.rng_piece()])
+    if acc.is_main_process:  # the processes hold the same trained state: one writes it
         ckpt.write_pieces(tmp, distiller.state_pieces(checksums))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
         ckpt.commit(tmp, distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
     acc.wait_for_everyone()
 
