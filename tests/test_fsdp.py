@@ -149,3 +149,39 @@ def test_sigkill_of_rank_1_then_resume_is_the_uninterrupted_run_bit_for_bit(pipe
         distill(resume=str(tmp_path / "copy"), progress=False)
     distill(resume=str(tmp_path / "copy"), overrides=["train.batch_size=4"], progress=False)
     assert_adapters_close(adapters(tmp_path / "copy"), ref)
+
+
+DYING_SAVE = """
+import os, sys
+import wadi.checkpoint as ckpt
+real = ckpt.save_state
+
+def dying(path, state):
+    if os.environ["RANK"] == "1" and path.parent.name == "step-0000003.tmp":
+        path.write_bytes(b"half a file")
+        os.kill(os.getpid(), 9)  # killed in the middle of writing its piece
+    real(path, state)
+
+ckpt.save_state = dying
+from wadi.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_during_a_two_process_save_leaves_the_previous_checkpoint_usable(pipes, tmp_path):
+    script = tmp_path / "dying_save.py"
+    script.write_text(DYING_SAVE)
+    cfg = write_cfg(make_cfg(pipes, tmp_path / "b", kind="sd3", steps=4), tmp_path / "b.yaml")
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+           "distill", "--no-progress", "--config", str(cfg), "train.parallel=fsdp2"]
+    assert run_two(cmd, tmp_path).returncode != 0
+    run = next((tmp_path / "b" / "runs").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000001", "step-0000002",
+                                                                     "step-0000003.tmp"]
+    # Resumed (here on one process, the same global batch) from step 2, as a run that never
+    # stopped would be at step 4, to float rounding.
+    distill(resume=str(run), overrides=["train.batch_size=4"], progress=False)
+    assert [json.loads(r)["step"] for r in (run / "log.jsonl").read_text().splitlines()][-2:] == [3, 4]
+    assert not (run / "checkpoints" / "step-0000003.tmp").exists()
+    one = distill(make_cfg(pipes, tmp_path / "one", kind="sd3", steps=4, batch_size=4), progress=False)
+    assert_adapters_close(adapters(run), adapters(one))
