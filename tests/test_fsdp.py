@@ -95,6 +95,25 @@ def test_fsdp2_on_two_processes_trains_what_one_process_trains_with_their_batch(
     ours, ref = (load_file(str(next((r / "student").glob("*.safetensors")))) for r in (run, one))
     for k in ref:
         torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-5)
+    # One process reads the sharded run as any other: wadi export and wadi sample, no launch.
+    import numpy as np
+    from PIL import Image
+
+    from wadi.backbones import get_kind
+    from wadi.cli import main
+
+    for r in (run, one):
+        assert main(["export", str(r), "--out", str(r / "export")]) == 0
+        assert main(["sample", str(r), "--prompt", "a cat", "--seeds", "0-1", "--out", str(r / "png")]) == 0
+    ours, ref = (load_file(str(next((r / "export" / get_kind(kind).subfolder).glob("*.safetensors"))))
+                 for r in (run, one))
+    for k in ref:
+        torch.testing.assert_close(ours[k], ref[k], rtol=0, atol=1e-5)
+    pngs = sorted(p.name for p in (one / "png").glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in (run / "png").glob("*.png"))
+    for name in pngs:
+        a, b = (np.asarray(Image.open(r / "png" / name), dtype=np.int16) for r in (one, run))
+        assert np.abs(a - b).max() <= 1  # at most one level, where float rounding crosses a step
 
 
 def worker_of(launcher_pid: int, rank: int) -> int | None:
