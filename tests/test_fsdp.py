@@ -204,3 +204,39 @@ def test_a_kill_during_a_two_process_save_leaves_the_previous_checkpoint_usable(
     assert not (run / "checkpoints" / "step-0000003.tmp").exists()
     one = distill(make_cfg(pipes, tmp_path / "one", kind="sd3", steps=4, batch_size=4), progress=False)
     assert_adapters_close(adapters(run), adapters(one))
+
+
+FAILING_RANK = """
+import os, sys
+from wadi.distill import Distiller
+
+real = Distiller.train_step
+
+def failing(self):
+    if os.environ["RANK"] == "1" and self.step == 1:
+        raise ValueError("a bad input only this process sees")
+    return real(self)
+
+Distiller.train_step = failing
+from wadi.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_a_rank_that_fails_ends_every_rank_with_one_line(pipes, tmp_path, parallel):
+    import time
+
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK)
+    cfg = write_cfg(make_cfg(pipes, tmp_path, kind="sd3", steps=4), tmp_path / "c.yaml")
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+           "distill", "--no-progress", "--config", str(cfg), f"train.parallel={parallel}"]
+    t0 = time.time()
+    result = run_two(cmd, tmp_path)  # a hang would be stopped by run_two's timeout and fail here
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("wadi", "[rank"))]
+    assert "wadi distill: error: a bad input only this process sees" in lines
+    # the other process ends with its own one line, or is stopped by torchrun before it sees the loss
+    assert not [line for line in lines if line.startswith("[rank")], lines  # no traceback from any rank
+    assert time.time() - t0 < 240
