@@ -1,7 +1,8 @@
 """The frozen base sharded over the processes (`train.parallel=fsdp2`).
 
 torch's FSDP2 (`fully_shard`) shards each block of the shared denoiser (a UNet's down, mid
-and up blocks; a transformer's blocks) and the rest at the root: every process holds its
+and up blocks and the resnets and attentions in them; a transformer's blocks) and the rest
+at the root: every process holds its
 share of the frozen weights and gathers a block's whole weights only while the block runs.
 The adapters are left out of the sharding, replicated on every process as under ddp: they
 are small, the engine averages their gradients as under ddp, and so every piece of trained
@@ -16,13 +17,19 @@ import torch.nn as nn
 
 
 def blocks(net: nn.Module) -> list[nn.Module]:
-    """The denoiser's top-level blocks: the entries of its `*blocks` lists and its mid block."""
+    """The units to shard, inner ones first: the denoiser's top-level blocks (the entries of
+    its `*blocks` lists and its mid block) and, within a UNet's block, each entry of its
+    lists (resnets, attentions, samplers), whose single weights are large: a unit's weights
+    are whole on every process while it runs, so smaller units mean a lower peak."""
     out = []
     for name, child in net.named_children():
-        if isinstance(child, nn.ModuleList) and name.endswith("blocks"):
-            out.extend(child)
-        elif name == "mid_block" and child is not None:
-            out.append(child)
+        tops = (list(child) if isinstance(child, nn.ModuleList) and name.endswith("blocks") else
+                [child] if name == "mid_block" and child is not None else [])
+        for top in tops:
+            for part in top.children():
+                if isinstance(part, nn.ModuleList):
+                    out.extend(part)
+            out.append(top)
     return out
 
 
@@ -49,20 +56,9 @@ def is_sharded(net: nn.Module) -> bool:
     return isinstance(net, FSDPModule)
 
 
-def frozen_bytes(net: nn.Module) -> tuple[int, int]:
-    """This process's bytes of frozen weights held between uses, and the most it holds while
-    one sharded unit (a block, or the root's own weights) is gathered whole."""
+def frozen_bytes(net: nn.Module) -> int:
+    """This process's bytes of frozen weights between uses (under fsdp2 its shards)."""
     from torch.distributed.tensor import DTensor
 
-    def nbytes(p, whole: bool) -> int:
-        t = p if whole or not isinstance(p, DTensor) else p.to_local()
-        return t.numel() * t.element_size()
-
-    frozen = {id(p): p for p in net.parameters() if not p.requires_grad}
-    units = [[p for p in b.parameters() if id(p) in frozen] for b in blocks(net)] if is_sharded(net) else []
-    in_blocks = {id(p) for u in units for p in u}
-    units.append([p for i, p in frozen.items() if i not in in_blocks])
-    held = sum(nbytes(p, False) for p in frozen.values())
-    if not is_sharded(net):
-        return held, held
-    return held, held + max(sum(nbytes(p, True) - nbytes(p, False) for p in u) for u in units)
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in net.parameters() if not p.requires_grad]
+    return sum(t.numel() * t.element_size() for t in local)
