@@ -14,7 +14,7 @@ import warnings
 from .errors import NeedsOption, describe
 
 # The core's tools, in the order `wadi --help` lists them; the worlds' follow.
-COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval"]
+COMMANDS = ["params", "plan", "distill", "analyze", "sample", "export", "convert", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
