@@ -250,11 +250,15 @@ def test_student_and_fake_share_the_teachers_frozen_tensors(pipes, tmp_path, stu
     from wadi.files.run_folder import RunFolder
     from wadi.engine.training import export, prepare
 
+    from wadi.adapters.shared_base import plain_copy
+
     cfg = make_cfg(pipes, tmp_path, student=student, steps=1)
     prompts, bb = prepare(cfg)
     d = Distiller(cfg, bb, prompts, Accelerator(cpu=True))
-    teacher = {p.untyped_storage().data_ptr(): n for n, p in bb.net.named_parameters()}
-    before = {n: p.detach().clone() for n, p in bb.net.named_parameters()}
+    assert d.student.model is bb.net and d.fake.model is bb.net or student == "full"
+    teacher_net = plain_copy(bb.net)  # the teacher's tensors under their own names
+    teacher = {p.untyped_storage().data_ptr(): n for n, p in teacher_net.named_parameters()}
+    before = {n: p.detach().clone() for n, p in teacher_net.named_parameters()}
 
     def frozen_storages(adapter):
         return {p.untyped_storage().data_ptr() for p in adapter.model.parameters() if not p.requires_grad}
@@ -271,7 +275,7 @@ def test_student_and_fake_share_the_teachers_frozen_tensors(pipes, tmp_path, stu
     run = RunFolder(tmp_path / "run")
     run.path.mkdir()
     export(d, run)  # merges the student
-    for n, p in bb.net.named_parameters():
+    for n, p in teacher_net.named_parameters():
         assert torch.equal(p, before[n]), f"the teacher's {n} changed"
     from diffusers import UNet2DConditionModel
 

@@ -14,7 +14,7 @@ import warnings
 from wadi.errors import NeedsOption, describe
 
 # The core's tools, in the order `wadi --help` lists them; the worlds' follow.
-COMMANDS = ["params", "distill", "analyze", "sample", "export", "convert", "eval"]
+COMMANDS = ["params", "plan", "distill", "analyze", "sample", "export", "convert", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +87,23 @@ def _out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
+PEER_LOST = ("another process of this run stopped (its own line says why; a killed one says nothing): "
+             "this one stops too; resume with --resume latest")
+
+
+def _peer_lost(e: BaseException) -> bool:
+    """A collective that failed because another process of a launched run is gone."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        isinstance(e, dist.DistError) or any(s in text for s in ("closed by peer", "reset by peer", "Broken pipe")))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Problems with what the user gave (settings, files, the disk) end as one
-    line on stderr and exit 2, running out of memory exits 3, an interrupt 130 (from the first
+    line on stderr and exit 2, running out of memory exits 3, a process of a launched run whose
+peer is gone exits 4, an interrupt 130 (from the first
     line: imports and parsing too); anything else is a bug and shows its traceback.
     WADI_DEBUG=1 shows the traceback of everything. A command with --out holds that
     output's lock (wadi.files.locks) for its whole life."""
@@ -119,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if _out_of_memory(e):
             print(f"{command}: error: {OUT_OF_MEMORY}", file=sys.stderr)
             return 3
+        if _peer_lost(e):
+            print(f"{command}: error: {PEER_LOST}", file=sys.stderr)
+            return 4
         if not isinstance(e, (ValueError, OSError, TrainingStopped, SafetensorError)):
             raise
         text = e.for_command_line if isinstance(e, NeedsOption) else describe(e)

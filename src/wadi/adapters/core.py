@@ -39,13 +39,22 @@ class Adapter:
     base_sample: list[float] | None = None  # content_sample of the base at attach time
     merged: bool = False
     _shared: dict = field(default_factory=dict, repr=False)  # target name -> the base weight merge set aside
+    # A model that carries several roles' adapters (wadi.adapters.shared_base): `role` names this
+    # one, and `view` holds its layers alone, at their names.
+    view: nn.Module | None = field(default=None, repr=False)
+    role: str | None = None
 
     ranked = True  # has a rank and target layers (all but full fine-tuning)
 
     # --- what subclasses define -------------------------------------------------
+    @property
+    def holder(self) -> nn.Module:
+        """The module whose submodules at the target names are this adapter's layers."""
+        return self.model if self.view is None else self.view
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         # attach() froze everything the adapter does not train.
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.holder.named_parameters() if p.requires_grad}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter's own tensors, keyed by stable names."""
@@ -84,7 +93,7 @@ class Adapter:
     # --- shared -----------------------------------------------------------------
     def layers(self) -> dict[str, nn.Module]:
         """The adapter layers by target name (LoRaDLinear or peft layers)."""
-        return {n: self.model.get_submodule(n) for n in self.target_names}
+        return {n: self.holder.get_submodule(n) for n in self.target_names}
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters().values())
@@ -95,6 +104,8 @@ class Adapter:
         Each merged base weight is a fresh tensor: the weight the model may share with
         another (the teacher's) is set aside untouched, and unmerge puts it back.
         """
+        if self.role is not None:
+            raise RuntimeError(f"the {self.role} adapter shares its model with other roles: take merged_model()")
         for name, layer in self.layers().items():
             if name in self._shared:
                 continue
@@ -115,8 +126,15 @@ class Adapter:
         """Merge and put the plain base layers back: a model of the base architecture,
         whose untouched tensors are still those the adapter's model shares.
 
-        The adapter is spent afterwards; save it first if it is still needed.
+        The adapter is spent afterwards; save it first if it is still needed. An adapter
+        sharing its model with other roles is not: its merged model is a plain copy.
         """
+        if self.role is not None:
+            from wadi.adapters.switch import plain_copy
+
+            alone = dataclasses.replace(self, model=plain_copy(self.model, self.role), view=None, role=None,
+                                        _shared={})
+            return alone.merged_model()
         self.merge()
         for n, layer in self.layers().items():
             self.model.set_submodule(n, layer.get_base_layer())
@@ -196,13 +214,13 @@ class PeftAdapter(Adapter):
     def state_dict(self):
         from peft import get_peft_model_state_dict
 
-        return {self._prefix() + k: v for k, v in get_peft_model_state_dict(self.model).items()}
+        return {self._prefix() + k: v for k, v in get_peft_model_state_dict(self.holder).items()}
 
     def _assign(self, tensors):
         from peft import set_peft_model_state_dict
 
         n = len(self._prefix())
-        set_peft_model_state_dict(self.model, {k[n:]: v for k, v in tensors.items()})
+        set_peft_model_state_dict(self.holder, {k[n:]: v for k, v in tensors.items()})
 
 
 class FullAdapter(Adapter):

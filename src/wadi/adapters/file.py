@@ -28,9 +28,16 @@ SAMPLE_LAYERS, SAMPLE_PER_LAYER = 16, 4
 SAMPLE_RTOL = 2e-2  # a base stored in bf16 is the same base; a fine-tune of it is not
 
 
+def class_name(model: nn.Module) -> str:
+    """The model's class; a sharded model's (FSDP2 makes a subclass per sharded class) too."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def fingerprint(model: nn.Module, names: list[str]) -> str:
     """A short hash of the model class and the names and shapes of the adapted layers."""
-    h = hashlib.sha256(type(model).__name__.encode())
+    h = hashlib.sha256(class_name(model).encode())
     for name in names:
         for pname, p in model.get_submodule(name).named_parameters(recurse=False):
             h.update(f"{name}.{pname}:{tuple(p.shape)};".encode())
@@ -76,7 +83,7 @@ class AdapterFile:
         """Raise if the adapter does not fit `model`: class, backbone kind, adapter kind and
         rank; the layers' fingerprint and the base weights' sample when given."""
         saved = self.config
-        checks = [("base model class", type(model).__name__, self.meta.get("base_class")),
+        checks = [("base model class", class_name(model), self.meta.get("base_class")),
                   ("kind", kind, saved["kind"]), ("rank", rank, saved["rank"])]
         if backbone is not None and self.backbone is not None:
             checks.append(("backbone kind", backbone, self.backbone))
@@ -102,7 +109,7 @@ def metadata(config: dict, model: nn.Module, backbone: str, fp: str, sample: lis
         "format": FORMAT,
         "config": json.dumps(config),
         "backbone": backbone,
-        "base_class": type(model).__name__,
+        "base_class": class_name(model),
         "base_fingerprint": fp,
         "base_sample": json.dumps(sample),
         "base_model": str(getattr(getattr(model, "config", None), "_name_or_path", "") or ""),

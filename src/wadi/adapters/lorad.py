@@ -146,6 +146,8 @@ class LoRaDLinear(nn.Module):
             return self.base(x)
         if self.training or (torch.is_grad_enabled() and self.theta_a.requires_grad):
             device = x.device.type
+            if not torch.amp.is_autocast_available(device):  # the meta device (wadi plan)
+                return _LoRaDMatmul.apply(x, self.base.weight, self.base.bias, self.theta_a, self.theta_b)
             if torch.is_autocast_enabled(device):
                 # Run the Function in the autocast dtype itself so forward and backward agree.
                 x = x.to(torch.get_autocast_dtype(device))

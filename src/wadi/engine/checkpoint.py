@@ -3,7 +3,9 @@
 A checkpoint is a folder of pieces, each named once with how it is written and read
 (`Piece`), so that saving and loading walk the same list. It is written as
 `step-NNNNNNN.tmp/` and renamed when complete: a run killed at any moment leaves only
-whole checkpoints, and a later start removes the half-written one.
+whole checkpoints, and a later start removes the half-written one. With several processes
+the main one writes the state they share and each process its own random generators; the
+rename waits for every process's piece (training.save_checkpoint).
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def json_piece(name: str, get: Callable[[], dict], put: Callable[[dict], None]) 
         put(read_json_object(path))
 
     return Piece(f"{name}.json", lambda p: p.write_text(json.dumps(get())), load)
+
+
+def rng_file(process: int) -> str:
+    return f"rng-{process}.safetensors"
 
 
 def write_pieces(folder: Path, pieces: list[Piece]) -> None:

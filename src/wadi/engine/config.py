@@ -31,6 +31,8 @@ from wadi.files.prompts import check_prompts
 from wadi.adapters.targets import resolve_rule
 
 MIXED_PRECISION = ("no", "fp16", "bf16")  # accelerate's names
+PARALLEL = ("ddp", "fsdp2")
+FSDP_PARAM_DTYPES = ("keep", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 REPORT_TO = ("tensorboard", "wandb", "all", "none")  # accelerate's trackers
 MAX_SEED = 2**64 - 1  # the largest torch.Generator.manual_seed takes
@@ -54,7 +56,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 21875  # 2 epochs over 1.4M prompts at a global batch of 128
-    batch_size: int = 16  # per process
+    batch_size: int = 16  # per process: a step's global batch is batch_size x processes x grad_accum
     grad_accum: int = 1
     lr_student: float = 1e-4
     lr_fake: float = 1e-2
@@ -70,7 +72,10 @@ class TrainConfig:
     fake_uncond_prob: float = 0.1
     fake_steps: int = 1  # fake-model updates per student update (DMD2's two time-scale rule uses 5)
     mixed_precision: str = "no"  # no | fp16 | bf16; adapter parameters stay fp32
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # activation checkpointing of the denoiser's blocks
+    parallel: str = "ddp"  # several processes: every one holds the frozen base whole (ddp) or a shard (fsdp2)
+    fsdp_param_dtype: str = "keep"  # fsdp2: the base's blocks gathered in their own dtype (keep) or bf16
+    cpu_offload: bool = False  # fsdp2: the base's shards wait in CPU memory between uses (needs CUDA)
     adam_8bit: bool = False  # bitsandbytes AdamW8bit when installed
     ema_decay: float | None = None  # EMA of the student's trainable parameters: the final student
     seed: int = 0
@@ -307,7 +312,8 @@ def absolute_paths(cfg: DistillConfig) -> DistillConfig:
 # the run (model, adapters, batch, rates, schedule, seed, ...) and must stay as it was.
 RESUMABLE = {"train.steps", "train.max_nonfinite", "run.log_every", "run.checkpoint_every",
              "run.keep_checkpoints", "run.sample_every", "run.sample_seeds", "data.sample_prompts",
-             "run.export", "run.report_to", "run.wandb_project", "run.wandb_entity"}
+             "run.export", "run.report_to", "run.wandb_project", "run.wandb_entity", "train.batch_size",
+             "train.parallel", "train.fsdp_param_dtype", "train.cpu_offload"}  # a new batch size must keep the global batch
 
 
 def run_config(run, overrides: list[str] = ()) -> DistillConfig:
@@ -418,6 +424,15 @@ def _check_config(c: DistillConfig) -> None:
     _require(t.fake_steps >= 1, "train.fake_steps", "at least 1", t.fake_steps)
     _require(t.mixed_precision in MIXED_PRECISION, "train.mixed_precision", " or ".join(MIXED_PRECISION),
              t.mixed_precision)
+    _require(t.parallel in PARALLEL, "train.parallel", " or ".join(PARALLEL), t.parallel)
+    _require(t.fsdp_param_dtype in FSDP_PARAM_DTYPES, "train.fsdp_param_dtype", " or ".join(FSDP_PARAM_DTYPES),
+             t.fsdp_param_dtype)
+    if t.parallel == "fsdp2":
+        for role, a in (("student", c.student), ("fake", c.fake)):
+            _require(a.kind != "full", f"{role}.kind", "an adapter (full fine-tuning trains every weight, which "
+                     "train.parallel=fsdp2 does not shard; use train.parallel=ddp)", a.kind)
+    _require(not t.cpu_offload or t.parallel == "fsdp2", "train.cpu_offload", "false unless train.parallel=fsdp2",
+             t.cpu_offload)
     _require(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", "in (0, 1) or null", t.ema_decay)
     _require(0 <= t.seed <= MAX_SEED, "train.seed", f"in 0..{MAX_SEED}", t.seed)
     _require(t.max_nonfinite >= 1, "train.max_nonfinite", "at least 1", t.max_nonfinite)

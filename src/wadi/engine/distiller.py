@@ -7,7 +7,8 @@ fake model learns to denoise the student's x0 (10% empty prompts), `fake_steps` 
 A student of N steps is trained at one of its steps per sample, on the input its own
 earlier steps make; the fake model learns its last step's images, the ones it samples.
 AdamW, clipping at 1.0, gradient accumulation over micro-batches; accelerate spreads it
-over processes. The run around it (folders, logs, checkpoints) is wadi.engine.training.
+over processes. Teacher, student and fake model are one denoiser whose adapters are switched
+per call (wadi.adapters.shared_base). The run around it (folders, logs, checkpoints) is wadi.engine.training.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,9 @@ from wadi.models.backbones import Backbone, Cond, dtype_of
 from wadi.engine.config import DistillConfig
 from wadi.engine.losses import vsd_loss
 from wadi.models.process import run_student
-from wadi.engine.provenance import TRAINED_WITH, record_of
 from wadi.models.sampling import sample_student
+from wadi.adapters.shared_base import SharedDenoiser, plain_copy
+from wadi.engine.provenance import TRAINED_WITH, record_of
 
 # A step whose scores are non-finite beyond this share of their elements is skipped; below
 # it, the authors' nan_to_num zeroes the isolated elements (fp16 overflow, say).
@@ -108,10 +110,14 @@ def lr_lambda(warmup: int, schedule: str, total: int):
     return factor
 
 
-def adapted_copy(net: torch.nn.Module, adapter_cfg, checkpointing: bool, backbone: str) -> Adapter:
-    """The teacher's net with an adapter, sharing the teacher's frozen tensors (all but
-    full fine-tuning's); the trainable parameters in float32 whatever the frozen dtype."""
-    adapter = attach(adapter_class(adapter_cfg.kind).base_copy(net), adapter_cfg, backbone)
+def role_adapter(shared: SharedDenoiser, role: str, adapter_cfg, checkpointing: bool, backbone: str) -> Adapter:
+    """The adapter of `role` on the shared denoiser; full fine-tuning, whose weights are
+    all its own, on a copy of the teacher. The trainable parameters in float32 whatever the
+    frozen dtype."""
+    if adapter_cfg.kind == "full":
+        adapter = attach(adapter_class("full").base_copy(plain_copy(shared.net)), adapter_cfg, backbone)
+    else:
+        adapter = shared.attach(role, adapter_cfg, backbone)
     for p in adapter.trainable_parameters().values():
         p.data = p.data.float()
     if checkpointing:
@@ -138,8 +144,13 @@ class Distiller:
         self.weight_dtype = dtype_of(tc.mixed_precision)
         device = accelerator.device
         backbone.to(device, self.weight_dtype)  # the teacher and the frozen encoders, shared below
-        self.student = adapted_copy(backbone.net, cfg.student, tc.gradient_checkpointing, backbone.kind.name)
-        self.fake = adapted_copy(backbone.net, cfg.fake, tc.gradient_checkpointing, backbone.kind.name)
+        self.shared = SharedDenoiser(backbone.net)
+        self.student = role_adapter(self.shared, "student", cfg.student, tc.gradient_checkpointing, backbone.kind.name)
+        self.fake = role_adapter(self.shared, "fake", cfg.fake, tc.gradient_checkpointing, backbone.kind.name)
+        if tc.parallel == "fsdp2" and accelerator.num_processes > 1:
+            from wadi.engine.parallel import shard
+
+            shard(self.shared.net, self._student_params() + list(self.fake.trainable_parameters().values()), tc)
         adamw = optimizer_class(tc)
         kwargs = dict(betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.opt_s = adamw(list(self.student.trainable_parameters().values()), lr=tc.lr_student, **kwargs)
@@ -147,8 +158,7 @@ class Distiller:
         factor = lr_lambda(tc.warmup_steps, tc.lr_schedule, tc.steps)
         self.sched_s = torch.optim.lr_scheduler.LambdaLR(self.opt_s, factor)
         self.sched_f = torch.optim.lr_scheduler.LambdaLR(self.opt_f, factor)
-        self.student_net, self.fake_net, self.opt_s, self.opt_f = accelerator.prepare(
-            self.student.model, self.fake.model, self.opt_s, self.opt_f)
+        self.opt_s, self.opt_f = accelerator.prepare(self.opt_s, self.opt_f)
         self.ema = None
         if tc.ema_decay:
             from diffusers.training_utils import EMAModel
@@ -161,6 +171,15 @@ class Distiller:
 
     def _student_params(self) -> list[torch.nn.Parameter]:
         return list(self.student.trainable_parameters().values())
+
+    @contextmanager
+    def _as(self, adapter: Adapter | None):
+        """The denoiser as `adapter`'s role (None: the teacher) within the block."""
+        if adapter is not None and adapter.role is None:  # full fine-tuning: its own model
+            yield adapter.model
+            return
+        with self.shared.use(adapter and adapter.role) as net:
+            yield net
 
     # --- conditioning --------------------------------------------------------------
     def _encode_all(self, prompts: list[str]) -> dict[str, Cond]:
@@ -196,8 +215,8 @@ class Distiller:
                 torch.zeros(len(z), dtype=torch.long, device=z.device))
 
         def predict(x, t):
-            with self.acc.autocast():
-                return bb.predict(self.student_net, x.to(self.weight_dtype), t, cond)
+            with self._as(self.student) as net, self.acc.autocast():
+                return bb.predict(net, x.to(self.weight_dtype), t, cond)
 
         return run_student(bb.process, bb.student_times(self.acc.device), predict, z, stop)
 
@@ -207,8 +226,10 @@ class Distiller:
         t = self._time(noise, tc.t_min, tc.t_max)
         x_t = bb.process.add_noise(x0.detach(), noise.normal(x0.shape[1:]), t).to(self.weight_dtype)
         with torch.no_grad(), self.acc.autocast():
-            real = bb.guided(bb.net, x_t, t, cond, tc.guidance, **tc.guidance_options)
-            fake = bb.guided(self.acc.unwrap_model(self.fake_net), x_t, t, cond, tc.guidance, **tc.guidance_options)
+            with self._as(None) as net:
+                real = bb.guided(net, x_t, t, cond, tc.guidance, **tc.guidance_options)
+            with self._as(self.fake) as net:
+                fake = bb.guided(net, x_t, t, cond, tc.guidance, **tc.guidance_options)
         g = bb.process.score_difference(real, fake, t)
         return vsd_loss(x0, g), int((~torch.isfinite(g)).sum())
 
@@ -220,8 +241,8 @@ class Distiller:
         x_t = bb.process.add_noise(x0, eps, t).to(self.weight_dtype)
         keep = noise.uniform() >= tc.fake_uncond_prob
         uncond = bb.empty_cond().to(self.acc.device, self.weight_dtype)
-        with self.acc.autocast():
-            pred = bb.predict(self.fake_net, x_t, t, cond.where(keep, uncond))
+        with self._as(self.fake) as net, self.acc.autocast():
+            pred = bb.predict(net, x_t, t, cond.where(keep, uncond))
         return bb.process.fake_loss(pred, x0, eps, t)
 
     def _agreed_ok(self, loss: torch.Tensor, nonfinite_fraction: float = 0.0) -> bool:
@@ -230,15 +251,26 @@ class Distiller:
         bad = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
         return self.acc.reduce(bad, reduction="sum").item() == 0
 
-    def _sync(self, net, last: bool):
-        """Gradients are all-reduced on the last micro-batch only."""
-        return nullcontext() if last else self.acc.no_sync(net)
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """The processes' mean gradient, after the last micro-batch (what DDP does, for the
+        one role's parameters that a backward pass of the shared denoiser reaches)."""
+        if self.acc.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.acc.num_processes)
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
-    def _apply(self, net, opt, ok: bool) -> float | None:
-        """Clip and step (or drop the gradients of a skipped update); the gradient norm."""
+    def _apply(self, adapter: Adapter, opt, ok: bool) -> float | None:
+        """Average over processes, clip and step (or drop the gradients of a skipped update);
+        the gradient norm."""
+        params = list(adapter.trainable_parameters().values())
+        self._average_gradients(params)
         norm = None
         if ok:
-            norm = float(self.acc.clip_grad_norm_(net.parameters(), self.cfg.train.max_grad_norm))
+            norm = float(self.acc.clip_grad_norm_(params, self.cfg.train.max_grad_norm))
             opt.step()
         opt.zero_grad(set_to_none=True)
         return norm
@@ -255,30 +287,30 @@ class Distiller:
                                  Noise(tc.seed, positions, self.acc.device)))
         # 1. the student: VSD against the teacher and the current fake model
         loss_s, nonfinite = 0.0, 0
-        for i, b in enumerate(batches):
-            with self._sync(self.student_net, last=i == ga - 1):
-                x0, b.x0 = self._generate(b.cond, b.noise)
-                loss, bad = self._student_loss(x0, b.cond, b.noise)
+        for b in batches:
+            x0, b.x0 = self._generate(b.cond, b.noise)
+            loss, bad = self._student_loss(x0, b.cond, b.noise)
+            with self._as(self.student):  # a checkpointed block recomputes as the student
                 self.acc.backward(loss / ga)
             loss_s, nonfinite = loss_s + loss.item() / ga, nonfinite + bad
         numel = sum(b.x0.numel() for b in batches)
         ok_s = self._agreed_ok(torch.tensor(loss_s), nonfinite / numel)
-        norm_s = self._apply(self.student_net, self.opt_s, ok_s)
+        norm_s = self._apply(self.student, self.opt_s, ok_s)
         # 2. the fake model: first on what the student just made, then on fresh samples
         losses_f, norms_f, skipped = [], [], int(not ok_s)
         for k in range(tc.fake_steps):
             loss_f = 0.0
-            for i, b in enumerate(batches):
+            for b in batches:
                 x0 = b.x0
                 if k:
                     with torch.no_grad():
                         x0 = self._generate(b.cond, b.noise)[1]
-                with self._sync(self.fake_net, last=i == ga - 1):
-                    loss = self._fake_loss(x0, b.cond, b.noise)
+                loss = self._fake_loss(x0, b.cond, b.noise)
+                with self._as(self.fake):  # a checkpointed block recomputes as the fake model
                     self.acc.backward(loss / ga)
                 loss_f += loss.item() / ga
             ok = self._agreed_ok(torch.tensor(loss_f))
-            norms_f.append(self._apply(self.fake_net, self.opt_f, ok))
+            norms_f.append(self._apply(self.fake, self.opt_f, ok))
             losses_f, skipped = losses_f + [loss_f], skipped + int(not ok)
         log = {"loss_student": loss_s, "loss_fake": sum(losses_f) / len(losses_f), "skipped": skipped,
                "nonfinite_scores": nonfinite, "grad_norm_student": norm_s, "grad_norm_fake": norms_f[-1],
@@ -304,16 +336,24 @@ class Distiller:
 
     def state_pieces(self, checksums: list | None = None) -> list[ckpt.Piece]:
         """Every piece of training state, named once for saving and loading."""
+        batch, processes = self.cfg.train.batch_size, self.acc.num_processes
+
         def loop_state() -> dict:
-            return {"step": self.step, "nonfinite_streak": self.nonfinite_streak,
-                    "num_processes": self.acc.num_processes, "adapter_checksums": checksums}
+            return {"step": self.step, "nonfinite_streak": self.nonfinite_streak, "num_processes": processes,
+                    "global_batch": batch * processes, "adapter_checksums": checksums}
 
         def set_loop_state(state: dict) -> None:
             if not all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", "nonfinite_streak")):
                 raise ckpt.CorruptFile("step and nonfinite_streak are not counts")
-            if state["num_processes"] != self.acc.num_processes:
-                raise ValueError(f"written by {state['num_processes']} processes, this run has "
-                                 f"{self.acc.num_processes}; resume with the same number")
+            written, theirs = state["num_processes"], state.get("global_batch")
+            if theirs is None and written != processes:  # written before the global batch was recorded
+                raise ValueError(f"written by {written} processes, this run has {processes}; resume with the "
+                                 "same number")
+            if theirs is not None and theirs != batch * processes:
+                fits = (f"train.batch_size={theirs // processes}" if theirs % processes == 0 else
+                        f"a number of processes that divides {theirs}")
+                raise ValueError(f"written with a global batch of {theirs} ({written} processes), this run's is "
+                                 f"{batch * processes} ({processes} x train.batch_size {batch}); resume with {fits}")
             self.step, self.nonfinite_streak = state["step"], state["nonfinite_streak"]
 
         pieces = [ckpt.json_piece("state", loop_state, set_loop_state),
@@ -325,6 +365,26 @@ class Distiller:
         if self.ema is not None:
             pieces.append(ckpt.stateful("ema", self.ema))
         return pieces
+
+    def rng_piece(self) -> ckpt.Piece:
+        """This process's random generators: nothing the step draws uses them (Noise is a
+        function of the sample's position), but a model's dropout would. A process that
+        a checkpoint has no file for (more processes now) takes the first process's."""
+        def save(path) -> None:
+            ckpt.save_state(path, {"cpu": torch.get_rng_state(),
+                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []})
+
+        def load(path) -> None:
+            if not path.is_file():
+                path = path.with_name(ckpt.rng_file(0))
+            if not path.is_file():
+                return  # a checkpoint from before generators were saved
+            state = ckpt.load_state(path)
+            torch.set_rng_state(state["cpu"])
+            if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(state["cuda"])
+
+        return ckpt.Piece(ckpt.rng_file(self.acc.process_index), save, load)
 
     # --- outputs ---------------------------------------------------------------------
     @contextmanager
@@ -341,13 +401,29 @@ class Distiller:
         finally:
             self.ema.restore(params)
 
+    def merged_student(self, adapter_file) -> torch.nn.Module:
+        """The student (its saved `adapter_file`) merged into a plain model of the base
+        architecture. A sharded base is not whole on any process: the base is read again."""
+        from wadi.engine.parallel import is_sharded
+
+        if not is_sharded(self.shared.net):
+            return self.student.merged_model()
+        from wadi.models.backbones import load_base_denoiser
+
+        student = attach(load_base_denoiser(self.cfg.model, self.weight_dtype), self.student.config,
+                         self.bb.kind.name)
+        for p in student.trainable_parameters().values():
+            p.data = p.data.float()
+        student.load(adapter_file)
+        return student.merged_model()
+
     def samples(self) -> torch.Tensor:
         """One-step images of the sample prompts x seeds (the final weights)."""
         prompts = [p for p in self.cfg.data.sample_prompts for _ in self.cfg.run.sample_seeds]
         seeds = [s for _ in self.cfg.data.sample_prompts for s in self.cfg.run.sample_seeds]
-        net = self.acc.unwrap_model(self.student_net)
-        net.eval()
-        with self.final_weights():
-            images = sample_student(self.bb, net, prompts, seeds)
-        net.train()
+        with self._as(self.student) as net:
+            net.eval()
+            with self.final_weights():
+                images = sample_student(self.bb, net, prompts, seeds)
+            net.train()
         return images

@@ -97,7 +97,7 @@ def _resume(distiller: Distiller, run: RunFolder) -> bool:
     ckpt.remove_partial(run.checkpoints)
     for folder in reversed(run.complete_checkpoints()):
         try:
-            ckpt.read_pieces(folder, distiller.state_pieces())
+            ckpt.read_pieces(folder, [*distiller.state_pieces(), distiller.rng_piece()])
             return True
         except ckpt.CorruptCheckpoint as e:
             warnings.warn(f"checkpoint {folder.name} cannot be read ({e}); trying the one before")
@@ -105,11 +105,24 @@ def _resume(distiller: Distiller, run: RunFolder) -> bool:
 
 
 def save_checkpoint(distiller: Distiller, run: RunFolder) -> None:
+    """Every process writes its piece into one `.tmp` folder; the main process renames it
+    once all have (a kill before that leaves the previous checkpoints as they were)."""
     acc = distiller.acc
     checksums = distiller.adapter_checksums()  # a collective: every process takes part
-    if acc.is_main_process:  # the processes hold the same state (DDP): one writes it
-        ckpt.write(run.checkpoint(distiller.step).with_suffix(".tmp"), distiller.state_pieces(checksums),
-                   distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
+    tmp = run.checkpoint(distiller.step).with_suffix(".tmp")
+    if acc.is_main_process:
+        ckpt.begin(tmp)
+    acc.wait_for_everyone()
+    try:
+        ckpt.write_pieces(tmp, [distiller.rng_piece()])
+        if acc.is_main_process:  # the processes hold the same trained state: one writes it
+            ckpt.write_pieces(tmp, distiller.state_pieces(checksums))
+    except BaseException:  # a full disk: no half-written .tmp stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        ckpt.commit(tmp, distiller.cfg.run.keep_checkpoints, run.complete_checkpoints)
     acc.wait_for_everyone()
 
 
@@ -118,10 +131,10 @@ def export(distiller: Distiller, run: RunFolder) -> None:
     with distiller.final_weights():
         distiller.fake.save(run.fake_adapter, {"step": distiller.step})
         # student.safetensors appears last (the run is finished), after the merged model; the
-        # adapter is saved first because merging spends it.
+        # adapter is saved first: a sharded run merges the student from that file.
         with atomic_path(run.student_adapter) as adapter:
             distiller.student.save(adapter, distiller.student_metadata())
-            model = distiller.student.merged_model()
+            model = distiller.merged_student(adapter)
             with atomic_path(run.student_model) as tmp:
                 model.save_pretrained(tmp)
                 (tmp / STUDENT_RECORD).write_text(record_of(distiller.bb).to_json() + "\n", encoding="utf-8")

@@ -366,3 +366,11 @@ def load_backbone(spec: BackboneSpec, dtype: torch.dtype = torch.float32, allow_
         if isinstance(m, nn.Module):
             m.requires_grad_(False).eval()
     return Backbone(spec, net, encoder, tokenizer, scheduler, vae=vae, more_text=more)
+
+
+def load_base_denoiser(spec: BackboneSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The base model's denoiser alone, frozen, as load_backbone loads it (safetensors only)."""
+    kind = get_kind(spec.kind)
+    net = _load("diffusers", kind.denoiser, spec.path, kind.subfolder, dtype=dtype, subfolder=kind.subfolder,
+                use_safetensors=True)
+    return net.requires_grad_(False).eval()
