@@ -245,3 +245,14 @@ def test_two_processes_share_the_images(run, tmp_path):
     assert results["settings"]["processes"] == 2
     assert results["models"]["student"]["generation"]["made"] == 3
     assert [png_text(image_path(tmp_path / "out" / "student", i))["seed"] for i in range(3)] == ["0", "1", "2"]
+
+
+def test_teacher_options_without_teacher_are_one_line(tiny_run, tmp_path, capsys):
+    run = str(tiny_run("sd")[1])
+    capsys.readouterr()
+    (tmp_path / "p.txt").write_text("a cat\n")
+    assert main(["eval", run, "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
+                 "--metrics", "clip", "--teacher-steps", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--teacher-steps sets how the teacher samples" in err
+    assert not (tmp_path / "o").exists()

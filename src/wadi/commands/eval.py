@@ -69,8 +69,8 @@ def register(sub) -> None:
                    help="alignment metric: a function (images N x H x W x C uint8, prompts) -> fraction")
     m.add_argument("--metric-batch-size", type=int, default=50)
     t = p.add_argument_group("teacher sampling")
-    t.add_argument("--teacher-steps", type=int, default=25)
-    t.add_argument("--teacher-guidance", type=float, default=3.0)
+    t.add_argument("--teacher-steps", type=int, help="the teacher's steps (default 25; with --teacher)")
+    t.add_argument("--teacher-guidance", type=float, help="the teacher's guidance (default 3.0; with --teacher)")
     t.add_argument("--teacher-scheduler", choices=["ddim", "dpm", "euler"],
                    help="the teacher's sampler (default: its process's: ddim for VP, euler for a flow)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
@@ -139,6 +139,12 @@ def named_sources(models: list[str]) -> list[tuple[str, str]]:
 
 
 def run(args) -> int:
+    given = [o for o, v in (("--teacher-steps", args.teacher_steps), ("--teacher-guidance", args.teacher_guidance),
+                            ("--teacher-scheduler", args.teacher_scheduler)) if v is not None]
+    if given and not args.teacher:
+        raise ValueError(f"{given[0]} sets how the teacher samples; add --teacher to evaluate it")
+    args.teacher_steps = 25 if args.teacher_steps is None else args.teacher_steps
+    args.teacher_guidance = 3.0 if args.teacher_guidance is None else args.teacher_guidance
     for value, option in ((args.batch_size, "--batch-size"), (args.metric_batch_size, "--metric-batch-size"),
                           (args.pr_k, "--pr-k"), (args.teacher_steps, "--teacher-steps"), (args.repeats, "--repeats")):
         positive(value, option)
