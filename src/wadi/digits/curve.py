@@ -38,11 +38,11 @@ class QualityCurve:
         from wadi.evaluation.metrics import frechet_distance, gaussian_stats
         from wadi.evaluation.metrics.kid import kernel_distance
 
-        net = distiller.acc.unwrap_model(distiller.student_net)
-        net.eval()
-        with distiller.final_weights(), torch.no_grad():
-            images = Sampling.student(distiller.bb)(distiller.bb, net, self.prompts, self.seeds, 100)
-        net.train()
+        with distiller.as_role(distiller.student) as net:
+            net.eval()
+            with distiller.final_weights(), torch.no_grad():
+                images = Sampling.for_student(distiller.bb)(distiller.bb, net, self.prompts, self.seeds, 100)
+            net.train()
         feats = np.asarray(self.features(to_uint8(images)), dtype=np.float64)
         kid = kernel_distance(self.reference, feats, self.kid_subsets, self.kid_subset_size)
         self.points.append({"step": step, "fid": frechet_distance(*gaussian_stats(feats), *self.stats),

@@ -173,7 +173,7 @@ class Distiller:
         return list(self.student.trainable_parameters().values())
 
     @contextmanager
-    def _as(self, adapter: Adapter | None):
+    def as_role(self, adapter: Adapter | None):
         """The denoiser as `adapter`'s role (None: the teacher) within the block."""
         if adapter is not None and adapter.role is None:  # full fine-tuning: its own model
             yield adapter.model
@@ -215,7 +215,7 @@ class Distiller:
                 torch.zeros(len(z), dtype=torch.long, device=z.device))
 
         def predict(x, t):
-            with self._as(self.student) as net, self.acc.autocast():
+            with self.as_role(self.student) as net, self.acc.autocast():
                 return bb.predict(net, x.to(self.weight_dtype), t, cond)
 
         return run_student(bb.process, bb.student_times(self.acc.device), predict, z, stop)
@@ -226,9 +226,9 @@ class Distiller:
         t = self._time(noise, tc.t_min, tc.t_max)
         x_t = bb.process.add_noise(x0.detach(), noise.normal(x0.shape[1:]), t).to(self.weight_dtype)
         with torch.no_grad(), self.acc.autocast():
-            with self._as(None) as net:
+            with self.as_role(None) as net:
                 real = bb.guided(net, x_t, t, cond, tc.guidance, **tc.guidance_options)
-            with self._as(self.fake) as net:
+            with self.as_role(self.fake) as net:
                 fake = bb.guided(net, x_t, t, cond, tc.guidance, **tc.guidance_options)
         g = bb.process.score_difference(real, fake, t)
         return vsd_loss(x0, g), int((~torch.isfinite(g)).sum())
@@ -241,7 +241,7 @@ class Distiller:
         x_t = bb.process.add_noise(x0, eps, t).to(self.weight_dtype)
         keep = noise.uniform() >= tc.fake_uncond_prob
         uncond = bb.empty_cond().to(self.acc.device, self.weight_dtype)
-        with self._as(self.fake) as net, self.acc.autocast():
+        with self.as_role(self.fake) as net, self.acc.autocast():
             pred = bb.predict(net, x_t, t, cond.where(keep, uncond))
         return bb.process.fake_loss(pred, x0, eps, t)
 
@@ -290,7 +290,7 @@ class Distiller:
         for b in batches:
             x0, b.x0 = self._generate(b.cond, b.noise)
             loss, bad = self._student_loss(x0, b.cond, b.noise)
-            with self._as(self.student):  # a checkpointed block recomputes as the student
+            with self.as_role(self.student):  # a checkpointed block recomputes as the student
                 self.acc.backward(loss / ga)
             loss_s, nonfinite = loss_s + loss.item() / ga, nonfinite + bad
         numel = sum(b.x0.numel() for b in batches)
@@ -306,7 +306,7 @@ class Distiller:
                     with torch.no_grad():
                         x0 = self._generate(b.cond, b.noise)[1]
                 loss = self._fake_loss(x0, b.cond, b.noise)
-                with self._as(self.fake):  # a checkpointed block recomputes as the fake model
+                with self.as_role(self.fake):  # a checkpointed block recomputes as the fake model
                     self.acc.backward(loss / ga)
                 loss_f += loss.item() / ga
             ok = self._agreed_ok(torch.tensor(loss_f))
@@ -421,7 +421,7 @@ class Distiller:
         """One-step images of the sample prompts x seeds (the final weights)."""
         prompts = [p for p in self.cfg.data.sample_prompts for _ in self.cfg.run.sample_seeds]
         seeds = [s for _ in self.cfg.data.sample_prompts for s in self.cfg.run.sample_seeds]
-        with self._as(self.student) as net:
+        with self.as_role(self.student) as net:
             net.eval()
             with self.final_weights():
                 images = sample_student(self.bb, net, prompts, seeds)

@@ -34,12 +34,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from wadi.adapters.core import AdapterConfig
-from wadi.models.backbones import get_kind
+from wadi.models.backbones import KINDS, get_kind
 from wadi.models.conditioning import Cond
 
 # The latent is the image over the VAE's factor; the text tokens each kind's encoders give.
 VAE_FACTOR = 8
-TOKENS = {"sd": 77, "sdxl": 77, "sd3": 77 + 256}
 BYTES = {"no": 4, "bf16": 2, "fp16": 2}
 
 
@@ -64,8 +63,9 @@ def plan(net: nn.Module, kind: str, student: AdapterConfig, fake: AdapterConfig,
     """The plan for `net`, an architecture on the meta device (it gets the adapters)."""
     from wadi.adapters.shared_base import SharedDenoiser
 
-    if kind not in TOKENS:
-        raise ValueError(f"wadi plan knows the inputs of {', '.join(TOKENS)}, not {kind}")
+    if get_kind(kind).plan_inputs is None:
+        known = [k.name for k in KINDS.values() if k.plan_inputs]
+        raise ValueError(f"wadi plan knows the inputs of {', '.join(known)}, not {kind}")
     size = BYTES[precision]
     dtype = torch.float32 if size == 4 else torch.bfloat16
     shared = SharedDenoiser(net.to(dtype))
@@ -82,7 +82,7 @@ def plan(net: nn.Module, kind: str, student: AdapterConfig, fake: AdapterConfig,
     optimizer = (2 if adam_8bit else 8) * sum(trainable.values()) + (4 * trainable["student"] if ema else 0)
     if checkpointing:
         net.enable_gradient_checkpointing()
-    peak = step_peak(shared, kind, latent, batch, tokens or TOKENS[kind], dtype)
+    peak = step_peak(shared, kind, latent, batch, tokens or get_kind(kind).plan_inputs[0], dtype)
     return Plan(frozen, adapters, optimizer, peak - 4 * trainable["student"])  # its gradients are the adapters'
 
 
@@ -100,17 +100,9 @@ def _largest_unit(net: nn.Module, frozen: dict[int, int]) -> int:
 
 
 def _inputs(net: nn.Module, kind: str, latent: int, batch: int, tokens: int, dtype) -> tuple[torch.Tensor, Cond]:
-    c = net.config
-    x = torch.zeros(batch, c.in_channels, latent, latent, device="meta", dtype=dtype)
-    if kind == "sd3":
-        return x, Cond(torch.zeros(batch, tokens, c.joint_attention_dim, device="meta", dtype=dtype), None,
-                       {"pooled": torch.zeros(batch, c.pooled_projection_dim, device="meta", dtype=dtype)})
-    extra = {}
-    if kind == "sdxl":
-        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-        extra = {"text_embeds": torch.zeros(batch, pooled, device="meta", dtype=dtype),
-                 "time_ids": torch.zeros(batch, 6, device="meta", dtype=dtype)}
-    return x, Cond(torch.zeros(batch, tokens, c.cross_attention_dim, device="meta", dtype=dtype), None, extra)
+    """Empty latents and the conditioning the kind's denoiser takes, on the meta device."""
+    x = torch.zeros(batch, net.config.in_channels, latent, latent, device="meta", dtype=dtype)
+    return x, get_kind(kind).plan_inputs[1](net, batch, tokens, dtype)
 
 
 class LiveBytes(TorchDispatchMode):

@@ -210,3 +210,29 @@ def call_mmdit(backbone: "Backbone", net: nn.Module, x_t, t, cond: Cond) -> torc
     """SD3-class MMDiT: token states and the pooled embedding; time as sigma * 1000."""
     return net(hidden_states=x_t, encoder_hidden_states=cond.embeds, pooled_projections=cond.extra["pooled"],
                timestep=t).sample
+
+
+# --- empty conditioning of a denoiser's shapes, on the meta device (wadi plan) -----------
+
+def _meta(*shape, dtype) -> torch.Tensor:
+    return torch.zeros(*shape, device="meta", dtype=dtype)
+
+
+def meta_cond_unet(net: nn.Module, batch: int, tokens: int, dtype) -> Cond:
+    """A UNet's cross-attention states."""
+    return Cond(_meta(batch, tokens, net.config.cross_attention_dim, dtype=dtype))
+
+
+def meta_cond_sdxl(net: nn.Module, batch: int, tokens: int, dtype) -> Cond:
+    """SDXL's states, pooled embedding and six size micro-conditions."""
+    c = net.config
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    return Cond(_meta(batch, tokens, c.cross_attention_dim, dtype=dtype), None,
+                {"text_embeds": _meta(batch, pooled, dtype=dtype), "time_ids": _meta(batch, 6, dtype=dtype)})
+
+
+def meta_cond_mmdit(net: nn.Module, batch: int, tokens: int, dtype) -> Cond:
+    """An SD3-class MMDiT's joint states and pooled embedding."""
+    c = net.config
+    return Cond(_meta(batch, tokens, c.joint_attention_dim, dtype=dtype), None,
+                {"pooled": _meta(batch, c.pooled_projection_dim, dtype=dtype)})

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from wadi.models.conditioning import (call_mmdit, call_pixart, call_sana, call_sdxl, call_unet, empty_sana,
                                       empty_sdxl, encode_sana, encode_sd3, encode_sdxl, encode_states,
-                                      encode_states_pooled)
+                                      encode_states_pooled, meta_cond_mmdit, meta_cond_sdxl, meta_cond_unet)
 from wadi.models.guidance import MODES, guided_cfg
 from wadi.models.kinds import flux, flux2_klein, qwen_image, z_image
 from wadi.models.latents import decode_scaled, image_noise_shape, patch_multiple, pipeline_patch_multiple, vae_scale
@@ -91,6 +91,7 @@ class Kind:
     exports: tuple[str, ...] = ("pipeline", "adapter")  # what its ecosystem reads (EXPORTS)
     lora_note: str = ""  # for its LoRA card: the tools besides diffusers that read the diffusers file as it is
     hub_words: tuple[str, ...] = ()  # words that mark its hub ids, lower case
+    plan_inputs: tuple[int, Callable] | None = None  # wadi plan: (text tokens, (net, batch, tokens, dtype) -> Cond)
     pipeline_classes: tuple[str, ...] = ()  # model_index.json classes of its pipelines
 
     def __post_init__(self):
@@ -107,7 +108,7 @@ KINDS: dict[str, Kind] = {
     "sd": Kind("sd", "UNet2DConditionModel", "unet", "CLIPTextModel", "CLIPTokenizer", masked=False, vae="AutoencoderKL",
                targets=("unet-student", "unet-fake"), max_length=None, pipeline="StableDiffusionPipeline",
                pipeline_extras=dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
-               exports=_UNET_EXPORTS, pipeline_classes=("StableDiffusionPipeline",),
+               exports=_UNET_EXPORTS, pipeline_classes=("StableDiffusionPipeline",), plan_inputs=(77, meta_cond_unet),
                hub_words=("stable-diffusion-v1", "stable-diffusion-2", "sd-v1", "sd15", "sd-1-5", "sd21", "sd2-1",
                           "sd-turbo")),
     # PixArt-alpha: T5 with its attention mask, length 120; eps and variance out. Its
@@ -133,7 +134,8 @@ KINDS: dict[str, Kind] = {
                  encode=encode_sdxl, empty=empty_sdxl, upcast_vae=True,
                  text=(("text_encoder_2", "CLIPTextModelWithProjection"), ("tokenizer_2", "CLIPTokenizer")),
                  pipeline="StableDiffusionXLPipeline", exports=_UNET_EXPORTS,
-                 pipeline_classes=("StableDiffusionXLPipeline",), hub_words=("stable-diffusion-xl", "sdxl")),
+                 pipeline_classes=("StableDiffusionXLPipeline",), hub_words=("stable-diffusion-xl", "sdxl"),
+                 plan_inputs=(77, meta_cond_sdxl)),
     # SD3 / SD3.5: an MMDiT on two CLIPs' penultimate states and T5's (length 256), the CLIPs'
     # pooled outputs, a 16-channel VAE with a shift; rectified flow.
     "sd3": Kind("sd3", "SD3Transformer2DModel", "transformer", "CLIPTextModelWithProjection", "CLIPTokenizer",
@@ -143,6 +145,7 @@ KINDS: dict[str, Kind] = {
                       ("text_encoder_3", "T5EncoderModel"), ("tokenizer_3", "AutoTokenizer")),
                 pipeline="StableDiffusion3Pipeline", pipeline_call=_with(cfg_off_call, max_sequence_length=True),
                 exports=("pipeline", "adapter", "lora"), pipeline_classes=("StableDiffusion3Pipeline",),
+                plan_inputs=(77 + 256, meta_cond_mmdit),
                 hub_words=("stable-diffusion-3", "sd3")),
     # Sana: a linear-attention DiT on Gemma-2's states under their mask (length 300, after
     # the pipeline's instruction), the deep-compression autoencoder; rectified flow.
