@@ -294,7 +294,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(world, tmp_path,
 
     def full_disk(path, state):
         calls["n"] += 1
-        if calls["n"] > 4:  # the second checkpoint: its first optimizer file
+        if calls["n"] > 5:  # the second checkpoint: its generators file (each holds five state files)
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, state)
 
